@@ -1,0 +1,1 @@
+"""One module per ``hifusion`` subcommand: ``add_parser(subparsers, name)`` and ``run(args)``."""

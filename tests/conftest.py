@@ -1,0 +1,21 @@
+"""Shared fixtures. torch is imported first: importing it after a QApplication exists can crash."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch  # noqa: F401  (import order matters, see docstring)
+
+HER2ST_DIR = Path(
+    os.environ.get("HIFUSION_HER2ST", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st")
+).resolve()
+
+
+@pytest.fixture(scope="session")
+def her2st_dir() -> Path:
+    """The real HER2ST folder (``../shared/data/her2st`` or ``$HIFUSION_HER2ST``)."""
+    if not (HER2ST_DIR / "counts").is_dir():
+        pytest.skip(f"real HER2ST data not found at {HER2ST_DIR} (set HIFUSION_HER2ST)")
+    return HER2ST_DIR
