@@ -19,3 +19,13 @@ def her2st_dir() -> Path:
     if not (HER2ST_DIR / "counts").is_dir():
         pytest.skip(f"real HER2ST data not found at {HER2ST_DIR} (set HIFUSION_HER2ST)")
     return HER2ST_DIR
+
+
+def pytest_collection_modifyitems(config, items):
+    """GUI tests need a display (CI runs them under xvfb-run); skip them clearly without one."""
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return
+    skip = pytest.mark.skip(reason="no display: run the GUI tests under `xvfb-run -a pytest`")
+    for item in items:
+        if "gui" in item.keywords:
+            item.add_marker(skip)
