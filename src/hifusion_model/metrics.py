@@ -120,7 +120,10 @@ def _section_index(sections: Any, n_spots: int) -> dict[str, np.ndarray]:
 
 
 def per_gene_pcc_by_section(pred: Any, truth: Any, sections: Any = None) -> np.ndarray:
-    """Per-gene PCC computed within each section, then averaged over sections, ``(n_genes,)``."""
+    """Per-gene PCC computed within each section, then averaged over sections, ``(n_genes,)``.
+
+    A section of a single spot shows no spatial variation and contributes 0 (the convention).
+    """
     p, t = _pair(pred, truth)
     if sections is None:
         return gene_pcc(p, t)
