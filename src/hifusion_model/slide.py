@@ -1,0 +1,496 @@
+"""Whole-slide images as lazy pyramids, addressed in micrometres.
+
+A :class:`Slide` hides the file format: pyramidal TIFFs (OME-TIFF, SVS, NDPI, generic tiled
+TIFF) are read through tifffile's zarr store, so a patch decodes only the tiles it covers;
+plain JPEG/PNG and untiled TIFFs are decoded once and given a 2× block-mean pyramid, so
+thumbnails and napari stay fast. Every read returns RGB ``uint8`` whatever the file holds,
+because that is what the model and the viewer consume.
+
+Pixel ``i`` spans ``[i, i + 1)``: a window of ``n`` px centred on ``c`` starts at
+``round(c - n / 2)``, on every pyramid level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import zarr
+from PIL import Image
+
+from .errors import Cancelled, SlideError
+from .io_utils import atomic_path
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff", ".btf", ".tf8",
+                 ".tf2")
+PLAIN_SUFFIXES = (".jpg", ".jpeg", ".png")
+SUPPORTED_SUFFIXES = TIFF_SUFFIXES + PLAIN_SUFFIXES
+COMPRESSIONS = ("jpeg", "zlib")
+#: TIFF resolution tags outside this µm/px range are placeholders (72 dpi, 1 px/cm), not scans.
+PLAUSIBLE_MPP = (0.05, 20.0)
+#: In-memory pyramids stop halving once the longest side is at most this many px.
+MIN_LEVEL_PX = 512
+#: Pyramid levels of ``convert_to_ome_tiff`` larger than this are buffered on disk, not in RAM.
+MAX_BUFFER_BYTES = 512 * 2**20
+
+_UNIT_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "mm": 1e3,
+            "cm": 1e4, "m": 1e6}
+_RESUNIT_UM = {2: 25400.0, 3: 1e4, 4: 1e3, 5: 1.0}  # TIFF ResolutionUnit: inch, cm, mm, µm
+
+Progress = Callable[[int, int, str], None]
+
+
+class Slide:
+    """A pyramidal image with its µm per pixel; see the module docstring for conventions.
+
+    ``levels`` are ``(H, W, C)`` array-likes (zarr arrays or numpy; ``(H, W)`` for greyscale)
+    holding the file's own values, for display. ``read_region*`` and ``thumbnail`` return RGB
+    ``uint8``: alpha is composited on white, grey is stacked, other dtypes are scaled by their
+    dtype range (16-bit: ``/ 65535 * 255``; float: clipped to ``[0, 1]``) so that all patches
+    of a slide stay comparable.
+    """
+
+    def __init__(self, path: Path, levels: list[Any], mpp: float | None, *,
+                 handle: tifffile.TiffFile | None = None, mpp_arg: float | None = None) -> None:
+        self.path = path
+        self.levels = levels
+        self.mpp = mpp
+        self._handle = handle
+        self._mpp_arg = mpp_arg
+        self._pid = os.getpid()
+        self._closed = False
+        h0, w0 = levels[0].shape[:2]
+        self.shape: tuple[int, int] = (int(h0), int(w0))
+        self._scales = [(h0 / lv.shape[0], w0 / lv.shape[1]) for lv in levels]
+        self.downsamples: list[float] = [(sy + sx) / 2 for sy, sx in self._scales]
+
+    # -- opening -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, mpp: float | None = None) -> Slide:
+        """Open ``path`` lazily; ``mpp`` (µm per level-0 px) overrides what the file says."""
+        path = Path(path)
+        mpp_arg = None if mpp is None else _checked_mpp(mpp, path)
+        if not path.exists():
+            raise SlideError(f"slide {path} does not exist; check the path")
+        if not path.is_file():
+            raise SlideError(f"slide {path} is not a file; give the image file itself")
+        suffix = path.suffix.lower()
+        if suffix in TIFF_SUFFIXES:
+            levels, file_mpp, handle = _open_tiff(path)
+        elif suffix in PLAIN_SUFFIXES:
+            levels, file_mpp, handle = _memory_pyramid(_decode_plain(path)), None, None
+        else:
+            raise SlideError(f"{path}: unknown image format {suffix!r}; supported: "
+                             f"{', '.join(SUPPORTED_SUFFIXES)}")
+        _check_channels(levels[0], path)
+        return cls(path, levels, mpp_arg if mpp_arg is not None else file_mpp,
+                   handle=handle, mpp_arg=mpp_arg)
+
+    def require_mpp(self) -> float:
+        """The µm/px, or a SlideError saying how to supply it (never a silent default)."""
+        if self.mpp is None:
+            raise SlideError(
+                f"{self.path} does not record its µm per pixel; give it with --mpp (mpp=...), "
+                "or import spots with array coordinates so it can be measured")
+        return self.mpp
+
+    # -- reading -----------------------------------------------------------------------------
+    def read_region(self, center_um: tuple[float, float], size_um: float,
+                    out_px: int) -> np.ndarray:
+        """A square of ``size_um`` µm centred on ``center_um`` = (x, y) µm: (out, out, 3)."""
+        mpp = self.require_mpp()
+        if not size_um > 0:
+            raise SlideError(f"{self.path}: region size must be positive, got {size_um} µm")
+        cx, cy = center_um
+        return self.read_region_px((cx / mpp, cy / mpp), size_um / mpp, out_px)
+
+    def read_region_px(self, center_px: tuple[float, float], size_px: float,
+                       out_px: int) -> np.ndarray:
+        """A square of ``size_px`` level-0 px centred on ``center_px`` = (x, y): (out, out, 3).
+
+        Reads the coarsest level whose pixels are still no larger than the output's, then
+        resizes with anti-aliasing; when the crop already has ``out_px`` px it is returned as is.
+        """
+        size_px, out_px = float(size_px), int(out_px)
+        if not size_px > 0 or not math.isfinite(size_px):
+            raise SlideError(f"{self.path}: region size must be positive, got {size_px} px")
+        if out_px < 1:
+            raise SlideError(f"{self.path}: output size must be at least 1 px, got {out_px}")
+        level = self._level_for(size_px / out_px)
+        sy, sx = self._scales[level]
+        cx, cy = center_px
+        patch = self._read_window(level, cy / sy, cx / sx, size_px / sy, size_px / sx)
+        return patch if patch.shape[:2] == (out_px, out_px) else _resize(patch, (out_px, out_px))
+
+    def thumbnail(self, max_px: int = 1024) -> tuple[np.ndarray, float]:
+        """The whole slide with its longest side at most ``max_px``, and its downsample."""
+        if max_px < 1:
+            raise SlideError(f"{self.path}: thumbnail size must be at least 1 px, got {max_px}")
+        level = self._level_for(max(self.shape) / max_px)
+        h, w = self.levels[level].shape[:2]
+        image = _to_rgb8(self._fetch(level, 0, h, 0, w))
+        scale = max_px / max(h, w)
+        if scale < 1:
+            image = _resize(image, (max(1, round(h * scale)), max(1, round(w * scale))))
+        return image, self.shape[1] / image.shape[1]
+
+    def close(self) -> None:
+        """Release the file; a closed slide cannot be read."""
+        if self._handle is not None:
+            self._handle.close()
+        self._handle, self._closed = None, True
+
+    # -- internals ---------------------------------------------------------------------------
+    def _level_for(self, px_size: float) -> int:
+        """The coarsest level whose pixels are no larger than ``px_size`` level-0 px.
+
+        1 % slack absorbs levels a pixel short of an exact halving (4.0006× for a 4× level).
+        """
+        fitting = [i for i, d in enumerate(self.downsamples) if d <= px_size * 1.01]
+        return max(fitting, default=0)
+
+    def _read_window(self, level: int, cy: float, cx: float, height: float,
+                     width: float) -> np.ndarray:
+        """The RGB window of about ``height × width`` level px centred there, white outside."""
+        ny, nx = max(1, round(height)), max(1, round(width))
+        y0, x0 = math.floor(cy - ny / 2 + 0.5), math.floor(cx - nx / 2 + 0.5)
+        h, w = self.levels[level].shape[:2]
+        r0, r1, c0, c1 = max(y0, 0), min(y0 + ny, h), max(x0, 0), min(x0 + nx, w)
+        if (r0, r1, c0, c1) == (y0, y0 + ny, x0, x0 + nx):
+            return _to_rgb8(self._fetch(level, r0, r1, c0, c1))
+        out = np.full((ny, nx, 3), 255, np.uint8)
+        if r0 < r1 and c0 < c1:
+            out[r0 - y0:r1 - y0, c0 - x0:c1 - x0] = _to_rgb8(self._fetch(level, r0, r1, c0, c1))
+        return out
+
+    def _fetch(self, level: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Raw pixels of a level; decodes only the tiles covering the window."""
+        if self._closed:
+            raise SlideError(f"{self.path} was closed; open it again with Slide.open")
+        if self._handle is not None and os.getpid() != self._pid:
+            self._reopen()  # a forked DataLoader worker must not share the parent's file offset
+        try:
+            return np.asarray(self.levels[level][r0:r1, c0:c1])
+        except Exception as e:  # codec and I/O errors of a damaged file
+            raise SlideError(f"cannot decode {self.path} (level {level}, rows {r0}:{r1}, "
+                             f"columns {c0}:{c1}): {e}; the file may be truncated or corrupt"
+                             ) from e
+
+    def _reopen(self) -> None:
+        fresh = Slide.open(self.path, self._mpp_arg)
+        self.levels, self._handle, self._pid = fresh.levels, fresh._handle, os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled for spawned DataLoader workers: they reopen the file rather than copy pixels.
+        return {"path": self.path, "mpp": self._mpp_arg}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(Slide.open(state["path"], state["mpp"]).__dict__)
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mpp = "unknown" if self.mpp is None else f"{self.mpp:.4g}"
+        return (f"Slide({str(self.path)!r}, shape={self.shape}, levels={len(self.levels)}, "
+                f"mpp={mpp})")
+
+
+# -- TIFF ------------------------------------------------------------------------------------
+def _open_tiff(path: Path) -> tuple[list[Any], float | None, tifffile.TiffFile | None]:
+    """Levels of the first series; untiled single-level files are decoded into memory."""
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as e:
+        raise SlideError(f"cannot read {path} as a TIFF ({e}); the file may be truncated or "
+                         "not a TIFF") from e
+    try:
+        series = tif.series[0]
+        mpp = _tiff_mpp(tif)
+        if len(series.levels) == 1 and not series.keyframe.is_tiled:
+            levels = _memory_pyramid(_axes_to_yxs(series.asarray(), series.axes, path))
+            tif.close()
+            return levels, mpp, None
+        root = zarr.open(series.aszarr(), mode="r")
+        arrays = ([root[k] for k in sorted(root.keys(), key=int)]
+                  if isinstance(root, zarr.Group) else [root])
+        return [_axes_to_yxs(a, series.axes, path) for a in arrays], mpp, tif
+    except SlideError:
+        tif.close()
+        raise
+    except Exception as e:
+        tif.close()
+        raise SlideError(f"cannot read {path} ({e}); the file may be truncated or corrupt") from e
+
+
+def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
+    """µm/px from OME PhysicalSizeX, then the SVS description, then plausible resolution tags."""
+    page = tif.pages.first
+    for mpp in (_ome_mpp(tif.ome_metadata) if tif.is_ome else None,
+                _svs_mpp(page.description) if tif.is_svs else None):
+        if mpp is not None:
+            return mpp
+    return _resolution_mpp(page)
+
+
+def _ome_mpp(xml: str | None) -> float | None:
+    if not xml:
+        return None
+    image = tifffile.xml2dict(xml).get("OME", {}).get("Image", {})
+    pixels = (image[0] if isinstance(image, list) else image).get("Pixels", {})
+    size, unit = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeXUnit", "µm")
+    if size is None or unit not in _UNIT_UM or not float(size) > 0:
+        return None
+    return float(size) * _UNIT_UM[unit]
+
+
+def _svs_mpp(description: str) -> float | None:
+    match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", description or "")
+    return float(match.group(1)) if match and float(match.group(1)) > 0 else None
+
+
+def _resolution_mpp(page: tifffile.TiffPage) -> float | None:
+    unit_um = _RESUNIT_UM.get(int(page.resolutionunit))
+    px_per_unit = page.resolution[0]
+    if unit_um is None or not px_per_unit > 0:
+        return None
+    mpp = unit_um / px_per_unit
+    return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
+
+
+def _axes_to_yxs(array: Any, axes: str, path: Path) -> Any:
+    """Present a level as (H, W[, C]): YXS and YX as they are, planar or 5-D OME via a view."""
+    if axes in ("YXS", "YX"):
+        return array
+    extra = [(i, a) for i, a in enumerate(axes) if a not in "YX"]
+    channel = [i for i, a in extra if a in "CS" and array.shape[i] > 1]
+    if any(array.shape[i] > 1 for i, _ in extra if i not in channel) or len(channel) > 1:
+        raise SlideError(f"{path} has axes {axes} with shape {tuple(array.shape)}, not one 2-D "
+                         "RGB or greyscale image; export a single plane")
+    if isinstance(array, np.ndarray):
+        return _AxesView(array, axes, channel[0] if channel else None)[:, :]
+    return _AxesView(array, axes, channel[0] if channel else None)
+
+
+class _AxesView:
+    """A lazy level whose axes are reordered to (H, W[, C]) on each read (planar/OME-5D files)."""
+
+    def __init__(self, array: Any, axes: str, channel: int | None) -> None:
+        self.array, self.axes, self.channel = array, axes, channel
+        self.y, self.x = axes.index("Y"), axes.index("X")
+        yx = (array.shape[self.y], array.shape[self.x])
+        self.shape = yx if channel is None else (*yx, array.shape[channel])
+        self.dtype = array.dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if not all(isinstance(k, slice) for k in key) or len(key) > self.ndim:
+            raise TypeError("only slices along (Y, X[, C]) are supported")
+        key = key + (slice(None),) * (self.ndim - len(key))
+        index: list[Any] = [0] * len(self.axes)
+        index[self.y], index[self.x] = key[0], key[1]
+        order = [self.y, self.x]
+        if self.channel is not None:
+            index[self.channel] = key[2]
+            order.append(self.channel)
+        kept = sorted(order)  # integer indices drop the other axes; keep the relative order
+        return np.asarray(self.array[tuple(index)]).transpose([kept.index(a) for a in order])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:, :]
+        return out if dtype is None else out.astype(dtype)
+
+
+# -- plain images -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _no_pixel_limit() -> Iterator[None]:
+    """Pillow refuses images above ~89 MP as 'decompression bombs'; slides are that big."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _decode_plain(path: Path) -> np.ndarray:
+    """JPEG/PNG pixels as stored (no EXIF rotation: spot coordinates refer to stored pixels)."""
+    try:
+        with _no_pixel_limit(), Image.open(path) as im:
+            im.load()
+            if im.mode not in ("RGB", "RGBA", "L", "LA", "I;16", "I;16B", "I;16L"):
+                im = im.convert("RGBA" if "transparency" in im.info or "A" in im.mode else "RGB")
+            return np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SlideError(f"cannot decode {path} ({e}); the file may be truncated or not a "
+                         f"{path.suffix} image") from e
+
+
+def _memory_pyramid(image: np.ndarray) -> list[np.ndarray]:
+    levels = [image]
+    while max(levels[-1].shape[:2]) > MIN_LEVEL_PX and min(levels[-1].shape[:2]) >= 2:
+        levels.append(_half(levels[-1]))
+    return levels
+
+
+def _half(a: np.ndarray) -> np.ndarray:
+    """2× block mean (odd last row/column dropped), in the input's dtype."""
+    a = a[: a.shape[0] // 2 * 2, : a.shape[1] // 2 * 2]
+    if a.dtype == np.uint8 and (a.ndim == 2 or a.shape[2] in (3, 4)):
+        # Pillow's C box filter gives the same result 3× faster than numpy.
+        return np.asarray(Image.fromarray(np.ascontiguousarray(a)).reduce(2))
+    acc = np.uint16 if a.dtype == np.uint8 else np.float64
+    total = a[0::2, 0::2].astype(acc) + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]
+    if a.dtype == np.uint8:
+        return ((total + 2) // 4).astype(np.uint8)
+    mean = total / 4
+    return (np.rint(mean) if np.issubdtype(a.dtype, np.integer) else mean).astype(a.dtype)
+
+
+# -- pixel conversion -------------------------------------------------------------------------
+def _check_channels(level: Any, path: Path) -> None:
+    if len(level.shape) not in (2, 3) or (len(level.shape) == 3 and not 1 <= level.shape[2] <= 4):
+        raise SlideError(f"{path} has shape {tuple(level.shape)}; expected (H, W) greyscale or "
+                         "(H, W, 3|4) RGB(A)")
+
+
+def _as_uint8(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if np.issubdtype(a.dtype, np.integer):
+        scaled = np.clip(a, 0, None).astype(np.float32) * (255 / np.iinfo(a.dtype).max)
+    else:
+        scaled = np.clip(a.astype(np.float32), 0, 1) * 255
+    return np.rint(scaled).astype(np.uint8)
+
+
+def _to_rgb8(a: np.ndarray) -> np.ndarray:
+    """Any (H, W[, C]) pixels as (H, W, 3) uint8 RGB (see :class:`Slide`)."""
+    a = _as_uint8(a if a.ndim == 3 else a[..., None])
+    if a.shape[2] in (2, 4):
+        alpha = a[..., -1:].astype(np.float32) / 255
+        a = np.rint(a[..., :-1] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a
+
+
+def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize RGB uint8 to ``shape`` (H, W).
+
+    Pillow's bilinear filter widens with the shrink factor, so it anti-aliases like
+    ``skimage.transform.resize(anti_aliasing=True)`` at a tenth of the cost per patch.
+    """
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    return np.asarray(pil.resize(shape[::-1], Image.Resampling.BILINEAR))
+
+
+def _checked_mpp(mpp: float, path: Path) -> float:
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise SlideError(f"µm per pixel for {path} must be a positive number, got {mpp!r}")
+    return value
+
+
+# -- conversion -------------------------------------------------------------------------------
+def convert_to_ome_tiff(src: str | os.PathLike, dst: str | os.PathLike, mpp: float | None = None,
+                        tile: int = 512, progress: Progress | None = None, *,
+                        compression: str = "jpeg",
+                        should_stop: Callable[[], bool] | None = None) -> Path:
+    """Write ``src`` as a tiled pyramidal OME-TIFF carrying its µm/px; returns ``dst``.
+
+    Level 0 is streamed from the source one band of ``tile`` rows at a time, and each level is
+    the 2× block mean of the one before (buffered on disk when large), so a big TIFF is never
+    loaded whole. Pixels are written as RGB ``uint8``; ``jpeg`` is quality 90, ``zlib`` lossless.
+    """
+    dst = Path(dst)
+    if tile < 16 or tile % 16:
+        raise SlideError(f"tile size must be a positive multiple of 16, got {tile}")
+    if compression not in COMPRESSIONS:
+        raise SlideError(f"compression must be one of {', '.join(COMPRESSIONS)}, "
+                         f"got {compression!r}")
+    with Slide.open(src, mpp=mpp) as slide:
+        if slide.mpp is None:
+            raise SlideError(f"{slide.path} does not record its µm per pixel; give it with --mpp "
+                             "(mpp=...) so that the OME-TIFF carries it")
+        shapes = _pyramid_shapes(slide.shape, tile)
+        total = sum(math.ceil(h / tile) for h, _ in shapes)
+        done = 0
+
+        def tick(level: int) -> None:
+            nonlocal done
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"conversion of {slide.path} cancelled; {dst} was not written")
+            done += 1
+            if progress is not None:
+                progress(done, total, f"level {level + 1}/{len(shapes)}")
+
+        def level0_rows(r0: int, r1: int) -> np.ndarray:
+            return _to_rgb8(slide._fetch(0, r0, r1, 0, slide.shape[1]))
+
+        codec = {"compression": "jpeg", "compressionargs": {"level": 90}} if compression == "jpeg" \
+            else {"compression": "zlib", "predictor": True}
+        with atomic_path(dst) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as scratch, \
+                tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as writer:
+            rows: Callable[[int, int], np.ndarray] = level0_rows
+            for k, (h, w) in enumerate(shapes):
+                below = _scratch_array(shapes[k + 1], Path(scratch) / f"{k + 1}.npy") \
+                    if k + 1 < len(shapes) else None
+                level_um = slide.mpp * 2**k
+                extra: dict[str, Any] = {"subfiletype": 1} if k else {
+                    "subifds": len(shapes) - 1,
+                    "metadata": {"axes": "YXS", "Name": slide.path.stem,
+                                 "PhysicalSizeX": slide.mpp, "PhysicalSizeXUnit": "µm",
+                                 "PhysicalSizeY": slide.mpp, "PhysicalSizeYUnit": "µm"}}
+                writer.write(_level_tiles(rows, (h, w), tile, below, lambda k=k: tick(k)),
+                             shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                             resolution=(1e4 / level_um, 1e4 / level_um),
+                             resolutionunit="CENTIMETER", **codec, **extra)
+                if below is not None:
+                    rows = lambda r0, r1, b=below: b[r0:r1]  # noqa: E731
+    return dst
+
+
+def _pyramid_shapes(shape: tuple[int, int], tile: int) -> list[tuple[int, int]]:
+    """Level shapes, halving (floor) until the longest side fits in one tile."""
+    shapes = [shape]
+    while max(shapes[-1]) > tile and min(shapes[-1]) >= 2:
+        shapes.append((shapes[-1][0] // 2, shapes[-1][1] // 2))
+    return shapes
+
+
+def _scratch_array(shape: tuple[int, int], path: Path) -> np.ndarray:
+    if shape[0] * shape[1] * 3 <= MAX_BUFFER_BYTES:
+        return np.empty((*shape, 3), np.uint8)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(*shape, 3))
+
+
+def _level_tiles(rows: Callable[[int, int], np.ndarray], shape: tuple[int, int], tile: int,
+                 below: np.ndarray | None, tick: Callable[[], None]) -> Iterator[np.ndarray]:
+    """Tiles of one level in row-major order; fills the next level's buffer on the way."""
+    h, w = shape
+    for r0 in range(0, h, tile):
+        band = rows(r0, min(r0 + tile, h))
+        if below is not None:
+            half = _half(band)
+            below[r0 // 2:r0 // 2 + half.shape[0]] = half[:, :below.shape[1]]
+        tick()  # before yielding: the writer stops pulling once it has the last tile
+        for c0 in range(0, w, tile):
+            yield np.ascontiguousarray(band[:, c0:c0 + tile])
+
+
+__all__ = ["Slide", "convert_to_ome_tiff", "SUPPORTED_SUFFIXES", "COMPRESSIONS"]
