@@ -192,7 +192,7 @@ def write_section(adata: ad.AnnData, path: str | os.PathLike) -> Path:
     if not sp.issparse(out.X) and out.n_vars:
         out.X = sp.csr_matrix(out.X, dtype=np.float32)
     with atomic_path(path) as tmp:
-        out.write_h5ad(tmp)
+        out.write_h5ad(tmp, compression="gzip")
     return path
 
 

@@ -409,13 +409,13 @@ def _checked_mpp(mpp: float, path: Path) -> float:
 # -- conversion -------------------------------------------------------------------------------
 def convert_to_ome_tiff(src: str | os.PathLike, dst: str | os.PathLike, mpp: float | None = None,
                         tile: int = 512, progress: Progress | None = None, *,
-                        compression: str = "jpeg",
+                        compression: str = "jpeg", quality: int = 90,
                         should_stop: Callable[[], bool] | None = None) -> Path:
     """Write ``src`` as a tiled pyramidal OME-TIFF carrying its µm/px; returns ``dst``.
 
     Level 0 is streamed from the source one band of ``tile`` rows at a time, and each level is
     the 2× block mean of the one before (buffered on disk when large), so a big TIFF is never
-    loaded whole. Pixels are written as RGB ``uint8``; ``jpeg`` is quality 90, ``zlib`` lossless.
+    loaded whole. Pixels are written as RGB ``uint8``; ``jpeg`` at ``quality``, ``zlib`` lossless.
     """
     dst = Path(dst)
     if tile < 16 or tile % 16:
@@ -442,8 +442,8 @@ def convert_to_ome_tiff(src: str | os.PathLike, dst: str | os.PathLike, mpp: flo
         def level0_rows(r0: int, r1: int) -> np.ndarray:
             return _to_rgb8(slide._fetch(0, r0, r1, 0, slide.shape[1]))
 
-        codec = {"compression": "jpeg", "compressionargs": {"level": 90}} if compression == "jpeg" \
-            else {"compression": "zlib", "predictor": True}
+        codec = {"compression": "jpeg", "compressionargs": {"level": quality}} \
+            if compression == "jpeg" else {"compression": "zlib", "predictor": True}
         with atomic_path(dst) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as scratch, \
                 tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as writer:
             rows: Callable[[int, int], np.ndarray] = level0_rows

@@ -1,0 +1,90 @@
+"""Small synthetic slides, sections and models for the plugin's tests (seconds, no real data).
+
+The slide is white glass with one elliptic, textured pink "tissue" blob, written as a tiled
+pyramidal OME-TIFF with its µm/px; the section puts a square spot grid on it with Poisson counts
+whose rates follow position, so every gene has a visible pattern.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MPP = 2.0  # µm/px: a 1024 px slide is ~2 mm, a 100 µm spot is 50 px
+SHAPE = (768, 1024)
+
+
+def synthetic_slide(path: str | Path, shape: tuple[int, int] = SHAPE, mpp: float = MPP,
+                    levels: int = 3, seed: int = 0) -> Path:
+    """Write a pyramidal, tiled RGB OME-TIFF with ``PhysicalSizeX = mpp``."""
+    import tifffile
+
+    path = Path(path)
+    image = tissue_image(shape, seed)
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        options = dict(photometric="rgb", tile=(256, 256), compression="zlib")
+        tif.write(image, subifds=levels - 1, metadata={
+            "axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp,
+            "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}, **options)
+        for level in range(1, levels):
+            step = 2**level
+            tif.write(image[::step, ::step], subfiletype=1, **options)
+    return path
+
+
+def tissue_image(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """White background with a textured pink-purple ellipse: what a tissue mask can find."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    inside = ((yy - h / 2) / (0.38 * h)) ** 2 + ((xx - w / 2) / (0.38 * w)) ** 2 < 1
+    image = np.full((h, w, 3), 245, np.uint8)
+    texture = rng.integers(-25, 25, size=(h, w, 1))
+    gradient = (xx / w * 60)[..., None]
+    tissue = np.clip(np.array([200, 110, 170]) + texture - gradient, 0, 255).astype(np.uint8)
+    image[inside] = tissue[inside]
+    return image
+
+
+def synthetic_section(folder: str | Path, n_genes: int = 12, pitch_um: float = 100.0,
+                      spot_um: float = 55.0, seed: int = 0) -> Path:
+    """Write ``slide.ome.tif`` and ``section.h5ad`` (spots on the tissue, with counts); return the .h5ad."""
+    from hifusion_model.grids import spot_grid, tissue_mask_from_image
+    from hifusion_model.sections import new_section, write_section
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    slide = synthetic_slide(folder / "slide.ome.tif", seed=seed)
+    mask = tissue_mask_from_image(tissue_image(SHAPE, seed))
+    xy, rows, cols = spot_grid(SHAPE, MPP, "hex", pitch_um, spot_um, mask=mask,
+                               return_indices=True)
+    rng = np.random.default_rng(seed)
+    position = xy[:, :1] / SHAPE[1]
+    rates = 5 + 40 * np.abs(np.sin(np.pi * (position + np.linspace(0, 1, n_genes)[None])))
+    counts = rng.poisson(rates)
+    genes = ["ERBB2", *[f"GENE{i}" for i in range(1, n_genes)]]
+    section = new_section(xy, slide=slide, mpp=MPP, spot_diameter_um=spot_um, name="synthetic",
+                          source="synthetic", counts=counts, genes=genes, array_row=rows,
+                          array_col=cols)
+    return write_section(section, folder / "section.h5ad")
+
+
+def tiny_checkpoint(path: str | Path, genes: list[str], seed: int = 0, card: dict | None = None) -> Path:
+    """Save an untrained tiny HiFusion model for ``genes`` (with a model card holding val PCCs)."""
+    import torch
+
+    from hifusion_model.checkpoint import save_checkpoint
+    from hifusion_model.config import tiny_config
+    from hifusion_model.model import HiFusion
+
+    torch.manual_seed(seed)
+    model = HiFusion(tiny_config(genes))
+    pccs = {g: round(0.9 - 0.05 * i, 3) for i, g in enumerate(genes)}
+    card = card if card is not None else {"validation": {"gene_pcc_all": pccs}, "notes": "test model"}
+    return save_checkpoint(path, model, train_mean=torch.zeros(len(genes)), card=card)
+
+
+def layer_names(viewer: Any) -> list[str]:
+    return [layer.name for layer in viewer.layers]

@@ -1,0 +1,185 @@
+"""Panel 4, train: fit a model on the measured sections open in the viewer, with a live curve.
+
+Training sections are the measured points layers (spots as they are now, with their counts) on
+their slides. Validation is either a spatially blocked split of the training spots or one open
+section held out. The best epoch is saved and becomes the active model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from hifusion_model.errors import ConfigError, SectionError
+
+from .._jobs import JobContext, JobRunner, guarded
+from .._layers import TRUTH, kind, section_from_points
+from ._common import ModelState, button, buttons, group, spin
+from ._plot import Sparkline
+
+SPATIAL_SPLIT = "spatial blocks of the training spots (15%)"
+ARCHITECTURES = ("HiFusion (as released)", "tiny (quick trial)")
+
+
+def _measured(layer: Any) -> bool:
+    return type(layer).__name__ == "Points" and kind(layer) == TRUTH
+
+
+class TrainPanel(QWidget):
+    """Pick sections, epochs, learning rate, validation; train in a worker; show the curve."""
+
+    def __init__(self, viewer: Any, state: ModelState, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.state = state
+        self.result: Any = None
+        self.jobs = JobRunner("Training", on_progress=self._show_progress, on_event=self._epoch)
+        self.sections = QListWidget()
+        self.sections.setMaximumHeight(90)
+        self.validation = QComboBox()
+        self.architecture = QComboBox()
+        self.architecture.addItems(ARCHITECTURES)
+        self.epochs = spin(10, 1, 1000)
+        self.lr = spin(3e-4, 1e-6, 1.0, step=1e-4, decimals=6, tooltip="peak learning rate (AdamW)")
+        self.n_genes = spin(250, 1, 5000, tooltip="predict this many most expressed genes")
+        self.batch_size = spin(32, 2, 1024)
+        self.out = QLineEdit(str(Path.home() / "hifusion_model.pt"))
+        self.table = QLabel("no run yet")
+        self.table.setTextFormat(Qt.RichText)
+        self.curve = Sparkline()
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        self.cancel_button = button("Cancel", self.cancel)
+        self.cancel_button.setEnabled(False)
+        events = viewer.layers.events
+        for event in (events.inserted, events.removed):
+            event.connect(lambda *_: self.refresh_sections())
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(group(
+            "Train",
+            ("sections", self.sections),
+            ("validation", self.validation),
+            ("architecture", self.architecture),
+            ("epochs", self.epochs),
+            ("learning rate", self.lr),
+            ("genes", self.n_genes),
+            ("batch size", self.batch_size),
+            ("save to", buttons(self.out, button("…", self._browse))),
+            buttons(button("Train", self.train), self.cancel_button),
+            self.curve, self.table, self.status,
+        ))
+        self.refresh_sections()
+
+    # -- choices ---------------------------------------------------------------------------------
+    def refresh_sections(self) -> None:
+        checked = set(self.checked_names())
+        names = [l.name for l in self.viewer.layers if _measured(l)]
+        self.sections.clear()
+        for name in names:
+            item = QListWidgetItem(name)
+            item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+            item.setCheckState(Qt.Checked if name in checked or not checked else Qt.Unchecked)
+            self.sections.addItem(item)
+        current = self.validation.currentText()
+        self.validation.clear()
+        self.validation.addItems([SPATIAL_SPLIT, *names])
+        if current in names:
+            self.validation.setCurrentText(current)
+
+    def checked_names(self) -> list[str]:
+        items = (self.sections.item(i) for i in range(self.sections.count()))
+        return [item.text() for item in items if item.checkState() == Qt.Checked]
+
+    def set_checked(self, names: list[str]) -> None:
+        for i in range(self.sections.count()):
+            item = self.sections.item(i)
+            item.setCheckState(Qt.Checked if item.text() in names else Qt.Unchecked)
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save model", self.out.text(), "Checkpoints (*.pt)")
+        if path:
+            self.out.setText(path)
+
+    def model_config(self, genes: list[str]) -> Any:
+        from hifusion_model.config import ModelConfig, tiny_config
+
+        if self.architecture.currentText() == ARCHITECTURES[1]:
+            return tiny_config(genes)
+        return ModelConfig(genes=genes)
+
+    # -- running ---------------------------------------------------------------------------------
+    @guarded("Training")
+    def train(self) -> Any:
+        """Train on the checked sections; returns the worker."""
+        from hifusion_model.recipes import get_recipe
+        from hifusion_model.training import train
+
+        held_out = self.validation.currentText()
+        names = [n for n in self.checked_names() if n != held_out]
+        if not names:
+            raise SectionError("no training section: open a section with counts and tick it "
+                               "(the held-out validation section does not count)")
+        sections = [section_from_points(self.viewer.layers[n], counts=True) for n in names]
+        val = (None if held_out == SPATIAL_SPLIT
+               else [section_from_points(self.viewer.layers[held_out], counts=True)])
+        out = Path(self.out.text().strip()).expanduser()
+        if out.suffix != ".pt" or out.is_dir():
+            raise ConfigError(f"save to {out}: give a file name ending in .pt")
+        recipe = get_recipe(epochs=int(self.epochs.value()), lr=float(self.lr.value()),
+                            batch_size=int(self.batch_size.value()),
+                            min_lr=min(1e-6, float(self.lr.value())))
+        n_genes = int(self.n_genes.value())
+        template = self.model_config(["placeholder"])
+
+        def job(ctx: JobContext) -> Any:
+            from hifusion_model.checkpoint import load_checkpoint
+
+            result = train(sections, out, recipe=recipe, model_config=template, genes=n_genes,
+                           val_sections=val, device="auto", command=["napari-hifusion", "Train panel"],
+                           progress=ctx.progress, should_stop=ctx.should_stop, on_epoch=ctx.emit)
+            return result, load_checkpoint(result.checkpoint)
+
+        self.curve.clear()
+        self.records: list[dict] = []
+        self.table.setText("starting…")
+        self.cancel_button.setEnabled(True)
+        return self.jobs.start(job, self._done,
+                               on_finished=lambda: self.cancel_button.setEnabled(False))
+
+    def cancel(self) -> None:
+        self.jobs.cancel()
+        self.status.setText("cancelling after this batch; the best model so far is kept")
+
+    def _show_progress(self, done: int, total: int, message: str) -> None:
+        self.status.setText(message)
+
+    def _epoch(self, record: dict) -> None:
+        self.records.append(record)
+        self.curve.add(record)
+        rows = "".join(
+            f"<tr><td>{r['epoch']}</td><td>{r['train_loss']:.4f}</td><td>{r['val_mse']:.4f}</td>"
+            f"<td>{r['val_gene_pcc']:+.3f}</td><td>{'★' if r.get('best') else ''}</td></tr>"
+            for r in self.records[-6:])
+        self.table.setText("<table cellspacing=4><tr><th>epoch</th><th>loss</th><th>val MSE</th>"
+                           f"<th>val PCC</th><th></th></tr>{rows}</table>")
+
+    def _done(self, outcome: tuple[Any, Any]) -> None:
+        result, checkpoint = outcome
+        self.result = result
+        self.state.set_source(result.checkpoint, checkpoint)
+        self.status.setText(f"saved {result.checkpoint} (best epoch {result.best_epoch}, val gene "
+                            f"PCC {result.validation['gene_pcc']:+.3f}); it is now the active model")

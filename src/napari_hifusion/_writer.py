@@ -1,0 +1,91 @@
+"""npe2 writer and export helpers: a HiFusion points layer to ``.h5ad`` or CSV.
+
+Exports read the layer as it is now (moved or deleted spots included). A prediction layer is
+written as a predictions file (``X`` = predicted expression, the model's identity in ``uns``); a
+spots or measured layer as a section (raw counts), loadable again by the reader and by training.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hifusion_model.errors import SectionError
+from hifusion_model.io_utils import atomic_path
+
+from ._layers import (
+    META,
+    PREDICTION,
+    SPOT_ID,
+    TRUTH,
+    gene_columns,
+    meta,
+    section_from_points,
+    spot_ids,
+)
+
+
+@dataclass
+class LayerView:
+    """The parts of a points layer exports need, from a layer or from a writer's attributes."""
+
+    name: str
+    data: np.ndarray
+    features: pd.DataFrame
+    metadata: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, layer: Any) -> LayerView:
+        return cls(layer.name, np.asarray(layer.data), layer.features, layer.metadata)
+
+
+def write_points_h5ad(path: str, data: Any, attributes: dict) -> list[str]:
+    """npe2 single-layer writer for points layers made by napari-hifusion."""
+    view = LayerView(attributes.get("name", "points"), np.asarray(data),
+                     pd.DataFrame(attributes.get("features", {})), attributes.get("metadata", {}))
+    if META not in view.metadata:
+        return []  # not ours: let napari try another writer
+    return [str(export_h5ad(view, path))]
+
+
+def export_h5ad(layer: Any, path: str | os.PathLike) -> Path:
+    """Write the layer's spots (and predictions or counts) to ``path`` atomically."""
+    from hifusion_model.inference import predictions_to_anndata, write_predictions
+    from hifusion_model.sections import write_section
+
+    view = layer if isinstance(layer, LayerView) else LayerView.of(layer)
+    path = Path(path)
+    if path.suffix != ".h5ad":
+        raise SectionError(f"{path}: an AnnData file must end in .h5ad")
+    info = meta(view)
+    if info.get("kind") == PREDICTION:
+        ckpt = info.get("checkpoint")
+        if ckpt is None:
+            raise SectionError(f"layer {view.name!r} does not know its model; predict again")
+        section = section_from_points(view)
+        values = view.features[list(ckpt.config.genes)].to_numpy(np.float32)
+        adata = predictions_to_anndata(section, values, ckpt, source=info.get("model"))
+        return write_predictions(adata, path)
+    return write_section(section_from_points(view, counts=info.get("kind") == TRUTH), path)
+
+
+def export_csv(layer: Any, path: str | os.PathLike) -> Path:
+    """Spot ids, centres in px and µm, and every gene column, one row per spot."""
+    view = layer if isinstance(layer, LayerView) else LayerView.of(layer)
+    path = Path(path)
+    info = meta(view)
+    mpp = info.get("mpp")
+    yx = np.asarray(view.data, dtype=np.float64)
+    table = pd.DataFrame({SPOT_ID: spot_ids(view), "x_px": yx[:, 1], "y_px": yx[:, 0]})
+    if mpp:
+        table["x_um"], table["y_um"] = yx[:, 1] * mpp, yx[:, 0] * mpp
+    genes = gene_columns(view)
+    table = pd.concat([table, view.features[genes].reset_index(drop=True)], axis=1)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    return path

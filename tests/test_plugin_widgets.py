@@ -1,0 +1,223 @@
+"""The dock widget in a real viewer: spots, prediction, gene colouring, training, cancel, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_hifusion import _jobs, _sample_data
+from napari_hifusion._layers import PREDICTION, TRUTH, kind
+from napari_hifusion._testing import MPP, synthetic_section, tiny_checkpoint
+from napari_hifusion._widgets import HiFusionWidget
+
+pytestmark = pytest.mark.gui
+GENES = ["ERBB2", *[f"GENE{i}" for i in range(1, 8)]]
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def section_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic_section(tmp_path_factory.mktemp("section"), n_genes=len(GENES), pitch_um=160.0)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", GENES)
+
+
+@pytest.fixture
+def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Error notifications shown by the plugin."""
+    shown: list[str] = []
+    monkeypatch.setattr(_jobs, "show_error", shown.append)
+    return shown
+
+
+def open_section(viewer, section_path: Path):
+    widget = HiFusionWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    viewer.open(str(section_path), plugin="napari-hifusion")
+    return viewer, widget
+
+
+@pytest.fixture
+def app(make_napari_viewer, section_path: Path):
+    return open_section(make_napari_viewer(), section_path)
+
+
+def wait_done(qtbot, runner) -> None:
+    qtbot.waitUntil(lambda: not runner.running, timeout=TIMEOUT_MS)
+
+
+def predict(qtbot, widget, model_path: Path, layer_name: str = "synthetic measured"):
+    widget.predict.spots_combo.setCurrentText(layer_name)
+    widget.predict.set_model(model_path)
+    widget.predict.device.setCurrentText("cpu")
+    assert widget.predict.predict() is not None
+    wait_done(qtbot, widget.predict.jobs)
+    return widget.viewer.layers[f"{layer_name} predicted"]
+
+
+def test_opening_a_section_gives_aligned_layers(app) -> None:
+    viewer, _ = app
+    image, points = viewer.layers
+    assert image.multiscale and image.rgb and len(image.data) == 3
+    np.testing.assert_allclose(image.scale, (MPP, MPP))
+    np.testing.assert_allclose(points.scale, image.scale)
+    assert kind(points) == TRUTH and "ERBB2" in points.features
+
+
+def test_grid_inside_a_polygon(app, qtbot, errors) -> None:
+    viewer, widget = app
+    # a polygon in µm over the left half of the tissue
+    shapes = viewer.add_shapes([[[300, 300], [1200, 300], [1200, 1000], [300, 1000]]],
+                               shape_type="polygon", name="region")
+    widget.spots.shapes_combo.setCurrentText("region")
+    widget.spots.kind.setCurrentText("square (legacy ST)")
+    assert widget.spots.pitch.value() == 200.0 and widget.spots.diameter.value() == 100.0
+    widget.spots.pitch.setValue(100.0)
+    widget.spots.diameter.setValue(55.0)
+    widget.spots.generate_grid()
+    wait_done(qtbot, widget.spots.jobs)
+    assert not errors
+    spots = viewer.layers["synthetic H&E spots"]
+    world = spots.data * MPP
+    assert len(spots.data) > 10
+    assert (world[:, 0] >= 300).all() and (world[:, 0] <= 1200).all()
+    assert (world[:, 1] >= 300).all() and (world[:, 1] <= 1000).all()
+    assert spots.size[0] == pytest.approx(55.0 / MPP)
+    assert shapes in viewer.layers
+
+
+def test_prediction_layer_holds_every_gene(app, qtbot, model_path, errors) -> None:
+    viewer, widget = app
+    layer = predict(qtbot, widget, model_path)
+    assert not errors
+    assert kind(layer) == PREDICTION
+    assert list(layer.features.columns) == ["spot_id", *GENES]
+    truth = viewer.layers["synthetic measured"]
+    assert len(layer.data) == len(truth.data)
+    assert np.isfinite(layer.features[GENES].to_numpy()).all()
+    # the measured layer now holds the model's genes, normalised the same way
+    assert list(truth.features.columns) == ["spot_id", *GENES]
+    assert widget.state.checkpoint.config.genes == GENES
+
+
+def test_gene_switch_recolours_both_layers_in_place(app, qtbot, model_path) -> None:
+    viewer, widget = app
+    pred = predict(qtbot, widget, model_path)
+    truth = viewer.layers["synthetic measured"]
+    n_layers = len(viewer.layers)
+    before = pred.face_color.copy(), truth.face_color.copy()
+    label = widget.genes.gene_list.item(0).text()
+    assert label.startswith("ERBB2") and "val PCC +0.90" in label
+    widget.genes.set_gene("GENE5")
+    assert len(viewer.layers) == n_layers
+    assert pred._face.color_properties.name == truth._face.color_properties.name == "GENE5"
+    assert pred.face_contrast_limits == truth.face_contrast_limits
+    assert not np.allclose(pred.face_color, before[0]) and not np.allclose(truth.face_color, before[1])
+    pcc, n = widget.genes.pcc("GENE5")
+    assert n == len(truth.data) and -1 <= pcc <= 1
+    assert "GENE5: PCC(predicted, measured)" in widget.genes.pcc_label.text()
+    widget.genes.search.setText("gene5")
+    visible = [widget.genes.gene_list.item(i).data(0x0100) for i in range(widget.genes.gene_list.count())
+               if not widget.genes.gene_list.item(i).isHidden()]
+    assert visible == ["GENE5"]
+
+
+def test_side_by_side_puts_truth_on_a_slide_copy(app, qtbot, model_path) -> None:
+    viewer, widget = app
+    predict(qtbot, widget, model_path)
+    truth = viewer.layers["synthetic measured"]
+    widget.genes.set_side_by_side(True)
+    copy = viewer.layers["synthetic H&E (measured side)"]
+    assert truth.translate[1] > 1024 * MPP and np.allclose(copy.translate, truth.translate)
+    assert viewer.layers.index(copy) < viewer.layers.index(truth)
+    widget.genes.set_side_by_side(False)
+    assert "synthetic H&E (measured side)" not in viewer.layers
+    assert np.allclose(truth.translate, 0)
+
+
+def test_predicted_spots_are_drawn_in_colour(make_napari_viewer, section_path, qtbot, model_path) -> None:
+    viewer, widget = open_section(make_napari_viewer(show=True), section_path)  # hidden: no GL frame
+    viewer.window.resize(1400, 900)
+    viewer.layers["synthetic measured"].visible = False
+    viewer.reset_view()
+    qtbot.wait(50)
+
+    def coloured(shot: np.ndarray) -> int:
+        rgb = shot[..., :3].astype(int)
+        return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 120).sum())  # strong chroma: not H&E pink
+
+    base = coloured(viewer.screenshot(canvas_only=True, flash=False))
+    predict(qtbot, widget, model_path)
+    qtbot.wait(50)
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert coloured(shot) > base + 0.005 * shot.shape[0] * shot.shape[1]
+
+
+def test_training_writes_a_loadable_active_checkpoint(app, qtbot, tmp_path) -> None:
+    from hifusion_model.checkpoint import load_model
+
+    viewer, widget = app
+    panel = widget.train
+    assert panel.checked_names() == ["synthetic measured"]
+    panel.architecture.setCurrentIndex(1)  # tiny
+    panel.epochs.setValue(1)
+    panel.n_genes.setValue(4)
+    panel.batch_size.setValue(16)
+    panel.out.setText(str(tmp_path / "trained.pt"))
+    assert panel.train() is not None
+    wait_done(qtbot, panel.jobs)
+    model, ckpt = load_model(tmp_path / "trained.pt")
+    assert ckpt.config.n_genes == 4 and len(panel.records) == 1
+    assert widget.state.source == str(tmp_path / "trained.pt")
+    assert widget.predict.model_source() == str(tmp_path / "trained.pt")
+    assert widget.genes.gene_list.count() == 4
+
+
+def test_cancel_stops_a_prediction(app, qtbot, model_path, monkeypatch) -> None:
+    viewer, widget = app
+    infos: list[str] = []
+    monkeypatch.setattr(_jobs, "show_info", infos.append)
+    widget.predict.spots_combo.setCurrentText("synthetic measured")
+    widget.predict.set_model(model_path)
+    widget.predict.batch_size.setValue(1)
+    widget.predict.predict()
+    widget.predict.cancel()
+    wait_done(qtbot, widget.predict.jobs)
+    assert infos == ["Prediction cancelled"]
+    assert "synthetic measured predicted" not in viewer.layers
+
+
+def test_invalid_inputs_notify_instead_of_raising(app, qtbot, errors, tmp_path) -> None:
+    viewer, widget = app
+    widget.predict.set_model(tmp_path / "missing.pt")
+    assert widget.predict.predict() is None
+    assert "checkpoint not found" in errors[-1]
+    widget.spots.apply_mpp(0.0)  # spin boxes clamp; a script can still pass nonsense
+    assert "µm/px must be positive" in errors[-1]
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    widget.spots.import_csv(tmp_path / "bad.csv")
+    assert "no spot-centre columns" in errors[-1]
+    widget.export.layer_combo.setCurrentText("synthetic measured")
+    widget.export.save_h5ad(tmp_path / "wrong.csv")
+    assert "must end in .h5ad" in errors[-1]
+    viewer.layers.clear()
+    widget.train.train()
+    assert "no training section" in errors[-1]
+
+
+def test_demo_shows_prediction_and_truth_side_by_side(qtbot, monkeypatch, section_path, model_path):
+    from napari_hifusion.demo import build_demo
+
+    monkeypatch.setattr(_sample_data, "sample_section_path", lambda name="C4": section_path)
+    viewer, widget, worker = build_demo(str(model_path), gene="GENE2", device="cpu", show=False)
+    try:
+        qtbot.waitUntil(lambda: "synthetic H&E (measured side)" in viewer.layers, timeout=TIMEOUT_MS)
+        assert widget.genes.current_gene == "GENE2"
+        assert viewer.layers["synthetic measured predicted"]._face.color_properties.name == "GENE2"
+    finally:
+        viewer.close()
