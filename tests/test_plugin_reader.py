@@ -133,5 +133,22 @@ def test_demo_without_display_or_xvfb_exits_2(monkeypatch: pytest.MonkeyPatch, c
     monkeypatch.setattr("sys.platform", "linux")
     assert cli_main(["demo", "--screenshot", "out.png"]) == 2
     assert "xvfb" in capsys.readouterr().err
-    assert cli_main(["demo"]) == 2
-    assert "--screenshot" in capsys.readouterr().err
+    assert cli_main(["demo"]) == 2  # headless without --screenshot still needs the virtual display
+    err = capsys.readouterr().err
+    assert "hifusion-demo.png" in err and "xvfb" in err
+
+
+def test_headless_demo_reruns_under_xvfb_with_default_screenshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hifusion_model.commands import demo as demo_command
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.delenv(demo_command.XVFB_GUARD, raising=False)
+    monkeypatch.setattr("sys.platform", "linux")
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/xvfb-run")
+    calls = []
+    monkeypatch.setattr("subprocess.call", lambda argv, env: calls.append(argv) or 0)
+    assert cli_main(["demo"]) == 0
+    argv = calls[0]
+    assert argv[:2] == ["xvfb-run", "-a"]
+    assert argv[argv.index("--screenshot") + 1] == "hifusion-demo.png"

@@ -1,8 +1,9 @@
 """``hifusion demo [--screenshot OUT.png]``: the napari demo (sample, predictions, truth for ERBB2).
 
 The GUI lives in :mod:`napari_hifusion.demo`, imported only here and only when the command runs,
-so the rest of the core never loads Qt. Without a display the command re-runs itself under
-``xvfb-run`` (a virtual X server) when a screenshot is asked for.
+so the rest of the core never loads Qt. Without a display the command still does its job: it
+re-runs itself under ``xvfb-run`` (a virtual X server) and saves a screenshot, by default
+``hifusion-demo.png`` in the current folder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from ..errors import HiFusionError
 
 #: Set in the re-executed child so it never tries xvfb-run again.
 XVFB_GUARD = "HIFUSION_DEMO_UNDER_XVFB"
+#: Where a headless run saves the window when no --screenshot is given.
+HEADLESS_SCREENSHOT = "hifusion-demo.png"
 
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
@@ -54,8 +57,9 @@ def rerun_under_xvfb(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if not has_display():
         if args.screenshot is None:
-            raise HiFusionError("no display (DISPLAY/WAYLAND_DISPLAY unset): run the demo on a "
-                                "desktop, or render it off-screen with --screenshot OUT.png")
+            args.screenshot = HEADLESS_SCREENSHOT
+            print(f"hifusion demo: no display; rendering on a virtual one and saving "
+                  f"{args.screenshot}", file=sys.stderr)
         if os.environ.get(XVFB_GUARD) or shutil.which("xvfb-run") is None:
             raise HiFusionError("no display and no xvfb-run: install a virtual X server "
                                 "(e.g. apt-get install xvfb libgl1 libegl1) or run on a desktop")
