@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import Tensor, nn
 
 from hifusion_model.backbones import (
+    LevelBatchNorm2d,
     load_torchvision_resnet18,
     resnet10_trunk,
     resnet18_trunk,
+    use_level,
 )
+from hifusion_model.checkpoint import load_model, save_checkpoint
 from hifusion_model.config import ModelConfig, tiny_config
 from hifusion_model.errors import CheckpointError, ConfigError
 from hifusion_model.losses import hifusion_loss
@@ -244,8 +251,9 @@ def test_same_seed_same_model_and_eval_is_deterministic():
         assert not torch.equal(a(*inputs).prediction, a(*inputs).prediction)  # dropout
 
 
-def test_channels_last_and_bfloat16_autocast_agree_with_float32():
-    config = tiny_config()
+@pytest.mark.parametrize("level_norm", ["shared", "per_level"])
+def test_channels_last_and_bfloat16_autocast_agree_with_float32(level_norm):
+    config = tiny_config(level_norm=level_norm)
     torch.manual_seed(0)
     model = HiFusion(config).eval()
     spot, region = _inputs(config, batch=2)
@@ -309,10 +317,20 @@ def _synthetic_spots(config: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
     return spots, regions, targets
 
 
-def test_tiny_model_overfits_sixteen_synthetic_spots():
+@dataclass
+class _Overfit:
+    model: HiFusion
+    losses: list[float]
+    train_mse: float  #: train-mode forward (batch statistics)
+    eval_mse: float  #: eval-mode forward (running statistics)
+
+
+@functools.cache
+def _overfit(level_norm: str) -> _Overfit:
+    """100 Adam steps on the 16 synthetic spots, all three HISM levels (cached: ~5 s each)."""
     # input_norm="none": per-image z-scoring would, by design, erase flat colour differences;
-    # 28/56 px patches keep 100 steps at a couple of seconds (7×7 tiles of 4 px still work).
-    config = tiny_config(input_norm="none", spot_px=28, region_px=56)
+    # 28/56 px patches keep 100 steps at a few seconds (7×7 tiles of 4 px still work).
+    config = tiny_config(input_norm="none", spot_px=28, region_px=56, level_norm=level_norm)
     torch.manual_seed(0)
     model = HiFusion(config).train()
     spots, regions, targets = _synthetic_spots(config)
@@ -324,4 +342,140 @@ def test_tiny_model_overfits_sixteen_synthetic_spots():
         loss.total.backward()
         optimizer.step()
         losses.append(loss.main.item())
+    with torch.no_grad():
+        eval_mse = (model.eval()(spots, regions).prediction - targets).square().mean().item()
+        train_mse = (model.train()(spots, regions).prediction - targets).square().mean().item()
+    return _Overfit(model.eval(), losses, train_mse, eval_mse)
+
+
+def test_tiny_model_overfits_sixteen_synthetic_spots():
+    losses = _overfit("shared").losses
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+# -- per-level BatchNorm statistics ------------------------------------------------------------
+def test_per_level_statistics_make_eval_match_training():
+    shared, per_level = _overfit("shared"), _overfit("per_level")
+    # Training is untouched: same init, same batch statistics, hence the very same losses.
+    assert per_level.losses == shared.losses
+    # Shared statistics mix 28-px spots with 4-px tiles, so eval mode predicts something else
+    # (measured: train 0.003, eval ~1); per-level statistics keep eval where training got.
+    assert per_level.eval_mse < 5 * per_level.train_mse + 0.05, per_level
+    assert per_level.eval_mse < 0.1 * shared.eval_mse, (per_level, shared)
+
+
+def test_per_level_adds_buffers_but_no_parameters():
+    shared = HiFusion(tiny_config())
+    per_level = HiFusion(tiny_config(level_norm="per_level"))
+    assert count_parameters(per_level) == count_parameters(shared)
+    assert [n for n, _ in per_level.named_parameters()] == [n for n, _ in shared.named_parameters()]
+    extra = set(per_level.state_dict()) - set(shared.state_dict())
+    assert set(shared.state_dict()) < set(per_level.state_dict())
+    assert extra and all(k.startswith("spot_encoder.") and ".level_" in k for k in extra)
+    bn = per_level.spot_encoder.layer2[0].downsample[1]
+    assert isinstance(bn, LevelBatchNorm2d) and bn.level_running_var.shape == (2, 16)
+    assert not any(isinstance(m, LevelBatchNorm2d) for m in per_level.region_encoder.modules())
+
+
+def test_each_level_updates_only_its_own_statistics():
+    config = tiny_config(levels=(1, 7), input_norm="none", level_norm="per_level")
+    torch.manual_seed(0)
+    model = HiFusion(config).train()
+    whole, tiles = copy.deepcopy(model.spot_encoder), copy.deepcopy(model.spot_encoder)
+    spot, region = _inputs(config, batch=4)
+    with torch.no_grad():
+        model(spot, region)
+        whole(spot)  # level 0 of a fresh copy: what the whole spots alone do to statistics
+        tiles(hism_tiles(spot, 7))
+    pairs = zip(model.spot_encoder.modules(), whole.modules(), tiles.modules())
+    norms = [(m, w, t) for m, w, t in pairs if isinstance(m, LevelBatchNorm2d)]
+    assert len(norms) == 20
+    for m, w, t in norms:
+        assert torch.allclose(m.running_mean, w.running_mean, atol=1e-6)
+        assert torch.allclose(m.running_var, w.running_var, atol=1e-6)
+        assert torch.allclose(m.level_running_mean[0], t.running_mean, atol=1e-6)
+        assert torch.allclose(m.level_running_var[0], t.running_var, atol=1e-6)
+        assert m.num_batches_tracked == m.level_num_batches_tracked[0] == 1
+    # The levels see different images: 8-px tiles shrink to 1×1 maps, mostly padding. After one
+    # momentum-0.1 step, a 0.05 gap in running variance is a 0.5 gap in batch variance.
+    last = model.spot_encoder.layer4[1].bn2
+    assert (last.running_var - last.level_running_var[0]).abs().max() > 0.05
+
+
+def test_level_batch_norm_trains_like_batch_norm_and_evaluates_per_level():
+    torch.manual_seed(0)
+    plain, levelled = nn.BatchNorm2d(4), LevelBatchNorm2d(4, levels=3)
+    x = torch.randn(8, 4, 5, 5) * 3 + 1
+    with use_level(levelled, 2):
+        assert levelled.level == 2
+        assert torch.equal(levelled(x), plain(x))
+    assert levelled.level == 0  # restored
+    assert torch.equal(levelled.level_running_mean[1], plain.running_mean)
+    assert torch.equal(levelled.running_mean, torch.zeros(4))  # levels 0 and 1 untouched
+    assert torch.equal(levelled.level_running_mean[0], torch.zeros(4))
+    levelled.eval()
+    plain.eval()
+    with use_level(levelled, 2):
+        assert torch.equal(levelled(x), plain(x))
+    assert torch.equal(levelled(x), x / (1 + 1e-5) ** 0.5)  # level 0: still (0, 1)
+    with pytest.raises(ValueError, match="level 3 out of range for 3 levels"):
+        with use_level(levelled, 3):
+            pass
+
+
+def test_per_level_checkpoint_round_trip_is_bit_exact(tmp_path):
+    config = tiny_config(level_norm="per_level")
+    torch.manual_seed(0)
+    model = HiFusion(config).train()
+    spot, region = _inputs(config, batch=3)
+    with torch.no_grad():
+        model(spot, region)  # give each level statistics of its own
+        expected = model.eval()(spot, region).prediction
+    bn = model.spot_encoder.layer1[0].bn1
+    assert not torch.equal(bn.running_mean, bn.level_running_mean[1])
+    path = save_checkpoint(tmp_path / "per_level.pt", model, train_mean=torch.zeros(8))
+    loaded, ckpt = load_model(path)
+    assert ckpt.config.level_norm == "per_level"
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with torch.no_grad():
+        assert torch.equal(loaded(spot, region).prediction, expected)
+
+
+def test_checkpoints_without_level_norm_load_as_shared(tmp_path):
+    model = HiFusion(tiny_config())
+    path = save_checkpoint(tmp_path / "old.pt", model, train_mean=torch.zeros(8))
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["level_norm"]  # as written before the option existed
+    torch.save(payload, path)
+    loaded, ckpt = load_model(path)
+    assert ckpt.config.level_norm == "shared"
+    assert not any(isinstance(m, LevelBatchNorm2d) for m in loaded.modules())
+
+
+def test_level_norm_is_validated_and_survives_json():
+    config = tiny_config(level_norm="per_level")
+    assert ModelConfig.from_json(config.to_json()) == config
+    with pytest.raises(ConfigError, match=r"level_norm must be one of .*'per_tile'"):
+        tiny_config(level_norm="per_tile")
+
+
+def test_torchvision_weights_fill_every_level_of_a_per_level_trunk(tmp_path):
+    state = _torchvision_state(width=16)
+    torch.save(state, tmp_path / "r18.pth")
+    trunk = load_torchvision_resnet18(resnet18_trunk(16, norm_levels=3), tmp_path / "r18.pth")
+    norms = {n: m for n, m in trunk.named_modules() if isinstance(m, LevelBatchNorm2d)}
+    assert len(norms) == 20  # every BatchNorm of a ResNet-18, downsample ones included
+    for name, m in norms.items():
+        for stat in ("running_mean", "running_var"):
+            expected = state[f"{name}.{stat}"]
+            assert torch.equal(getattr(m, stat), expected), name
+            assert torch.equal(getattr(m, f"level_{stat}"), expected.expand(2, -1)), name
+
+    # a per-level trunk's own state dict keeps its distinct levels
+    for m in norms.values():
+        m.level_running_mean.uniform_(-1, 1)
+    torch.save(trunk.state_dict(), tmp_path / "per_level.pth")
+    other = load_torchvision_resnet18(resnet18_trunk(16, norm_levels=3), tmp_path / "per_level.pth")
+    for k, v in trunk.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k

@@ -18,6 +18,9 @@ from .errors import ConfigError
 NORMALIZATIONS = ("log_relative", "log1p_cp10k")
 #: How images are standardised before the encoders.
 INPUT_NORMS = ("image", "none")
+#: BatchNorm running statistics of the spot encoder: one set for all HISM levels (as released)
+#: or one per level (eval mode then normalises 32-px tiles with 32-px tile statistics).
+LEVEL_NORMS = ("shared", "per_level")
 
 # HER2ST (patients B-H) is scanned at ~0.69 µm/px; the released model sees 224 px spots and
 # 448 px regions of the raw image, i.e. ~154 µm and ~308 µm of tissue.
@@ -30,7 +33,8 @@ class ModelConfig:
 
     ``levels`` are HISM grid sizes: 1 = the whole spot, 2 = 2×2 tiles, 7 = 7×7 tiles.
     ``width`` is the first ResNet stage's channel count (64 as released; the feature
-    dimension is ``8 * width``); tiny values make fast test models.
+    dimension is ``8 * width``); tiny values make fast test models. ``level_norm`` is
+    ``"shared"`` (as released) or ``"per_level"`` (see :data:`LEVEL_NORMS`).
     """
 
     genes: list[str]
@@ -49,6 +53,7 @@ class ModelConfig:
     align_weight: float = 0.5
     normalization: str = "log_relative"
     input_norm: str = "image"
+    level_norm: str = "shared"
 
     def __post_init__(self) -> None:
         self.genes = [str(g) for g in self.genes]
@@ -103,6 +108,8 @@ class ModelConfig:
             problems.append(f"normalization must be one of {NORMALIZATIONS}")
         if self.input_norm not in INPUT_NORMS:
             problems.append(f"input_norm must be one of {INPUT_NORMS}")
+        if self.level_norm not in LEVEL_NORMS:
+            problems.append(f"level_norm must be one of {LEVEL_NORMS}, got {self.level_norm!r}")
         if problems:
             raise ConfigError("invalid model configuration: " + "; ".join(problems))
 
@@ -151,4 +158,6 @@ def tiny_config(genes: list[str] | int = 8, **overrides: Any) -> ModelConfig:
     return ModelConfig(**base)
 
 
-__all__ = ["ModelConfig", "tiny_config", "NORMALIZATIONS", "INPUT_NORMS", "HER2ST_MPP"]
+__all__ = [
+    "ModelConfig", "tiny_config", "NORMALIZATIONS", "INPUT_NORMS", "LEVEL_NORMS", "HER2ST_MPP",
+]

@@ -6,6 +6,9 @@ are put back where the tiles came from. Each level's map is aligned to the whole
 map, predicts expression on its own (auxiliary supervision), and the maps are mixed with
 learnable softmax weights. CCF lets a ResNet-10 summary of the surrounding region query the
 fused spot map through cross-attention.
+
+With ``level_norm="per_level"`` the shared encoder keeps BatchNorm running statistics per
+level: 224-px spots and 32-px tiles differ too much for one set to serve both in eval mode.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import resnet10_trunk, resnet18_trunk
+from .backbones import resnet10_trunk, resnet18_trunk, use_level
 from .config import ModelConfig
 from .errors import ConfigError
 
@@ -102,7 +105,8 @@ class HiFusion(nn.Module):
         config.validate()
         self.config = config
         dim = config.feature_dim
-        self.spot_encoder = resnet18_trunk(config.width)
+        norm_levels = len(config.levels) if config.level_norm == "per_level" else 1
+        self.spot_encoder = resnet18_trunk(config.width, norm_levels)
         self.region_encoder = resnet10_trunk(config.region_width or config.width)
         self.level_head = nn.Linear(dim, config.n_genes)  # shared by all levels
         self.level_logits = nn.Parameter(torch.zeros(len(config.levels)))  # equal weights
@@ -132,8 +136,14 @@ class HiFusion(nn.Module):
         return HiFusionOutput(prediction, level_predictions, features, fusion_weights, attention)
 
     def encode_spot(self, spot: Tensor) -> list[Tensor]:
-        """HISM: one feature map per level, each aligned to the level-1 map's size."""
-        maps = {k: encode_level(self.spot_encoder, spot, k) for k in self.config.levels}
+        """HISM: one feature map per level, each aligned to the level-1 map's size.
+
+        Level ``config.levels[i]`` uses BatchNorm statistics ``i`` (all the same when shared).
+        """
+        maps = {}
+        for i, k in enumerate(self.config.levels):
+            with use_level(self.spot_encoder, i):
+                maps[k] = encode_level(self.spot_encoder, spot, k)
         size = tuple(maps[1].shape[-2:])
         return [align_to(maps[k], size) for k in self.config.levels]
 
