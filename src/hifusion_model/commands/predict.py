@@ -1,0 +1,180 @@
+"""``hifusion predict SECTION.h5ad|SLIDE --model MODEL.pt --out PRED.h5ad``: predict expression.
+
+On a section, every spot is predicted and its measured counts (if any) are kept as
+``layers['truth']`` for ``hifusion evaluate``. On a bare slide, spots come from ``--grid`` or
+``--spots``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+
+from ..checkpoint import load_model
+from ..devices import autocast_dtype, resolve_device
+from ..errors import ConfigError, SectionError
+from ..importers import import_csv
+from ..inference import (
+    check_section_genes,
+    grid_section,
+    predict_section,
+    predictions_to_anndata,
+    write_predictions,
+)
+from ..recipes import PRECISIONS
+from ..sections import read_section, section_slide
+from ..slide import Slide
+
+
+def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        name,
+        help="predict expression on a section's spots or on a grid over a slide",
+        description="Predict spatial gene expression from H&E with a HiFusion model.",
+    )
+    p.add_argument(
+        "input",
+        type=Path,
+        metavar="SECTION.h5ad|SLIDE",
+        help="a section file, or a slide image (then give --grid or --spots)",
+    )
+    p.add_argument(
+        "--model",
+        default="bundled",
+        metavar="MODEL.pt|bundled",
+        help="checkpoint, or 'bundled' for the shipped HER2ST model (default)",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, metavar="PRED.h5ad", help="predictions to write"
+    )
+    spots = p.add_mutually_exclusive_group()
+    spots.add_argument(
+        "--grid",
+        metavar="KIND[:PITCH_UM]",
+        help="spots on a grid over the tissue: hex (Visium-like, 100 µm) or square "
+        "(legacy ST, 200 µm), e.g. hex:100 or square:200",
+    )
+    spots.add_argument(
+        "--spots",
+        type=Path,
+        metavar="FILE.csv",
+        help="spot centres: CSV with x,y (px) or x_um,y_um columns",
+    )
+    p.add_argument(
+        "--whole-slide",
+        action="store_true",
+        help="with --grid, cover the whole slide instead of the detected tissue",
+    )
+    p.add_argument(
+        "--mpp",
+        type=float,
+        metavar="UM_PER_PX",
+        help="µm per full-resolution pixel (overrides the section's or the slide's)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps"
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (default)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="spots per batch (default: 32)")
+    p.add_argument("--workers", type=int, default=4, help="patch-reading threads (default: 4)")
+    return p
+
+
+def parse_grid(value: str) -> tuple[str, float | None]:
+    """``hex``, ``hex:100``, ``square:200`` → (kind, pitch µm or None)."""
+    kind, _, pitch = value.partition(":")
+    if kind not in ("hex", "square"):
+        raise ConfigError(f"--grid {value!r}: the kind must be hex or square, e.g. hex:100")
+    try:
+        return kind, float(pitch) if pitch else None
+    except ValueError:
+        raise ConfigError(
+            f"--grid {value!r}: the pitch must be a number of µm, e.g. hex:100"
+        ) from None
+
+
+def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
+    """The section to predict and its opened slide, from a section file or a bare slide."""
+    path: Path = args.input
+    if not path.exists():
+        raise SectionError(f"{path} does not exist; give a section .h5ad or a slide image")
+    if path.suffix == ".h5ad":
+        if args.grid or args.spots:
+            raise ConfigError(f"{path} is a section: it has its own spots, so drop --grid/--spots")
+        section = read_section(path)
+        return section, section_slide(section, mpp_override=args.mpp)
+    if args.spots:
+        section = import_csv(args.spots, path, mpp=args.mpp)
+        return section, section_slide(section)
+    if not args.grid:
+        raise ConfigError(
+            f"{path} is a slide without spots: add --grid hex:100 or --spots FILE.csv"
+        )
+    kind, pitch = parse_grid(args.grid)
+    slide = Slide.open(path, mpp=args.mpp)
+    try:
+        return grid_section(slide, kind=kind, pitch_um=pitch, on_tissue=not args.whole_slide), slide
+    except SectionError as e:
+        if args.whole_slide:
+            raise
+        raise SectionError(f"{e} (or add --whole-slide to ignore the tissue mask)") from e
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out.suffix != ".h5ad":
+        raise ConfigError(f"{args.out}: the prediction file must end in .h5ad")
+    if args.batch_size < 1 or args.workers < 0:
+        raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
+    device = resolve_device(args.device)
+    section, slide = load_input(args)
+    model, ckpt = load_model(args.model, device)
+    check_section_genes(section, ckpt.genes, args.input)
+    dtype = autocast_dtype(device, args.precision)
+    start = time.perf_counter()
+    with _progress_bar(section.n_obs) as progress:
+        pred = predict_section(
+            model,
+            ckpt,
+            section,
+            slide,
+            batch_size=args.batch_size,
+            device=device,
+            precision=args.precision,
+            workers=args.workers,
+            progress=progress,
+        )
+    seconds = time.perf_counter() - start
+    write_predictions(predictions_to_anndata(section, pred, ckpt, source=args.model), args.out)
+    precision = str(dtype).removeprefix("torch.") if dtype else "fp32"
+    print(
+        f"{args.out}: {pred.shape[0]} spots × {pred.shape[1]} genes predicted on {device} "
+        f"({precision}) "
+        f"in {seconds:.1f} s ({pred.shape[0] / max(seconds, 1e-9):.0f} spots/s)"
+        + ("" if section.n_vars else "; no measured counts, so no truth to evaluate against")
+    )
+    return 0
+
+
+class _progress_bar:
+    """A tqdm bar on stderr, fed by ``predict_section``'s progress callback."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="spot", dynamic_ncols=True, file=sys.stderr, leave=False)
+
+    def __enter__(self):
+        return lambda done, total, message: self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()

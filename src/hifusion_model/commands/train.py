@@ -1,0 +1,229 @@
+"""``hifusion train SECTION.h5ad … --out MODEL.pt``: train (or fine-tune, or resume) a model.
+
+Runs on one device, or on many under torchrun::
+
+    torchrun --nproc-per-node 4 -m hifusion_model train sections/*.h5ad --out model.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..recipes import DEFAULT_RECIPE, PRECISIONS, RECIPES, TrainConfig, get_recipe
+from ..training import companion_paths, read_gene_list, train
+
+EPILOG = """\
+recipes:
+  hifusion   ours (default): AdamW 3e-4, weight decay 1e-2, head dropout 0.2, mild colour
+             jitter, 1-epoch warm-up + cosine, 10 epochs, batch 32
+  released   the paper's: Adam 1e-3, weight decay 1e-5, cosine to 1e-6 per epoch, 50 epochs,
+             batch 32, flips and rotations only
+  FILE.json  a recipe written by TrainConfig.to_json (e.g. from a checkpoint's card)
+
+validation: --val sections, else 4x4 spatial blocks per training section with >= 15 % of the
+spots held out (neighbouring spots share tissue, so a random split would leak). MODEL.pt is the
+epoch with the lowest validation MSE; MODEL.curves.json/.csv hold per-epoch curves;
+MODEL.resume.pt lets --resume continue a stopped run (Ctrl-C is safe).
+
+--model-config FILE.json sets the architecture (any ModelConfig field: width, spot_px,
+region_px, spot_um, region_um, levels, ...); its "genes" are ignored, they come from the data.
+--init starts from a checkpoint's weights and architecture; with --genes a new gene list is
+chosen and the output heads are re-initialised.
+"""
+
+
+def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        name,
+        help="train a model on sections with measured expression",
+        description="Train HiFusion on one or more section .h5ad files.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "sections", nargs="+", type=Path, metavar="SECTION.h5ad", help="training sections"
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, metavar="MODEL.pt", help="checkpoint to write"
+    )
+    p.add_argument(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        metavar="NAME|FILE.json",
+        help=f"training recipe: {', '.join(RECIPES)} or a JSON file (default: {DEFAULT_RECIPE})",
+    )
+    p.add_argument("--epochs", type=int, help="number of epochs (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    p.add_argument(
+        "--batch-size", type=int, help="spots per batch and per process (default: the recipe's)"
+    )
+    p.add_argument("--seed", type=int, help="random seed (default: the recipe's, 0)")
+    p.add_argument(
+        "--genes",
+        metavar="N|FILE",
+        help="the N most expressed genes of the training sections (default 250), or a "
+        "file with one gene per line",
+    )
+    p.add_argument(
+        "--val",
+        nargs="+",
+        type=Path,
+        metavar="SECTION.h5ad",
+        help="validation sections (default: spatial blocks of the training sections)",
+    )
+    p.add_argument("--init", metavar="MODEL.pt|bundled", help="fine-tune from this checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the stopped run of --out (its stored recipe and genes are used)",
+    )
+    p.add_argument(
+        "--model-config",
+        type=Path,
+        metavar="FILE.json",
+        help="architecture as ModelConfig JSON (e.g. a small model for quick runs)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps"
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="autocast precision (default auto: bf16/fp16 on CUDA, fp32 elsewhere)",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_const",
+        const="bf16",
+        dest="precision",
+        help="same as --precision bf16 (fast on CPUs with AVX-512 BF16 or AMX)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
+    return p
+
+
+def load_recipe(value: str) -> TrainConfig:
+    """A named recipe, or one read from a JSON file."""
+    if value.endswith(".json"):
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} not found")
+        return TrainConfig.from_json(path.read_text())
+    return get_recipe(value)
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """A ModelConfig template from JSON; ``genes`` may be absent (the data chooses them)."""
+    if not path.is_file():
+        raise ConfigError(f"model configuration {path} not found")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} must hold a JSON object of ModelConfig fields")
+    try:
+        return ModelConfig.from_dict({**d, "genes": d.get("genes") or ["placeholder"]})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def command_line() -> list[str] | None:
+    """``sys.argv`` shown as ``hifusion train …``; None when ``main`` was called from Python."""
+    argv = sys.argv
+    if "train" not in argv[1:]:
+        return None
+    return ["hifusion", *argv[argv.index("train") :]]
+
+
+def _genes(value: str | None) -> int | list[str] | None:
+    if value is None:
+        return None
+    return int(value) if value.isdigit() else read_gene_list(value)
+
+
+class _Reporter:
+    """tqdm bar over all steps plus one line per epoch; created on the first report."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def progress(self, done: int, total: int, message: str) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar.update(done - 1)
+        self.bar.set_description_str(message, refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def epoch(self, r: dict[str, Any]) -> None:
+        line = (
+            f"epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  val MSE {r['val_mse']:.4f} "
+            f"(mean {r['val_baseline_mse']:.4f})  gene PCC {r['val_gene_pcc']:.3f}  "
+            f"spot PCC {r['val_spot_pcc']:.3f}  lr {r['lr']:.2e}  {r['seconds']:.0f} s"
+            + ("  *best" if r["best"] else "")
+        )
+        (self.bar.write if self.bar is not None else print)(line, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe).replace(
+        **{
+            k: v
+            for k, v in (
+                ("epochs", args.epochs),
+                ("lr", args.lr),
+                ("batch_size", args.batch_size),
+                ("seed", args.seed),
+                ("precision", args.precision),
+            )
+            if v is not None
+        }
+    )
+    reporter = _Reporter()
+    try:
+        result = train(
+            args.sections,
+            args.out,
+            recipe=recipe,
+            model_config=load_model_config(args.model_config) if args.model_config else None,
+            genes=_genes(args.genes),
+            val_sections=args.val,
+            init=args.init,
+            resume=args.resume,
+            device=args.device,
+            workers=args.workers,
+            command=command_line(),
+            progress=reporter.progress,
+            on_epoch=reporter.epoch,
+        )
+    except KeyboardInterrupt:
+        reporter.close()
+        print(
+            f"hifusion train: interrupted; the best model so far is in {args.out}, continue with "
+            f"--resume ({companion_paths(args.out)['resume']})",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        reporter.close()
+    if result.validation:  # only rank 0 reports under torchrun
+        v = result.validation
+        print(
+            f"best epoch {result.best_epoch}: validation MSE {v['mse']:.4f} (constant mean "
+            f"{v['baseline']['mse']:.4f}), gene PCC {v['gene_pcc']:.3f}, "
+            f"spot PCC {v['spot_pcc']:.3f}"
+        )
+        print(f"model: {result.checkpoint}\ncurves: {result.curves_path}")
+    return 0

@@ -1,0 +1,310 @@
+"""Inference: predict expression for every spot of a section, fast and with bounded memory.
+
+Patches are read by a small thread pool a few batches ahead of the model (tifffile, imagecodecs
+and scikit-image release the GIL while decoding and resizing), through a bounded queue, so reading
+overlaps compute without ever holding more than ``prefetch`` batches. The model runs under
+``torch.inference_mode`` in channels-last layout, with bf16 autocast where the hardware computes
+it natively (``precision="fp32"`` turns that off).
+
+When the slide's µm/px differs from the model's, :class:`~hifusion_model.dataset.SpotDataset`
+reads ``spot_um`` / ``region_um`` of tissue and resamples it to ``spot_px`` / ``region_px``, so
+the model always sees tissue at the scale it was trained on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .dataset import SpotDataset
+from .devices import autocast, autocast_dtype, resolve_device
+from .errors import Cancelled, SectionError
+from .expression import counts_matrix, normalize_counts
+from .io_utils import atomic_path
+from .grids import GRID_DEFAULTS, spot_grid, tissue_mask
+from .sections import UNS_KEY, new_section, section_name, section_slide_path
+
+Progress = Callable[[int, int, str], None]
+#: Keys of ``uns['hifusion']`` carried from the section into a prediction file.
+SECTION_KEYS = ("slide", "mpp", "spot_diameter_um", "name", "source")
+
+
+def prefetch_batches(
+    dataset: Dataset, batch_size: int, *, workers: int = 2, prefetch: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield collated batches of ``dataset`` in order while threads read the next ones.
+
+    At most ``prefetch`` (default ``2 * workers``) batches are in flight; ``workers=0`` reads in
+    the calling thread. Closing the generator early cancels the pending reads.
+    """
+    n = len(dataset)
+    starts = iter(range(0, n, batch_size))
+
+    def load(start: int) -> dict[str, Any]:
+        return default_collate([dataset[i] for i in range(start, min(start + batch_size, n))])
+
+    if workers <= 0:
+        for start in starts:
+            yield load(start)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hifusion-read")
+    pending: deque[Future] = deque()
+    try:
+        for start in starts:
+            pending.append(pool.submit(load, start))
+            if len(pending) >= (prefetch or 2 * workers):
+                break
+        while pending:
+            batch = pending.popleft().result()
+            start = next(starts, None)
+            if start is not None:
+                pending.append(pool.submit(load, start))
+            yield batch
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _config_of(ckpt_or_config: Checkpoint | ModelConfig) -> ModelConfig:
+    return ckpt_or_config.config if isinstance(ckpt_or_config, Checkpoint) else ckpt_or_config
+
+
+@torch.inference_mode()
+def predict_section(
+    model: nn.Module,
+    ckpt_or_config: Checkpoint | ModelConfig,
+    section: ad.AnnData,
+    slide: Any,
+    *,
+    batch_size: int = 32,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    workers: int = 2,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Predicted normalised expression ``(n_spots, G)`` float32 for every spot of ``section``.
+
+    ``model`` is moved to ``device`` (``auto``: CUDA, MPS, then CPU) and put in eval mode.
+    ``precision``: ``auto`` (bf16 where native), ``fp32``, ``bf16`` or ``fp16`` (GPU).
+    """
+    config = _config_of(ckpt_or_config)
+    if section.n_obs == 0:
+        raise SectionError(f"section {section_name(section)!r} has no spots to predict")
+    if batch_size < 1:
+        raise SectionError(f"batch size must be at least 1, got {batch_size}")
+    dev = resolve_device(device)
+    dtype = autocast_dtype(dev, precision)
+    model = model.to(dev, memory_format=torch.channels_last).eval()
+    dataset = SpotDataset(section, slide, config)
+    out = np.empty((section.n_obs, config.n_genes), np.float32)
+    done = 0
+    batches = prefetch_batches(dataset, batch_size, workers=workers)
+    try:
+        for batch in batches:
+            if should_stop is not None and should_stop():
+                raise Cancelled(
+                    f"prediction of {section_name(section)!r} stopped after {done} spots"
+                )
+            spot, region = (
+                batch[k].to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                for k in ("spot", "region")
+            )
+            with autocast(dev, dtype):
+                pred = model(spot, region).prediction
+            out[done : done + len(pred)] = pred.float().cpu().numpy()
+            done += len(pred)
+            if progress is not None:
+                progress(
+                    done, section.n_obs, f"{section_name(section)}: {done}/{section.n_obs} spots"
+                )
+    finally:
+        batches.close()
+    return out
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def check_section_genes(
+    section: ad.AnnData, genes: list[str], source: str | os.PathLike | None = None
+) -> None:
+    """A section with counts must measure every model gene, or its truth cannot be compared."""
+    if section.n_vars == 0:
+        return
+    missing = [g for g in genes if g not in section.var_names]
+    if missing:
+        raise SectionError(
+            f"{source or section_name(section)}: the section measures {section.n_vars} genes but "
+            f"lacks {len(missing)} of the model's {len(genes)} (e.g. {', '.join(missing[:3])}); "
+            "use a model trained on this gene panel, or predict on its spots without counts"
+        )
+
+
+def grid_section(
+    slide: Any,
+    *,
+    kind: str = "hex",
+    pitch_um: float | None = None,
+    on_tissue: bool = True,
+    name: str | None = None,
+) -> ad.AnnData:
+    """A count-free section of grid spots on a bare slide (Visium-like hex or legacy-ST square).
+
+    The spot diameter keeps the imitated array's ratio to the pitch (Visium: 55 µm per 100 µm).
+    With ``on_tissue`` only spots whose centre lies on the tissue mask are kept.
+    """
+    mpp = slide.require_mpp()
+    if kind not in GRID_DEFAULTS:
+        raise SectionError(
+            f"unknown grid kind {kind!r}; use hex (Visium-like) or square (legacy ST)"
+        )
+    default_pitch, default_diameter = GRID_DEFAULTS[kind]
+    diameter = default_diameter * (pitch_um or default_pitch) / default_pitch
+    mask, downsample = tissue_mask(slide) if on_tissue else (None, 1.0)
+    xy, row, col = spot_grid(
+        slide.shape,
+        mpp,
+        kind,
+        pitch_um=pitch_um,
+        diameter_um=diameter,
+        mask=mask,
+        mask_downsample=downsample,
+        return_indices=True,
+    )
+    return new_section(
+        xy,
+        slide=slide.path,
+        mpp=mpp,
+        spot_diameter_um=diameter,
+        name=name or Path(slide.path).stem,
+        source=f"grid:{kind}",
+        array_row=row,
+        array_col=col,
+    )
+
+
+# -- output file ------------------------------------------------------------------------------
+def _h5_safe(value: Any) -> Any:
+    """Drop ``None`` (h5ad cannot store it) from nested dicts and lists."""
+    if isinstance(value, dict):
+        return {str(k): _h5_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_h5_safe(v) for v in value if v is not None]
+    return value
+
+
+def card_summary(card: dict[str, Any]) -> dict[str, Any]:
+    """The few card entries worth carrying into every prediction file."""
+    validation = card.get("validation") or {}
+    data = card.get("data") or []
+    summary = {
+        "date": card.get("date"),
+        "software": card.get("software"),
+        "trained_on": [d.get("name") for d in data if isinstance(d, dict)],
+        "recipe": (card.get("recipe") or {}).get("name"),
+        "epoch": card.get("epoch"),
+        "val_mse": validation.get("mse"),
+        "val_gene_pcc": validation.get("gene_pcc"),
+        "val_spot_pcc": validation.get("spot_pcc"),
+    }
+    return _h5_safe(summary)
+
+
+def model_identity(ckpt: Checkpoint, source: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``uns['hifusion_model']``: which model made the predictions and its constant baseline."""
+    c = ckpt.config
+    return _h5_safe(
+        {
+            "source": str(source if source is not None else ckpt.path),
+            "n_genes": c.n_genes,
+            "normalization": c.normalization,
+            "spot_um": c.spot_um,
+            "region_um": c.region_um,
+            "spot_px": c.spot_px,
+            "region_px": c.region_px,
+            "card": card_summary(ckpt.card),
+            "train_mean": [float(v) for v in ckpt.train_mean.tolist()],
+        }
+    )
+
+
+def predictions_to_anndata(
+    section: ad.AnnData,
+    pred: np.ndarray,
+    ckpt: Checkpoint,
+    *,
+    source: str | os.PathLike | None = None,
+) -> ad.AnnData:
+    """Predictions as an AnnData: ``X`` = predictions, ``layers['truth']`` = measured (if any).
+
+    The truth is the section's counts normalised exactly as the model's training targets, so
+    ``hifusion evaluate`` compares like with like; a section without counts has no truth layer.
+    """
+    genes = ckpt.config.genes
+    pred = np.asarray(pred, dtype=np.float32)
+    if pred.shape != (section.n_obs, len(genes)):
+        raise SectionError(
+            f"predictions have shape {pred.shape}, expected ({section.n_obs}, {len(genes)}) for "
+            f"section {section_name(section)!r} and a {len(genes)}-gene model"
+        )
+    layers = {}
+    if section.n_vars:
+        layers["truth"] = normalize_counts(counts_matrix(section, genes), ckpt.config.normalization)
+    obs = pd.DataFrame(index=section.obs_names.copy())
+    for col in ("array_row", "array_col"):
+        if col in section.obs:
+            obs[col] = section.obs[col].to_numpy()
+    meta = section.uns[UNS_KEY]
+    uns = {
+        UNS_KEY: _h5_safe(
+            {k: meta.get(k) for k in SECTION_KEYS} | {"slide_abs": str(section_slide_path(section))}
+        ),
+        "hifusion_model": model_identity(ckpt, source),
+    }
+    return ad.AnnData(
+        X=pred,
+        obs=obs,
+        var=pd.DataFrame(index=pd.Index(genes, dtype=object)),
+        obsm={"spatial": np.asarray(section.obsm["spatial"], dtype=np.float64)},
+        layers=layers,
+        uns=uns,
+    )
+
+
+def write_predictions(adata: ad.AnnData, path: str | os.PathLike) -> Path:
+    """Write atomically; the slide path becomes relative to ``path``'s folder when below it."""
+    path = Path(path)
+    out = adata.copy()
+    meta = dict(out.uns[UNS_KEY])
+    slide = Path(meta.pop("slide_abs", meta["slide"])).resolve()
+    folder = path.parent.resolve()
+    meta["slide"] = (
+        slide.relative_to(folder).as_posix() if slide.is_relative_to(folder) else str(slide)
+    )
+    out.uns[UNS_KEY] = meta
+    with atomic_path(path) as tmp:
+        out.write_h5ad(tmp)
+    return path
+
+
+__all__ = [
+    "predict_section",
+    "predictions_to_anndata",
+    "write_predictions",
+    "prefetch_batches",
+    "model_identity",
+    "card_summary",
+    "check_section_genes",
+    "grid_section",
+]

@@ -1,0 +1,936 @@
+"""Training: a recipe applied to sections, validated without leakage, resumable, multi-GPU.
+
+* **Validation never sees test data.** Either given sections (``val_sections``) or a spatially
+  blocked split of the training spots: neighbouring spots share tissue, so a random split would
+  leak and flatter the model. The kept checkpoint is the epoch with the lowest validation MSE.
+* **Resumable.** ``OUT.resume.pt`` (model, optimiser, scheduler, loss scaler, RNG states, curves,
+  best so far; plain tensors and values, loadable with ``weights_only=True``) is rewritten
+  atomically after every epoch and when a run is stopped. Augmentations are drawn from
+  ``(seed, epoch, spot)`` and every epoch reseeds the other generators (dropout) from
+  ``(seed, epoch, rank)``, so a resumed run ends with the same weights as an uninterrupted one,
+  whatever the number of loader workers.
+* **Distributed.** Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
+  DistributedDataParallel, each rank trains on its share (``DistributedSampler``), validation is
+  predicted in shards and gathered on rank 0, and only rank 0 writes files.
+* **Fresh heads start at the training mean** (their biases), so the first step already predicts
+  the constant baseline and training learns the deviations from it.
+* **Fine-tuning.** ``init`` starts from a checkpoint's weights and architecture. When a different
+  gene list is asked for, every gene-dependent weight (the output heads) is re-initialised and
+  the rest is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+from . import __version__
+from .checkpoint import Checkpoint, bundled_model_path, load_checkpoint, save_checkpoint
+from .config import ModelConfig
+from .dataset import Augment, SpotDataset
+from .devices import autocast, autocast_dtype, resolve_device
+from .errors import Cancelled, CheckpointError, ConfigError, HiFusionError, SectionError
+from .expression import select_top_genes
+from .io_utils import atomic_path
+from .losses import hifusion_loss
+from .metrics import evaluate_predictions
+from .model import HiFusion
+from .recipes import DEFAULT_RECIPE, TrainConfig, get_recipe
+from .sections import read_section, section_name, section_slide
+
+Progress = Callable[[int, int, str], None]
+RESUME_FORMAT = "napari-hifusion-resume/1"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    checkpoint: Path  #: the best model on validation
+    curves_path: Path  #: per-epoch curves (JSON; a CSV lies beside it)
+    best_epoch: int  #: 1-based
+    validation: dict[str, Any]  #: ``evaluate_predictions`` of the best epoch
+    curves: list[dict[str, Any]] = field(default_factory=list)
+
+
+def companion_paths(out: str | os.PathLike) -> dict[str, Path]:
+    """Files written beside ``MODEL.pt``: resume state and curves."""
+    out = Path(out)
+    return {
+        "resume": out.with_suffix(".resume.pt"),
+        "curves_json": out.with_suffix(".curves.json"),
+        "curves_csv": out.with_suffix(".curves.csv"),
+    }
+
+
+# -- distributed context ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+@contextlib.contextmanager
+def distributed(device: str) -> Iterator[DistInfo]:
+    """Join the process group torchrun describes (if any); leave it only if we joined it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield DistInfo()
+        return
+    joined = not dist.is_initialized()
+    if joined:
+        use_nccl = torch.cuda.is_available() and str(device) not in ("cpu", "mps")
+        if use_nccl:  # NCCL collectives run on the current device: make it this rank's GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if use_nccl else "gloo")
+    try:
+        yield DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+# -- seeding ----------------------------------------------------------------------------------
+def mixed_seed(*parts: int) -> int:
+    """A well-mixed 32-bit seed from several integers (seed, epoch, rank)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) in one go."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(loader_generator: torch.Generator) -> dict[str, Any]:
+    """Every generator a training step draws from, as plain tensors and values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "loader": loader_generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    loader_generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- validation split -------------------------------------------------------------------------
+def spatial_block_split(
+    xy: np.ndarray, *, fraction: float = 0.15, grid: int = 4, seed: int = 0
+) -> np.ndarray:
+    """Boolean mask of held-out spots: whole spatial blocks of a ``grid × grid`` tiling.
+
+    Blocks are drawn at random (seeded) until at least ``fraction`` of the spots are held out,
+    so neighbouring spots, which share tissue, land on the same side of the split. At least one
+    block is held out and at least one is kept.
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    cell = np.floor((xy - lo) / np.maximum(hi - lo, 1e-9) * grid).clip(0, grid - 1).astype(int)
+    block = cell[:, 1] * grid + cell[:, 0]
+    blocks, counts = np.unique(block, return_counts=True)
+    if len(blocks) < 2:
+        raise SectionError(
+            f"cannot hold out spatial blocks from {len(xy)} spots in one block; give --val"
+        )
+    order = np.random.default_rng(seed).permutation(len(blocks))
+    target = fraction * len(xy)
+    held, n_held = [], 0
+    for i in order[:-1]:  # never hold out every block
+        held.append(blocks[i])
+        n_held += counts[i]
+        if n_held >= target:
+            break
+    return np.isin(block, held)
+
+
+# -- data -------------------------------------------------------------------------------------
+@dataclass
+class _Source:
+    """A section with its slide, its label for metrics and where it came from."""
+
+    adata: ad.AnnData
+    slide: Any
+    label: str
+    path: str | None
+
+
+def _open_sources(items: Sequence[str | os.PathLike | ad.AnnData], role: str) -> list[_Source]:
+    sources: list[_Source] = []
+    for item in items:
+        path = None if isinstance(item, ad.AnnData) else str(Path(item).resolve())
+        adata = item if isinstance(item, ad.AnnData) else read_section(item)
+        if adata.n_vars == 0:
+            raise SectionError(
+                f"{path or section_name(adata)}: this {role} section has no counts; training needs "
+                "measured expression (import it with `hifusion import`)"
+            )
+        label = section_name(adata)
+        taken = {s.label for s in sources}
+        suffix = 2
+        while label in taken:
+            label, suffix = f"{section_name(adata)}#{suffix}", suffix + 1
+        sources.append(_Source(adata, section_slide(adata), label, path))
+    if not sources:
+        raise SectionError(f"no {role} sections given")
+    return sources
+
+
+def _check_disjoint(train: list[_Source], val: list[_Source]) -> None:
+    """Validating on a training section would select the epoch that memorised it best."""
+    for v in val:
+        for t in train:
+            if v.adata is t.adata or (v.path is not None and v.path == t.path):
+                raise ConfigError(
+                    f"section {v.label!r} is given for both training and validation; "
+                    "validate on other sections, or leave out --val for a spatial split"
+                )
+
+
+@dataclass
+class _Data:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    val_labels: np.ndarray  #: section label of every validation spot, in dataset order
+    train_mean: np.ndarray  #: (G,) mean normalised target over the training spots
+    sections: list[dict[str, Any]]  #: provenance for the card
+    validation: str  #: how validation spots were chosen
+
+
+def _augment(recipe: TrainConfig) -> Augment | None:
+    if not (recipe.flips or recipe.rotations or recipe.color_jitter or recipe.hed_jitter):
+        return None
+    return Augment(
+        flips=recipe.flips,
+        rotations=recipe.rotations,
+        color_gain=recipe.color_jitter,
+        color_bias=recipe.color_jitter / 2,
+        hed_sigma=recipe.hed_jitter,
+    )
+
+
+class EpochAugmented(Dataset):
+    """Augments ``base`` with a draw keyed by ``(seed, epoch, index)``.
+
+    The same sample gets the same augmentation in a given epoch whatever the number of loader
+    workers, the rank, or where a resumed run picks up; ``epoch`` is set before each epoch (the
+    loader's workers are forked per epoch, so they see it).
+    """
+
+    def __init__(self, base: Dataset, augment: Augment, seed: int) -> None:
+        self.base, self.augment, self.seed, self.epoch = base, augment, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample = dict(self.base[i])
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        hwc = (sample[k].numpy().transpose(1, 2, 0) for k in ("spot", "region"))
+        spot, region = self.augment(*hwc, rng)
+        sample["spot"], sample["region"] = (
+            torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))) for im in (spot, region)
+        )
+        return sample
+
+
+def _prepare_data(
+    train_sources: list[_Source],
+    val_sources: list[_Source] | None,
+    config: ModelConfig,
+    recipe: TrainConfig,
+) -> _Data:
+    train_parts, val_parts, val_labels, means, info = [], [], [], [], []
+    for s in train_sources:
+        n = s.adata.n_obs
+        held = (
+            np.zeros(n, bool)
+            if val_sources
+            else spatial_block_split(
+                s.adata.obsm["spatial"],
+                fraction=recipe.val_fraction,
+                grid=recipe.val_grid,
+                seed=mixed_seed(recipe.seed, len(info)),
+            )
+        )
+        keep = np.flatnonzero(~held)
+        spots = SpotDataset(s.adata, s.slide, config, config.genes)  # augmented later, per epoch
+        train_parts.append(Subset(spots, keep))
+        means.append(spots.targets[keep].numpy())
+        if held.any():
+            val_parts.append(Subset(spots, np.flatnonzero(held)))
+            val_labels.append(np.full(int(held.sum()), s.label))
+        info.append(
+            {
+                "name": s.label,
+                "path": s.path,
+                "n_spots": n,
+                "n_train": len(keep),
+                "n_val": int(held.sum()),
+            }
+        )
+    for s in val_sources or []:
+        val_parts.append(SpotDataset(s.adata, s.slide, config, config.genes))
+        val_labels.append(np.full(s.adata.n_obs, s.label))
+    validation = (
+        "sections " + ", ".join(s.label for s in val_sources)
+        if val_sources
+        else f"spatial blocks: {recipe.val_grid}x{recipe.val_grid} per section, "
+        f">= {recipe.val_fraction:.0%} of spots held out"
+    )
+    augment = _augment(recipe)
+    train: Dataset = ConcatDataset(train_parts)
+    return _Data(
+        train=EpochAugmented(train, augment, recipe.seed) if augment else train,
+        val=ConcatDataset(val_parts),
+        val_labels=np.concatenate(val_labels),
+        train_mean=np.concatenate(means).mean(axis=0),
+        sections=info,
+        validation=validation,
+    )
+
+
+def read_gene_list(path: str | os.PathLike) -> list[str]:
+    """Genes from a text file, one per line (blank lines and ``#`` comments ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"gene list {path} not found; give a number or a file with one gene per line"
+        )
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    genes = [g for g in lines if g]
+    if not genes:
+        raise ConfigError(f"gene list {path} holds no gene names")
+    return genes
+
+
+def _resolve_genes(
+    genes: int | Sequence[str] | None,
+    sources: list[_Source],
+    recipe: TrainConfig,
+    init: Checkpoint | None,
+) -> list[str]:
+    if genes is None and init is not None:
+        return list(init.genes)
+    if genes is None or isinstance(genes, int):
+        return select_top_genes(
+            [s.adata for s in sources], recipe.n_genes if genes is None else genes
+        )
+    return [str(g) for g in genes]
+
+
+# -- model ------------------------------------------------------------------------------------
+def _load_init(init: str | os.PathLike | None) -> Checkpoint | None:
+    if init is None:
+        return None
+    path = bundled_model_path() if str(init) == "bundled" else Path(init)
+    if str(init) == "bundled" and not path.is_file():
+        raise CheckpointError(
+            f"the bundled model is missing from this installation ({path}); give a checkpoint path"
+        )
+    return load_checkpoint(path)
+
+
+def gene_dependent_keys(config: ModelConfig) -> set[str]:
+    """Weights whose shape depends on the number of genes (the heads), found by a meta build."""
+    with torch.device("meta"):
+        ref = HiFusion(config).state_dict()
+        probe = HiFusion(config.replace(genes=[*config.genes, "__probe__"])).state_dict()
+    return {k for k in ref if ref[k].shape != probe[k].shape}
+
+
+def _apply_init(model: HiFusion, ckpt: Checkpoint) -> list[str]:
+    """Copy ``ckpt``'s weights into ``model``; heads stay fresh if the genes differ (returned)."""
+    fresh = set() if ckpt.genes == model.config.genes else gene_dependent_keys(model.config)
+    own = model.state_dict()
+    state = {k: v for k, v in ckpt.state_dict.items() if k not in fresh}
+    bad = [k for k in own if k not in fresh and (k not in state or state[k].shape != own[k].shape)]
+    if bad:
+        raise CheckpointError(
+            f"{ckpt.path}: its weights do not fit the model to fine-tune (e.g. {bad[0]}); "
+            "fine-tuning keeps the checkpoint's architecture, so drop --model-config"
+        )
+    model.load_state_dict(state, strict=False)
+    return sorted(fresh)
+
+
+def start_heads_at_mean(model: nn.Module, keys: Iterable[str], train_mean: np.ndarray) -> None:
+    """Set the biases of fresh heads to the training mean: training starts at the constant baseline.
+
+    Targets are log-relative (around -5), far from a fresh head's ~0 output; starting at the
+    mean spares the first epochs of learning the offset and lets the loss measure what matters,
+    the deviations from the mean.
+    """
+    state = model.state_dict()
+    mean = torch.as_tensor(train_mean, dtype=torch.float32)
+    with torch.no_grad():
+        for k in keys:
+            if state[k].ndim == 1:
+                state[k].copy_(mean)
+
+
+def build_optimizer(model: nn.Module, recipe: TrainConfig) -> torch.optim.Optimizer:
+    """Adam on everything (as released), or AdamW sparing biases, norms and fusion logits."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(
+            params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
+        )
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": recipe.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas)
+
+
+def lr_factor(recipe: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of ``recipe.lr`` after ``t`` scheduler steps: linear warm-up, then cosine.
+
+    With ``lr_step == "epoch"`` one scheduler step is one epoch (``CosineAnnealingLR`` as released),
+    otherwise one batch.
+    """
+    per_epoch = 1 if recipe.lr_step == "epoch" else steps_per_epoch
+    total = recipe.epochs * per_epoch
+    warmup = min(round(recipe.warmup_epochs * per_epoch), total - 1)
+    floor = recipe.min_lr / recipe.lr
+
+    def factor(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / (warmup + 1)
+        progress = min(1.0, (t - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _SkipSampler(Sampler[int]):
+    """Wraps a sampler to drop its first ``skip`` indices: resuming in the middle of an epoch."""
+
+    def __init__(self, base: DistributedSampler) -> None:
+        self.base = base
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        it = iter(self.base)
+        for _ in range(self.skip):
+            next(it)
+        return it
+
+    def __len__(self) -> int:
+        return len(self.base) - self.skip
+
+
+# -- the run ----------------------------------------------------------------------------------
+class _Trainer:
+    """One training run: owns the model, optimiser, loaders, curves and the files it writes."""
+
+    def __init__(
+        self,
+        *,
+        data: _Data,
+        config: ModelConfig,
+        recipe: TrainConfig,
+        out: Path,
+        device: torch.device,
+        info: DistInfo,
+        workers: int,
+        card: dict[str, Any],
+        init: Checkpoint | None,
+        progress: Progress | None,
+        should_stop: Callable[[], bool] | None,
+        on_epoch: Callable[[dict], None] | None,
+    ) -> None:
+        self.data, self.config, self.recipe, self.out = data, config, recipe, out
+        self.device, self.info, self.workers, self.card = device, info, workers, card
+        self.progress, self.should_stop, self.on_epoch = progress, should_stop, on_epoch
+        self.paths = companion_paths(out)
+        self.dtype = autocast_dtype(device, recipe.precision, training=True)
+
+        seed_everything(recipe.seed)  # identical initial weights on every rank
+        model = HiFusion(config)
+        self.reinitialised = _apply_init(model, init) if init is not None else []
+        fresh = self.reinitialised if init is not None else gene_dependent_keys(config)
+        start_heads_at_mean(model, fresh, data.train_mean)
+        self.model = model.to(device, memory_format=torch.channels_last)
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+            if info.active
+            else self.model
+        )
+
+        self.loader_generator = torch.Generator()
+        self.sampler = _SkipSampler(
+            DistributedSampler(
+                data.train, num_replicas=info.world, rank=info.rank, shuffle=True, seed=recipe.seed
+            )
+        )
+        per_rank = len(self.sampler.base)
+        if per_rank < recipe.batch_size:
+            raise SectionError(
+                f"only {per_rank} training spots per process, fewer than one batch of "
+                f"{recipe.batch_size}; lower --batch-size or add sections"
+            )
+        self.steps_per_epoch = (
+            per_rank // recipe.batch_size
+        )  # drop_last: batch norm hates 1-spot batches
+        self.optimizer = build_optimizer(self.model, recipe)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(recipe, self.steps_per_epoch)
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype is torch.float16)
+
+        self.epoch, self.step = 0, 0
+        self.curves: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"epoch": 0, "val_mse": math.inf}
+        self.best_written = False
+        self._loss_sum = 0.0
+        self._loss_parts = np.zeros(3)
+
+    # -- resume state ------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": RESUME_FORMAT,
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(self.loader_generator),
+            "curves": self.curves,
+            "best": self.best,
+            "loss_sum": self._loss_sum,
+            "loss_parts": self._loss_parts.tolist(),
+            "recipe": self.recipe.to_dict(),
+            "config": self.config.to_dict(),
+            "sections": [s["name"] for s in self.data.sections],
+            "card": self.card,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.curves, self.best = list(state["curves"]), dict(state["best"])
+        self._loss_sum, self._loss_parts = float(state["loss_sum"]), np.asarray(state["loss_parts"])
+        self.best_written = self.out.is_file()
+        if self.step:  # mid-epoch: continue the generators exactly where they stopped
+            set_rng_state(state["rng"], self.loader_generator)
+
+    def save_state(self) -> None:
+        if self.info.is_main:
+            with atomic_path(self.paths["resume"]) as tmp:
+                torch.save(self.state(), tmp)
+
+    # -- loop --------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        try:
+            while self.epoch < self.recipe.epochs:
+                self._run_epoch()
+        except KeyboardInterrupt:
+            self._stop_here()
+            raise
+        if self.info.is_main:
+            self.paths["resume"].unlink(missing_ok=True)  # finished: nothing left to resume
+        return TrainResult(
+            self.out,
+            self.paths["curves_json"],
+            int(self.best["epoch"]),
+            self.best.get("validation") or {},
+            [dict(r) for r in self.curves],
+        )
+
+    def _run_epoch(self) -> None:
+        start = time.perf_counter()
+        if self.step == 0:
+            seed_everything(mixed_seed(self.recipe.seed, self.epoch, self.info.rank))
+            self.loader_generator.manual_seed(mixed_seed(self.recipe.seed, self.epoch, 1_000_003))
+            self._loss_sum, self._loss_parts = 0.0, np.zeros(3)
+        self.sampler.base.set_epoch(self.epoch)
+        if isinstance(self.data.train, EpochAugmented):
+            self.data.train.epoch = self.epoch
+        self.sampler.skip = self.step * self.recipe.batch_size
+        loader = DataLoader(
+            self.data.train,
+            batch_size=self.recipe.batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=self.workers,
+            generator=self.loader_generator,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.ddp.train()
+        batches = iter(loader)
+        while self.step < self.steps_per_epoch:
+            if self._stop_requested():
+                self._stop_here()
+                raise Cancelled(
+                    f"training stopped at epoch {self.epoch + 1}, step {self.step}; the best "
+                    f"model so far is in {self.out}; continue with --resume"
+                )
+            self._train_step(next(batches))
+        del batches
+        self._end_epoch(time.perf_counter() - start)
+
+    def _stop_requested(self) -> bool:
+        stop = bool(self.should_stop and self.should_stop())
+        if self.info.active and self.should_stop is not None:
+            flag = torch.tensor([float(stop)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+    def _to_device(self, x: Tensor) -> Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+    def _train_step(self, batch: dict[str, Tensor]) -> None:
+        spot, region, target = (self._to_device(batch[k]) for k in ("spot", "region", "target"))
+        with autocast(self.device, self.dtype):
+            output = self.ddp(spot, region)
+        terms = hifusion_loss(output, target, self.config)
+        if not torch.isfinite(terms.total) and not self.scaler.is_enabled():
+            raise HiFusionError(
+                f"training diverged at epoch {self.epoch + 1}, step {self.step + 1} (loss is "
+                f"{terms.total.item()}); lower the learning rate (--lr) or use --precision fp32"
+            )
+        self.scaler.scale(terms.total).backward()
+        if self.recipe.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.recipe.lr_step == "step":
+            self.scheduler.step()
+        self.step += 1
+        parts = terms.item()
+        self._loss_sum += parts["total"]
+        self._loss_parts += (parts["main"], parts["aux"], parts["align"])
+        if self.progress and self.info.is_main:
+            done = self.epoch * self.steps_per_epoch + self.step
+            self.progress(
+                done,
+                self.recipe.epochs * self.steps_per_epoch,
+                f"epoch {self.epoch + 1}/{self.recipe.epochs} loss {parts['total']:.4f}",
+            )
+
+    def _end_epoch(self, seconds: float) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.recipe.lr_step == "epoch":
+            self.scheduler.step()
+        metrics = self.validate()
+        n = max(self.step, 1)
+        record = None
+        if self.info.is_main:
+            record = {
+                "epoch": self.epoch + 1,
+                "train_loss": self._loss_sum / n,
+                "train_main": float(self._loss_parts[0] / n),
+                "train_aux": float(self._loss_parts[1] / n),
+                "train_align": float(self._loss_parts[2] / n),
+                "val_mse": metrics["mse"],
+                "val_gene_pcc": metrics["gene_pcc"],
+                "val_spot_pcc": metrics["spot_pcc"],
+                "val_baseline_mse": metrics["baseline"]["mse"],
+                "lr": lr,
+                "seconds": seconds,
+            }
+            record["best"] = record["val_mse"] < self.best["val_mse"]
+            self.curves.append(record)
+            if record["best"]:
+                self.best = {
+                    "epoch": self.epoch + 1,
+                    "val_mse": record["val_mse"],
+                    "validation": metrics,
+                }
+                self._save_model()
+            self._write_curves()
+        self.epoch, self.step = self.epoch + 1, 0
+        if self.epoch < self.recipe.epochs:
+            self.save_state()
+        if record is not None and self.on_epoch:
+            self.on_epoch(dict(record))
+
+    def _stop_here(self) -> None:
+        """Leave a loadable model (the current one if none is saved yet) and a resume state."""
+        if not self.info.is_main:
+            return
+        if not self.best_written:
+            self._save_model(stopped=True)
+        self.save_state()
+
+    # -- validation --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _predict_val(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Predict this rank's contiguous shard; rank 0 gathers all shards in order."""
+        shard = np.array_split(np.arange(len(self.data.val)), self.info.world)[self.info.rank]
+        loader = DataLoader(
+            Subset(self.data.val, shard),
+            batch_size=2 * self.recipe.batch_size,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.model.eval()
+        preds, truths = [], []
+        for batch in loader:
+            with autocast(self.device, self.dtype):
+                out = self.model(self._to_device(batch["spot"]), self._to_device(batch["region"]))
+            preds.append(out.prediction.float().cpu().numpy())
+            truths.append(batch["target"].numpy())
+        self.ddp.train()
+        g = self.config.n_genes
+        part = (
+            np.concatenate(preds) if preds else np.zeros((0, g), np.float32),
+            np.concatenate(truths) if truths else np.zeros((0, g), np.float32),
+        )
+        if not self.info.active:
+            return part
+        parts: list[Any] = [None] * self.info.world if self.info.is_main else None
+        dist.gather_object(part, parts, dst=0)
+        if not self.info.is_main:
+            return None
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def validate(self) -> dict[str, Any] | None:
+        gathered = self._predict_val()
+        if gathered is None:
+            return None
+        pred, truth = gathered
+        metrics = evaluate_predictions(
+            pred,
+            truth,
+            sections=self.data.val_labels,
+            genes=self.config.genes,
+            train_mean=self.data.train_mean,
+        )
+        # plain str/float only (no numpy scalars): the resume state loads with weights_only
+        return json.loads(json.dumps(metrics))
+
+    # -- files -------------------------------------------------------------------------------
+    def _save_model(self, stopped: bool = False) -> None:
+        card = {
+            **self.card,
+            "epoch": self.best["epoch"],
+            "epochs_run": self.epoch + (0 if stopped else 1),
+            "validation": self.best.get("validation"),
+            "reinitialised": self.reinitialised,
+        }
+        if stopped:
+            card["notes"] = (
+                f"stopped during epoch {self.epoch + 1} before any validation; "
+                "these are the weights at that moment"
+            )
+        save_checkpoint(self.out, self.model, train_mean=self.data.train_mean, card=card)
+        self.best_written = True
+
+    def _write_curves(self) -> None:
+        with atomic_path(self.paths["curves_json"]) as tmp:
+            tmp.write_text(json.dumps(self.curves, indent=1))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(self.curves[0]))
+        writer.writeheader()
+        writer.writerows(self.curves)
+        with atomic_path(self.paths["curves_csv"]) as tmp:
+            tmp.write_text(buffer.getvalue())
+
+
+# -- entry point ------------------------------------------------------------------------------
+def _base_card(
+    recipe: TrainConfig,
+    config: ModelConfig,
+    data: _Data,
+    init: Checkpoint | None,
+    command: Sequence[str] | None,
+    info: DistInfo,
+    device: torch.device,
+) -> dict[str, Any]:
+    return {
+        "data": [s["name"] for s in data.sections],
+        "sections": data.sections,  # name, path, spot counts (total, training, validation)
+        "validation_split": data.validation,
+        "recipe": recipe.to_dict(),
+        "command": shlex.join(command) if command is not None else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "napari-hifusion": __version__,
+            "torch": str(torch.__version__),
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "normalization": config.normalization,
+        "spot_um": config.spot_um,
+        "region_um": config.region_um,
+        "spot_px": config.spot_px,
+        "region_px": config.region_px,
+        "mpp": config.mpp,
+        "init": str(init.path) if init is not None else None,
+        "device": str(device),
+        "world_size": info.world,
+    }
+
+
+def _load_resume(path: Path, sources: list[_Source]) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(
+            f"nothing to resume: {path} does not exist (the run finished, or never completed a "
+            "step); start without --resume"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise CheckpointError(
+            f"{path} is not a readable resume state ({e}); start without --resume"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a napari-hifusion resume state; start without --resume"
+        )
+    names = [s.label for s in sources]
+    if list(state["sections"]) != names:
+        raise ConfigError(
+            f"{path} was written for sections {state['sections']}, not {names}; resume with the "
+            "same sections in the same order"
+        )
+    return state
+
+
+def train(
+    sections: Sequence[str | os.PathLike | ad.AnnData],
+    out: str | os.PathLike,
+    *,
+    recipe: TrainConfig | str = DEFAULT_RECIPE,
+    model_config: ModelConfig | None = None,
+    genes: int | Sequence[str] | None = None,
+    val_sections: Sequence[str | os.PathLike | ad.AnnData] | None = None,
+    init: str | os.PathLike | None = None,
+    resume: bool = False,
+    device: str | torch.device = "auto",
+    workers: int = 0,
+    command: Sequence[str] | None = None,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train HiFusion on ``sections`` (``.h5ad`` paths or AnnData); the best model goes to ``out``.
+
+    ``model_config`` is an architecture template (its genes are replaced by the chosen ones);
+    ``genes`` is a count of top genes, a list, or ``None`` (the recipe's ``n_genes``, or the
+    ``init`` model's genes). ``resume`` continues from ``OUT.resume.pt`` with the recipe and
+    model configuration stored there. Raises :class:`Cancelled` when ``should_stop()`` turns
+    true, after writing a loadable ``out`` and the resume state.
+    """
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    out = Path(out)
+    if init is not None and model_config is not None:
+        raise ConfigError(
+            "give either an init checkpoint or a model configuration: fine-tuning keeps the "
+            "checkpoint's architecture"
+        )
+    with distributed(str(device)) as info:
+        dev = resolve_device(device, local_rank=info.local_rank)
+        train_sources = _open_sources(sections, "training")
+        val_sources = _open_sources(val_sections, "validation") if val_sections else None
+        _check_disjoint(train_sources, val_sources or [])
+        state = _load_resume(companion_paths(out)["resume"], train_sources) if resume else None
+        init_ckpt = None if state else _load_init(init)
+        if state:
+            recipe, config = (
+                TrainConfig.from_dict(state["recipe"]),
+                ModelConfig.from_dict(state["config"]),
+            )
+        else:
+            chosen = _resolve_genes(genes, train_sources, recipe, init_ckpt)
+            if isinstance(genes, int):
+                recipe = recipe.replace(n_genes=genes)
+            base = init_ckpt.config if init_ckpt else (model_config or ModelConfig(genes=chosen))
+            changes: dict[str, Any] = {"genes": chosen}
+            if recipe.head_dropout is not None:
+                changes["head_dropout"] = recipe.head_dropout
+            config = base.replace(**changes)
+        data = _prepare_data(train_sources, val_sources, config, recipe)
+        card = (
+            state["card"]
+            if state
+            else _base_card(recipe, config, data, init_ckpt, command, info, dev)
+        )
+        trainer = _Trainer(
+            data=data,
+            config=config,
+            recipe=recipe,
+            out=out,
+            device=dev,
+            info=info,
+            workers=workers,
+            card=card,
+            init=init_ckpt,
+            progress=progress,
+            should_stop=should_stop,
+            on_epoch=on_epoch,
+        )
+        if state:
+            trainer.load_state(state)
+        return trainer.fit()
+
+
+__all__ = [
+    "TrainResult",
+    "train",
+    "spatial_block_split",
+    "companion_paths",
+    "read_gene_list",
+    "build_optimizer",
+    "lr_factor",
+    "gene_dependent_keys",
+    "mixed_seed",
+    "seed_everything",
+]

@@ -1,0 +1,249 @@
+"""``hifusion train / predict / evaluate`` end to end, and their one-line errors (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from test_inference import synthetic_slide
+from test_training import her2st_crop
+
+from hifusion_model.checkpoint import load_model, save_checkpoint
+from hifusion_model.cli import main
+from hifusion_model.config import tiny_config
+from hifusion_model.metrics import evaluate_predictions
+from hifusion_model.model import HiFusion
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def work(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli")
+    her2st_crop(her2st_dir, folder)
+    config = tiny_config(1).to_dict()
+    del config["genes"]  # the data chooses them
+    (folder / "tiny.json").write_text(json.dumps(config))
+    return folder
+
+
+def _error_line(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run a command that must fail as a user error: exit 2, one line on stderr, no traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_train_predict_evaluate_end_to_end(work: Path, capsys: pytest.CaptureFixture) -> None:
+    model = work / "model.pt"
+    assert (
+        main(
+            [
+                "train",
+                str(work / "B4.h5ad"),
+                "--out",
+                str(model),
+                "--model-config",
+                str(work / "tiny.json"),
+                "--genes",
+                "16",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr()
+    assert "best epoch" in out.out and "epoch   2" in out.err
+    _, ckpt = load_model(model)
+    assert ckpt.config.n_genes == 16 and ckpt.config.width == 8
+    assert ckpt.card["data"] == ["B4"]
+    assert model.with_suffix(".curves.csv").is_file()
+
+    pred = work / "pred.h5ad"
+    assert (
+        main(
+            [
+                "predict",
+                str(work / "B4.h5ad"),
+                "--model",
+                str(model),
+                "--out",
+                str(pred),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
+    assert "40 spots × 16 genes" in capsys.readouterr().out
+
+    assert main(["evaluate", str(pred), "--json", "--genes", "ERBB2", "KRT19", "CD74"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    adata = ad.read_h5ad(pred)
+    expected = evaluate_predictions(
+        adata.X,
+        adata.layers["truth"],
+        sections=["B4"] * 40,
+        genes=list(adata.var_names),
+        train_mean=ckpt.train_mean.numpy(),
+    )
+    for key in ("mse", "mae", "spot_pcc", "gene_pcc"):
+        assert result[key] == pytest.approx(expected[key], abs=1e-12)
+        assert result["baseline"][key] == pytest.approx(expected["baseline"][key], abs=1e-12)
+    assert result["genes"] == pytest.approx(expected["genes"]) and set(result["genes"]) <= {
+        "ERBB2",
+        "KRT19",
+        "CD74",
+    }
+    assert result["baseline"]["gene_pcc"] == 0.0
+
+    assert (
+        main(["evaluate", str(pred), str(pred)]) == 0
+    )  # two sections: per-section and overall rows
+    table = capsys.readouterr().out
+    assert (
+        "constant (train mean)" in table and "all 2 sections" in table and "B4 (pred.h5ad)" in table
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    return save_checkpoint(
+        path, HiFusion(tiny_config(["ERBB2", "NOT_A_GENE"])), train_mean=np.zeros(2)
+    )
+
+
+def test_predict_on_a_bare_slide_with_a_grid(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture
+) -> None:
+    slide = synthetic_slide(tmp_path / "bare.tif")
+    pred = tmp_path / "pred.h5ad"
+    assert (
+        main(
+            [
+                "predict",
+                str(slide),
+                "--grid",
+                "hex:100",
+                "--mpp",
+                "2",
+                "--model",
+                str(tiny_model),
+                "--out",
+                str(pred),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert "no truth" in capsys.readouterr().out
+    adata = ad.read_h5ad(pred)
+    assert adata.n_obs > 5 and "truth" not in adata.layers and adata.uns["hifusion"]["mpp"] == 2.0
+    err = _error_line(capsys, ["evaluate", str(pred)])
+    assert "no measured truth" in err
+
+    (tmp_path / "spots.csv").write_text("id,x,y\na,250,250\nb,300,200\n")
+    assert (
+        main(
+            [
+                "predict",
+                str(slide),
+                "--spots",
+                str(tmp_path / "spots.csv"),
+                "--mpp",
+                "2",
+                "--model",
+                str(tiny_model),
+                "--out",
+                str(pred),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    adata = ad.read_h5ad(pred)
+    assert list(adata.obs_names) == ["a", "b"] and adata.obsm["spatial"].tolist() == [
+        [250, 250],
+        [300, 200],
+    ]
+
+
+def test_user_errors_are_one_line(
+    work: Path, tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture
+) -> None:
+    section = str(work / "B4.h5ad")
+    slide = str(synthetic_slide(tmp_path / "bare.tif"))
+    out = ["--out", str(tmp_path / "p.h5ad"), "--device", "cpu"]
+    assert "does not exist" in _error_line(
+        capsys, ["predict", str(tmp_path / "nope.h5ad"), "--model", str(tiny_model), *out]
+    )
+    assert "NOT_A_GENE" in _error_line(
+        capsys, ["predict", section, "--model", str(tiny_model), *out]
+    )
+    assert "mpp" in _error_line(
+        capsys, ["predict", slide, "--grid", "hex:100", "--model", str(tiny_model), *out]
+    )
+    assert "--grid hex:100 or --spots" in _error_line(
+        capsys, ["predict", slide, "--model", str(tiny_model), *out]
+    )
+    assert "kind must be hex or square" in _error_line(
+        capsys,
+        ["predict", slide, "--grid", "tri:5", "--mpp", "2", "--model", str(tiny_model), *out],
+    )
+    assert "checkpoint not found" in _error_line(
+        capsys, ["predict", section, "--model", str(tmp_path / "m.pt"), *out]
+    )
+    assert "section file not found" in _error_line(
+        capsys, ["train", str(tmp_path / "x.h5ad"), "--out", str(tmp_path / "m.pt")]
+    )
+    assert "nothing to resume" in _error_line(
+        capsys,
+        [
+            "train",
+            section,
+            "--out",
+            str(tmp_path / "m.pt"),
+            "--resume",
+            "--device",
+            "cpu",
+            "--genes",
+            "4",
+        ],
+    )
+    assert "unknown recipe" in _error_line(
+        capsys, ["train", section, "--out", str(tmp_path / "m.pt"), "--recipe", "x"]
+    )
+    assert "prediction file not found" in _error_line(
+        capsys, ["evaluate", str(tmp_path / "p.h5ad")]
+    )
+
+
+def test_train_help_documents_the_model_config(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--model-config FILE.json" in text and "released" in text and "--resume" in text

@@ -1,0 +1,231 @@
+"""Inference: batched prediction with prefetching, the prediction file, grids on bare slides."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import tifffile
+import torch
+from test_training import her2st_crop
+from torch.utils.data import Dataset
+
+from hifusion_model.checkpoint import load_model, save_checkpoint
+from hifusion_model.config import tiny_config
+from hifusion_model.dataset import SpotDataset
+from hifusion_model.devices import autocast_dtype, cpu_has_native_bf16, resolve_device
+from hifusion_model.errors import Cancelled, ConfigError, SectionError, SlideError
+from hifusion_model.expression import counts_matrix, normalize_counts
+from hifusion_model.inference import (
+    check_section_genes,
+    grid_section,
+    predict_section,
+    predictions_to_anndata,
+    prefetch_batches,
+    write_predictions,
+)
+from hifusion_model.model import HiFusion
+from hifusion_model.sections import read_section, section_slide
+from hifusion_model.slide import Slide
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def section_path(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return her2st_crop(her2st_dir, tmp_path_factory.mktemp("her2st"), n_spots=24)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    genes = ["ERBB2", "KRT19", "CD74", "ACTB", "FASN"]
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    return save_checkpoint(
+        path,
+        HiFusion(tiny_config(genes)),
+        train_mean=-np.arange(1.0, 6.0),
+        card={"data": [{"name": "B1"}], "recipe": {"name": "hifusion"}, "epoch": 3},
+    )
+
+
+def synthetic_slide(path: Path, size: int = 500) -> Path:
+    """White glass with a pink disc of 'tissue' in the middle, no µm/px in the file."""
+    yy, xx = np.mgrid[:size, :size]
+    image = np.full((size, size, 3), 245, np.uint8)
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    rng = np.random.default_rng(0)
+    image[disc] = (np.array([200, 90, 160]) + rng.integers(-30, 30, (disc.sum(), 3))).clip(0, 255)
+    tifffile.imwrite(path, image, photometric="rgb")
+    return path
+
+
+# -- prefetching ------------------------------------------------------------------------------
+class _Slow(Dataset):
+    """Records how many items are being read at once."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.active, self.peak, self.lock = n, 0, 0, threading.Lock()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        time.sleep(0.002)
+        with self.lock:
+            self.active -= 1
+        return {"x": torch.tensor([i])}
+
+
+def test_prefetch_keeps_order_and_overlaps_reads() -> None:
+    data = _Slow(23)
+    batches = list(prefetch_batches(data, 5, workers=3))
+    assert [b["x"].ravel().tolist() for b in batches] == [
+        list(range(i, min(i + 5, 23))) for i in range(0, 23, 5)
+    ]
+    assert data.peak > 1  # batches were read concurrently
+    sequential = _Slow(23)
+    assert len(list(prefetch_batches(sequential, 5, workers=0))) == 5 and sequential.peak == 1
+
+
+def test_prefetch_stops_reading_when_closed() -> None:
+    data = _Slow(1000)
+    gen = prefetch_batches(data, 10, workers=2, prefetch=2)
+    next(gen)
+    gen.close()
+    time.sleep(0.05)
+    assert data.active == 0
+
+
+# -- devices ----------------------------------------------------------------------------------
+def test_device_and_precision_rules() -> None:
+    cpu = resolve_device("cpu")
+    assert cpu.type == "cpu" and resolve_device("auto").type in ("cpu", "cuda", "mps")
+    assert autocast_dtype(cpu, "fp32") is None and autocast_dtype(cpu, "bf16") is torch.bfloat16
+    assert autocast_dtype(cpu, "auto", training=True) is None
+    assert autocast_dtype(cpu, "auto") is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    with pytest.raises(ConfigError, match="fp16 autocast is for GPUs"):
+        autocast_dtype(cpu, "fp16")
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu:0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+# -- predict_section --------------------------------------------------------------------------
+def test_predict_section_matches_a_plain_forward_pass(section_path: Path, model_file: Path) -> None:
+    model, ckpt = load_model(model_file)
+    section = read_section(section_path)
+    slide = section_slide(section)
+    pred = predict_section(
+        model, ckpt, section, slide, batch_size=7, device="cpu", precision="fp32", workers=2
+    )
+    samples = [SpotDataset(section, slide, ckpt.config)[i] for i in range(section.n_obs)]
+    with torch.no_grad():
+        expected = model(
+            torch.stack([s["spot"] for s in samples]), torch.stack([s["region"] for s in samples])
+        ).prediction.numpy()
+    assert pred.shape == (24, 5) and pred.dtype == np.float32
+    np.testing.assert_allclose(pred, expected, atol=1e-5)
+    low = predict_section(
+        model, ckpt.config, section, slide, device="cpu", precision="bf16", workers=0
+    )
+    np.testing.assert_allclose(low, pred, atol=0.1)  # bf16 keeps ~3 significant digits
+
+
+def test_predict_section_reports_progress_and_stops(section_path: Path, model_file: Path) -> None:
+    model, ckpt = load_model(model_file)
+    section = read_section(section_path)
+    slide = section_slide(section)
+    seen = []
+    predict_section(
+        model,
+        ckpt,
+        section,
+        slide,
+        batch_size=10,
+        device="cpu",
+        precision="fp32",
+        progress=lambda done, total, msg: seen.append((done, total)),
+    )
+    assert seen == [(10, 24), (20, 24), (24, 24)]
+    with pytest.raises(Cancelled, match="after 10 spots"):
+        predict_section(
+            model,
+            ckpt,
+            section,
+            slide,
+            batch_size=10,
+            device="cpu",
+            should_stop=lambda: len(seen) > 3,
+            progress=lambda *a: seen.append(a),
+        )
+
+
+def test_prediction_file_holds_truth_model_and_slide(
+    section_path: Path, model_file: Path, tmp_path: Path
+) -> None:
+    model, ckpt = load_model(model_file)
+    section = read_section(section_path)
+    pred = np.random.default_rng(0).normal(size=(24, 5)).astype(np.float32)
+    out = write_predictions(
+        predictions_to_anndata(section, pred, ckpt, source="tiny.pt"), tmp_path / "p.h5ad"
+    )
+    back = ad.read_h5ad(out)
+    np.testing.assert_array_equal(back.X, pred)
+    assert list(back.var_names) == ckpt.genes and list(back.obs_names) == list(section.obs_names)
+    truth = normalize_counts(counts_matrix(section, ckpt.genes), "log_relative")
+    np.testing.assert_allclose(back.layers["truth"], truth)
+    np.testing.assert_array_equal(back.obsm["spatial"], section.obsm["spatial"])
+    np.testing.assert_array_equal(back.obs["array_row"], section.obs["array_row"])
+    meta = back.uns["hifusion"]
+    assert meta["name"] == "B4" and meta["mpp"] == pytest.approx(section.uns["hifusion"]["mpp"])
+    assert (out.parent / meta["slide"]).resolve() == Path(section.uns["hifusion"]["slide_abs"])
+    ident = back.uns["hifusion_model"]
+    assert (
+        ident["source"] == "tiny.pt"
+        and ident["n_genes"] == 5
+        and ident["normalization"] == "log_relative"
+    )
+    np.testing.assert_allclose(ident["train_mean"], -np.arange(1.0, 6.0))
+    assert ident["card"]["trained_on"] == ["B1"] and ident["card"]["epoch"] == 3
+    with pytest.raises(SectionError, match="expected \\(24, 5\\)"):
+        predictions_to_anndata(section, pred[:3], ckpt)
+
+
+def test_section_genes_must_cover_the_model(section_path: Path) -> None:
+    section = read_section(section_path)
+    check_section_genes(section, ["ERBB2", "CD74"])
+    with pytest.raises(SectionError, match="lacks 1 of the model's 2 .*NOT_A_GENE"):
+        check_section_genes(section, ["ERBB2", "NOT_A_GENE"])
+
+
+# -- bare slides ------------------------------------------------------------------------------
+def test_grid_on_a_bare_slide_covers_the_tissue(tmp_path: Path, model_file: Path) -> None:
+    slide = Slide.open(synthetic_slide(tmp_path / "s.tif"), mpp=2.0)
+    section = grid_section(slide, kind="hex", pitch_um=100)
+    whole = grid_section(slide, kind="hex", pitch_um=100, on_tissue=False)
+    assert 0 < section.n_obs < whole.n_obs and section.n_vars == 0
+    centre = np.asarray(section.obsm["spatial"]) - 250
+    assert (np.hypot(*centre.T) < 500 / 3 + 10).all()  # on the disc (radius 500 / 3 px)
+    assert section.uns["hifusion"]["spot_diameter_um"] == pytest.approx(55)
+    model, ckpt = load_model(model_file)
+    pred = predict_section(model, ckpt, section, slide, device="cpu", precision="fp32", workers=0)
+    adata = predictions_to_anndata(section, pred, ckpt)
+    assert adata.shape == (section.n_obs, 5) and "truth" not in adata.layers
+    with pytest.raises(SlideError, match="mpp"):
+        grid_section(Slide.open(tmp_path / "s.tif"))

@@ -1,0 +1,304 @@
+"""Training engine: recipes, the leak-free validation split, schedules, resume, cancel, fine-tuning.
+
+The end-to-end tests train a tiny model (``tiny_config``: 56 px spots, width 8) on a real HER2ST
+section cut to 40 neighbouring spots, with the image cropped around them so reading is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from hifusion_model.checkpoint import load_checkpoint, load_model, save_checkpoint
+from hifusion_model.config import tiny_config
+from hifusion_model.errors import Cancelled, CheckpointError, ConfigError, SectionError
+from hifusion_model.importers import import_her2st
+from hifusion_model.model import HiFusion
+from hifusion_model.recipes import RECIPES, TrainConfig, get_recipe
+from hifusion_model.sections import new_section, read_section, write_section
+from hifusion_model.training import (
+    companion_paths,
+    gene_dependent_keys,
+    lr_factor,
+    read_gene_list,
+    spatial_block_split,
+    train,
+)
+
+N_GENES = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on shared, busy cores: OpenMP spinning makes 2 threads ~100x slower than 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def her2st_crop(
+    her2st_dir: Path, folder: Path, *, name: str = "B4", n_spots: int = 40, margin_px: int = 260
+) -> Path:
+    """Write ``folder/<name>.h5ad``: ``n_spots`` neighbouring spots of a section, image cropped."""
+    adata = import_her2st(
+        her2st_dir / "images" / f"{name}.jpg",
+        her2st_dir / "counts" / f"{name}.tsv.gz",
+        her2st_dir / "spots" / f"{name}_selection.tsv",
+    )
+    xy = adata.obsm["spatial"]
+    centre = xy[np.argmin(np.linalg.norm(xy - np.median(xy, axis=0), axis=1))]
+    keep = np.sort(np.argsort(np.linalg.norm(xy - centre, axis=1))[:n_spots])
+    sub = adata[keep].copy()
+    image = imagecodecs.imread(her2st_dir / "images" / f"{name}.jpg")
+    x0, y0 = np.maximum(np.floor(sub.obsm["spatial"].min(axis=0)) - margin_px, 0).astype(int)
+    x1, y1 = np.ceil(sub.obsm["spatial"].max(axis=0)).astype(int) + margin_px
+    tif = folder / f"{name}_crop.tif"
+    tifffile.imwrite(tif, image[y0:y1, x0:x1], photometric="rgb")
+    meta = sub.uns["hifusion"]
+    section = new_section(
+        sub.obsm["spatial"] - [x0, y0],
+        slide=tif,
+        mpp=meta["mpp"],
+        spot_diameter_um=meta["spot_diameter_um"],
+        name=name,
+        source="her2st",
+        obs_names=sub.obs_names,
+        counts=sub.X,
+        genes=sub.var_names,
+        array_row=sub.obs["array_row"],
+        array_col=sub.obs["array_col"],
+    )
+    return write_section(section, folder / f"{name}.h5ad")
+
+
+def tiny_recipe(**changes) -> TrainConfig:
+    return get_recipe("hifusion", **{"epochs": 2, "batch_size": 8, "warmup_epochs": 0.5, **changes})
+
+
+@pytest.fixture(scope="module")
+def section(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return her2st_crop(her2st_dir, tmp_path_factory.mktemp("her2st"))
+
+
+def _train(section: Path, out: Path, **kwargs):
+    kwargs.setdefault("recipe", tiny_recipe())
+    return train([section], out, model_config=tiny_config(1), genes=N_GENES, device="cpu", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def full_run(section: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One uninterrupted 2-epoch run, shared by the tests that inspect or reproduce it."""
+    epochs: list[dict] = []
+    out = tmp_path_factory.mktemp("full") / "m.pt"
+    result = _train(section, out, on_epoch=epochs.append, command=["hifusion", "train"])
+    return result, epochs
+
+
+# -- recipes ----------------------------------------------------------------------------------
+def test_released_recipe_is_the_papers() -> None:
+    r = RECIPES["released"]
+    assert (r.optimizer, r.lr, r.betas, r.weight_decay, r.min_lr) == (
+        "adam",
+        1e-3,
+        (0.9, 0.999),
+        1e-5,
+        1e-6,
+    )
+    assert (r.epochs, r.batch_size, r.lr_step, r.warmup_epochs) == (50, 32, "epoch", 0.0)
+    assert (r.flips, r.rotations, r.color_jitter, r.hed_jitter, r.head_dropout) == (
+        True,
+        True,
+        0.0,
+        0.0,
+        0.0,
+    )
+
+
+def test_recipe_json_round_trip_and_errors() -> None:
+    r = get_recipe("hifusion", lr=1e-4, epochs=3)
+    assert TrainConfig.from_json(r.to_json()) == r
+    assert get_recipe("hifusion", lr=None).lr == RECIPES["hifusion"].lr  # None means "keep"
+    with pytest.raises(ConfigError, match="unknown recipe 'fast'"):
+        get_recipe("fast")
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=1)
+    with pytest.raises(ConfigError, match="unknown training recipe keys"):
+        TrainConfig.from_dict({"learning_rate": 1})
+
+
+def test_released_schedule_is_cosine_annealing_per_epoch() -> None:
+    recipe = RECIPES["released"]
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=recipe.lr)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=recipe.epochs, eta_min=recipe.min_lr
+    )
+    factor = lr_factor(recipe, steps_per_epoch=123)
+    for epoch in range(recipe.epochs):
+        assert math.isclose(recipe.lr * factor(epoch), opt.param_groups[0]["lr"], rel_tol=1e-9)
+        opt.step()
+        reference.step()
+
+
+def test_warmup_then_cosine_to_min_lr() -> None:
+    recipe = get_recipe("hifusion", epochs=4, warmup_epochs=1.0)
+    f = [lr_factor(recipe, 10)(t) for t in range(40)]
+    assert f[:10] == sorted(f[:10]) and f[9] < 1.0  # rising during warm-up
+    assert math.isclose(max(f), 1.0) and f[10:] == sorted(f[10:], reverse=True)
+    assert f[-1] > recipe.min_lr / recipe.lr
+    assert math.isclose(lr_factor(recipe, 10)(40), recipe.min_lr / recipe.lr)
+
+
+# -- validation split -------------------------------------------------------------------------
+def test_spatial_block_split_holds_out_whole_blocks() -> None:
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 1000, size=(500, 2))
+    held = spatial_block_split(xy, fraction=0.15, grid=4, seed=3)
+    assert 0.15 <= held.mean() < 0.5
+    block = (np.minimum(xy // 250, 3) @ [1, 4]).astype(int)
+    for b in np.unique(block):  # every block lies entirely on one side
+        assert len(set(held[block == b])) == 1
+    assert np.array_equal(held, spatial_block_split(xy, fraction=0.15, grid=4, seed=3))
+    assert not np.array_equal(held, spatial_block_split(xy, fraction=0.15, grid=4, seed=4))
+
+
+def test_spatial_block_split_keeps_training_spots() -> None:
+    xy = np.array([[0, 0], [1, 0], [100, 100], [101, 100]], float)
+    held = spatial_block_split(xy, fraction=0.9, grid=2)
+    assert held.any() and not held.all()
+    with pytest.raises(SectionError, match="--val"):
+        spatial_block_split(np.zeros((5, 2)), grid=4)
+
+
+# -- fine-tuning ------------------------------------------------------------------------------
+def test_gene_dependent_weights_are_the_heads() -> None:
+    keys = gene_dependent_keys(tiny_config(5))
+    assert keys == {"level_head.weight", "level_head.bias", "head.2.weight", "head.2.bias"}
+
+
+# -- end to end on real data ------------------------------------------------------------------
+def test_train_writes_best_model_curves_and_card(full_run) -> None:
+    result, epochs = full_run
+    model, ckpt = load_model(result.checkpoint)
+    assert ckpt.config.n_genes == N_GENES and ckpt.config.head_dropout == 0.2
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    best = min(epochs, key=lambda e: e["val_mse"])
+    assert result.best_epoch == best["epoch"] == ckpt.card["epoch"]
+    assert ckpt.card["validation"]["mse"] == pytest.approx(best["val_mse"])
+    assert set(ckpt.card["validation"]["gene_pcc_all"]) == set(ckpt.genes)
+    data = ckpt.card["sections"][0]
+    assert data["name"] == "B4" and data["n_spots"] == 40 and 0 < data["n_val"] < 20
+    assert data["n_train"] + data["n_val"] == 40
+    assert ckpt.card["command"] == "hifusion train" and ckpt.card["recipe"]["name"] == "hifusion"
+    assert ckpt.card["normalization"] == "log_relative" and ckpt.card["spot_um"] == pytest.approx(
+        154
+    )
+    # the baseline is the training mean of the normalised targets: log-relative values are < 0
+    assert ckpt.train_mean.shape == (N_GENES,) and (ckpt.train_mean < 0).all()
+    curves = json.loads(companion_paths(result.checkpoint)["curves_json"].read_text())
+    assert [c["epoch"] for c in curves] == [1, 2] and all(c["seconds"] > 0 for c in curves)
+    csv_lines = companion_paths(result.checkpoint)["curves_csv"].read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,train_loss") and len(csv_lines) == 3
+    assert not companion_paths(result.checkpoint)["resume"].exists()  # finished: nothing to resume
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(
+    section: Path, tmp_path: Path, full_run
+) -> None:
+    full, _ = full_run
+    calls = iter(range(10**6))
+    stop_at = 5  # 4 steps per epoch: stops in the middle of epoch 2
+    with pytest.raises(Cancelled, match="--resume"):
+        _train(section, tmp_path / "cut.pt", should_stop=lambda: next(calls) >= stop_at)
+    assert companion_paths(tmp_path / "cut.pt")["resume"].exists()
+    resumed = _train(section, tmp_path / "cut.pt", resume=True)
+    a, b = load_checkpoint(full.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert a.card["epoch"] == b.card["epoch"]
+    for k, v in a.state_dict.items():
+        torch.testing.assert_close(b.state_dict[k], v, atol=1e-6, rtol=0, msg=k)
+    assert [c["train_loss"] for c in resumed.curves] == pytest.approx(
+        [c["train_loss"] for c in full.curves]
+    )
+
+
+def test_cancelled_first_epoch_leaves_loadable_checkpoint(section: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    calls = iter(range(10**6))
+    with pytest.raises(Cancelled):
+        _train(section, out, should_stop=lambda: next(calls) >= 2)
+    model, ckpt = load_model(out)
+    assert "before any validation" in ckpt.card["notes"]
+    state = torch.load(companion_paths(out)["resume"], weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 2)
+
+
+def test_ctrl_c_saves_a_resume_state(section: Path, tmp_path: Path) -> None:
+    calls = iter(range(10**6))
+
+    def interrupt() -> bool:
+        if next(calls) >= 5:
+            raise KeyboardInterrupt
+        return False
+
+    out = tmp_path / "m.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _train(section, out, should_stop=interrupt)
+    state = torch.load(companion_paths(out)["resume"], weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 1) and load_checkpoint(out).card["epoch"] == 1
+
+
+def test_validation_sections_replace_the_spatial_split(section: Path, tmp_path: Path) -> None:
+    other = read_section(section)
+    other.uns["hifusion"]["name"] = "B4-copy"
+    result = _train(section, tmp_path / "m.pt", val_sections=[other], recipe=tiny_recipe(epochs=1))
+    card = load_checkpoint(result.checkpoint).card
+    assert card["sections"][0]["n_val"] == 0 and card["validation"]["n_spots"] == 40
+    assert card["validation_split"] == "sections B4-copy"
+    with pytest.raises(ConfigError, match="both training and validation"):
+        _train(section, tmp_path / "x.pt", val_sections=[section])
+
+
+def test_gene_list_file(tmp_path: Path) -> None:
+    (tmp_path / "genes.txt").write_text("# markers\nERBB2\n\nKRT19  # luminal\n")
+    assert read_gene_list(tmp_path / "genes.txt") == ["ERBB2", "KRT19"]
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ConfigError, match="no gene names"):
+        read_gene_list(tmp_path / "empty.txt")
+
+
+def test_fine_tune_with_new_genes_keeps_the_trunk(section: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = HiFusion(tiny_config(["ERBB2", "KRT19"]))
+    save_checkpoint(tmp_path / "base.pt", base, train_mean=np.zeros(2))
+    result = train(
+        [section],
+        tmp_path / "ft.pt",
+        recipe=tiny_recipe(epochs=1, lr=1e-12, min_lr=0.0),
+        genes=4,
+        init=tmp_path / "base.pt",
+        device="cpu",
+    )
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt.config.n_genes == 4 and ckpt.card["reinitialised"] == sorted(
+        gene_dependent_keys(ckpt.config)
+    )
+    trunk = "spot_encoder.conv1.weight"  # moved by at most lr-sized steps
+    torch.testing.assert_close(ckpt.state_dict[trunk], base.state_dict()[trunk], atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="architecture"):
+        train([section], tmp_path / "x.pt", init=tmp_path / "base.pt", model_config=tiny_config(2))
+
+
+def test_bad_inputs_raise_clear_errors(section: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        _train(section, tmp_path / "never.pt", resume=True)
+    with pytest.raises(SectionError, match="--batch-size"):
+        _train(section, tmp_path / "m.pt", recipe=tiny_recipe(batch_size=64))
+    with pytest.raises(SectionError, match="section file not found"):
+        _train(tmp_path / "missing.h5ad", tmp_path / "m.pt")
