@@ -19,13 +19,6 @@ from hifusion_model.metrics import evaluate_predictions
 from hifusion_model.model import HiFusion
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def work(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

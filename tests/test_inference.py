@@ -33,13 +33,6 @@ from hifusion_model.sections import read_section, section_slide
 from hifusion_model.slide import Slide
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def section_path(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -35,14 +35,6 @@ from hifusion_model.training import (
 N_GENES = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on shared, busy cores: OpenMP spinning makes 2 threads ~100x slower than 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def her2st_crop(
     her2st_dir: Path, folder: Path, *, name: str = "B4", n_spots: int = 40, margin_px: int = 260

@@ -117,12 +117,13 @@ class JobRunner:
                 self.on_event(payload)
             return
         done, total, message = payload
-        if self._bar is not None:
-            if total and self._bar.total != total:
-                self._bar.total = total
-            self._bar.n = min(done, total) if total else done
-            self._bar.set_description(f"{self.title}: {message}" if message else self.title)
-            self._bar.refresh()
+        bar = self._bar  # a local: updating the bar can run _finish, which clears self._bar
+        if bar is not None:
+            if total and bar.total != total:
+                bar.total = total
+            bar.n = min(done, total) if total else done
+            bar.set_description(f"{self.title}: {message}" if message else self.title)
+            bar.refresh()
         if self.on_progress is not None:
             self.on_progress(done, total, message)
 
