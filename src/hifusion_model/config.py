@@ -7,12 +7,11 @@ those pixels cover on the tissue). A slide scanned at another resolution is resa
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
+from .serialization import JsonDataclass
 
 #: Normalisations of counts into model targets (see :mod:`hifusion_model.expression`).
 NORMALIZATIONS = ("log_relative", "log1p_cp10k")
@@ -28,7 +27,7 @@ HER2ST_MPP = 0.6875
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(JsonDataclass):
     """Architecture and data contract of a HiFusion model.
 
     ``levels`` are HISM grid sizes: 1 = the whole spot, 2 = 2×2 tiles, 7 = 7×7 tiles.
@@ -36,6 +35,9 @@ class ModelConfig:
     dimension is ``8 * width``); tiny values make fast test models. ``level_norm`` is
     ``"shared"`` (as released) or ``"per_level"`` (see :data:`LEVEL_NORMS`).
     """
+
+    _what = "model configuration"
+    _required = ("genes",)
 
     genes: list[str]
     levels: tuple[int, ...] = (1, 2, 7)
@@ -112,38 +114,6 @@ class ModelConfig:
             problems.append(f"level_norm must be one of {LEVEL_NORMS}, got {self.level_norm!r}")
         if problems:
             raise ConfigError("invalid model configuration: " + "; ".join(problems))
-
-    # -- serialisation -----------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["levels"] = list(self.levels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown model configuration keys: {sorted(unknown)}")
-        if "genes" not in d:
-            raise ConfigError("model configuration has no 'genes'")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"model configuration is not valid JSON: {e}") from e
-        if not isinstance(d, dict):
-            raise ConfigError("model configuration JSON must be an object")
-        return cls.from_dict(d)
-
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def tiny_config(genes: list[str] | int = 8, **overrides: Any) -> ModelConfig:

@@ -9,10 +9,12 @@ Two named recipes ship:
 * ``hifusion`` (the default) is ours for small ST cohorts, where the released recipe overfits in a
   few epochs: AdamW (lr 3e-4, decoupled weight decay 1e-2), dropout 0.2 before the head, mild
   colour jitter (stain variation between sections is the main domain shift), a one-epoch linear
-  warm-up then a per-step cosine to 1e-6, 10 epochs, batch 32. Stain (HED) jitter is available
-  (``hed_jitter``) but off: it costs a colour-space round trip per patch. These are starting
-  values; the
-  accuracy benchmark tunes them on validation data and records the result here.
+  warm-up then a per-step cosine to 1e-6, 10 epochs, batch 32, and separate BatchNorm statistics
+  per HISM level (the shared encoder sees 224, 112 and 32 px tiles: with shared running
+  statistics, eval-mode predictions drift far from training-mode ones). Stain (HED) jitter is
+  available (``hed_jitter``) but off: it costs a colour-space round trip per patch. These are
+  starting values; the accuracy benchmark tunes them on validation data and records the result
+  in ``BENCHMARKS.md``.
 
 A recipe is plain data: ``TrainConfig.from_dict(cfg.to_dict())`` round-trips, so the exact recipe
 of any checkpoint can be read back from its card and rerun.
@@ -20,12 +22,12 @@ of any checkpoint can be read back from its card and rerun.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from .config import LEVEL_NORMS
 from .errors import ConfigError
+from .serialization import JsonDataclass
 
 OPTIMIZERS = ("adam", "adamw")
 #: ``auto``: bf16 (or fp16 + loss scaling) autocast on CUDA, fp32 elsewhere.
@@ -35,8 +37,10 @@ LR_STEPS = ("epoch", "step")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonDataclass):
     """How to train: optimiser, schedule, augmentation, validation split, precision, seed."""
+
+    _what = "training recipe"
 
     name: str = "custom"
     epochs: int = 10
@@ -49,6 +53,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     lr_step: str = "step"
     head_dropout: float | None = 0.2  # None keeps the model configuration's value
+    level_norm: str | None = None  # HISM BatchNorm statistics; None keeps the model's value
     flips: bool = True
     rotations: bool = True
     color_jitter: float = 0.05  # per-channel gain 1 ± j and bias ± j/2 (RGB); 0 = off
@@ -82,6 +87,8 @@ class TrainConfig:
             problems.append("weight_decay and warmup_epochs must be >= 0")
         if self.lr_step not in LR_STEPS:
             problems.append(f"lr_step must be one of {LR_STEPS}, got {self.lr_step!r}")
+        if self.level_norm is not None and self.level_norm not in LEVEL_NORMS:
+            problems.append(f"level_norm must be one of {LEVEL_NORMS}, got {self.level_norm!r}")
         if self.head_dropout is not None and not 0 <= self.head_dropout < 1:
             problems.append(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         for name in ("color_jitter", "hed_jitter"):
@@ -97,36 +104,6 @@ class TrainConfig:
             problems.append(f"grad_clip must be positive, got {self.grad_clip}")
         if problems:
             raise ConfigError("invalid training recipe: " + "; ".join(problems))
-
-    # -- serialisation -----------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown training recipe keys: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"training recipe is not valid JSON: {e}") from e
-        if not isinstance(d, dict):
-            raise ConfigError("training recipe JSON must be an object")
-        return cls.from_dict(d)
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
 
 
 RECIPES: dict[str, TrainConfig] = {

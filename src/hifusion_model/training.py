@@ -896,6 +896,8 @@ def train(
             changes: dict[str, Any] = {"genes": chosen}
             if recipe.head_dropout is not None:
                 changes["head_dropout"] = recipe.head_dropout
+            if recipe.level_norm is not None and init_ckpt is None:  # init keeps its buffers
+                changes["level_norm"] = recipe.level_norm
             config = base.replace(**changes)
         data = _prepare_data(train_sources, val_sources, config, recipe)
         card = (
