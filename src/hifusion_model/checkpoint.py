@@ -83,9 +83,11 @@ def _plain_card(card: dict[str, Any] | None) -> dict[str, Any]:
         raise CheckpointError(f"the model card must hold only JSON-like values: {e}") from e
 
 
-def _stored(t: Tensor, half: bool) -> Tensor:
+def _stored(name: str, t: Tensor, half: bool) -> Tensor:
+    """fp16 for weights when ``half``; BatchNorm statistics stay fp32 (tiny variances underflow)."""
     t = t.detach().cpu()
-    return t.half() if half and t.is_floating_point() else t.clone()
+    keep = not t.is_floating_point() or "running_" in name
+    return t.clone() if keep or not half else t.half()
 
 
 def save_checkpoint(
@@ -115,7 +117,7 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "config": config.to_dict(),
-        "state_dict": {k: _stored(v, half) for k, v in model.state_dict().items()},
+        "state_dict": {k: _stored(k, v, half) for k, v in model.state_dict().items()},
         "train_mean": mean,
         "card": _plain_card(card),
     }

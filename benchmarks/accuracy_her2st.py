@@ -1,0 +1,295 @@
+"""Accuracy on HER2ST: HiFusion (our recipe, the released one) against three baselines.
+
+Experiments (only B4, C2, C3, C4 have H&E images in ``../shared/data/her2st``):
+
+* ``3d-C``   the paper's 3-D protocol for patient C: train on C2 (the paper's C1 has no image
+             here), test on C3 and C4;
+* ``cross-B`` a cross-patient check: train on C2, C3, C4, test on B4.
+
+Variants, all on the same genes (the 250 most expressed of the training sections), the same
+normalisation and the same training spots; model selection (best epoch, ridge penalty) uses
+spatial blocks of the training sections only, never the test sections:
+
+* ``a``  HiFusion trained with our recipe (``hifusion``)
+* ``b``  HiFusion trained with the released recipe as-is (``released``; ``--released-epochs``
+         may cut its 50 epochs, and the epochs run are recorded)
+* ``c``  a spot-only ResNet-18 (ST-Net style: spot patch → GAP → dropout → Linear), our recipe
+* ``d``  ridge regression on colour and texture features of the patches
+* ``e``  the constant training mean
+
+Full runs take tens of minutes on a CPU, so the script runs in pieces: each variant's result is
+merged into ``--out`` as soon as it is done, and every run prints the table of all results so
+far. For example::
+
+    python benchmarks/accuracy_her2st.py --variants d,e
+    python benchmarks/accuracy_her2st.py --variants a --device cuda --bf16
+    python benchmarks/accuracy_her2st.py --variants b --released-epochs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hifusion_model.baselines import fit_constant, fit_ridge, spot_only_config
+from hifusion_model.commands.train import load_model_config
+from hifusion_model.config import ModelConfig
+from hifusion_model.errors import ConfigError, HiFusionError
+from hifusion_model.io_utils import atomic_path
+from hifusion_model.protocols import (
+    Predictor,
+    fit_network,
+    gene_panel,
+    import_sections,
+    predict_and_score,
+    scan_her2st,
+)
+from hifusion_model.recipes import TrainConfig, get_recipe
+
+FORMAT = "hifusion-accuracy-her2st/1"
+DEFAULT_HER2ST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st"
+MARKERS = ("ERBB2", "KRT19", "CD74")
+
+#: name -> (training sections, test sections, description)
+EXPERIMENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "3d-C": (("C2",), ("C3", "C4"),
+             "3-D protocol, patient C: train C2 (C1 has no image here), test C3, C4"),
+    "cross-B": (("C2", "C3", "C4"), ("B4",),
+                "cross-patient check: train on patient C (C2-C4), test B4"),
+}
+NETWORKS = ("a", "b", "c")  #: variants trained by the engine (the rest are fitted in closed form)
+VARIANTS = {
+    "a": "HiFusion, our recipe",
+    "b": "HiFusion, released recipe",
+    "c": "spot-only ResNet-18, our recipe",
+    "d": "ridge, colour/texture features",
+    "e": "constant training mean",
+}
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+def _choices(value: str, allowed: Sequence[str], what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(bad) or '(none)'}; choose from {', '.join(allowed)}"
+        )
+    return items
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="variants: " + "; ".join(f"{k} = {v}" for k, v in VARIANTS.items())
+        + ". experiments: " + "; ".join(f"{k} = {e[2]}" for k, e in EXPERIMENTS.items()),
+    )
+    p.add_argument("--variants", default="a,b,c,d,e",
+                   type=lambda v: _choices(v, list(VARIANTS), "variant"),
+                   help="comma-separated variants to run (default: a,b,c,d,e)")
+    p.add_argument("--experiments", default=",".join(EXPERIMENTS),
+                   type=lambda v: _choices(v, list(EXPERIMENTS), "experiment"),
+                   help=f"comma-separated experiments (default: {','.join(EXPERIMENTS)})")
+    p.add_argument("--epochs", type=int, help="epochs of variants a and c (default: 10)")
+    p.add_argument("--released-epochs", type=int,
+                   help="epochs of variant b (default: the released 50)")
+    p.add_argument("--batch-size", type=int, help="spots per batch (default: the recipes' 32)")
+    p.add_argument("--model-config", type=Path, metavar="FILE.json",
+                   help="architecture template for a, b, c and the patch sizes of d "
+                   "(default: the released architecture)")
+    p.add_argument("--n-genes", type=int, default=250, help="genes predicted (default: 250)")
+    p.add_argument("--out", type=Path, default=Path("accuracy_her2st.json"),
+                   help="results JSON, merged into when it exists (default: %(default)s)")
+    p.add_argument("--work", type=Path,
+                   help="imported sections and checkpoints (default: OUT without .json + _work)")
+    p.add_argument("--her2st", type=Path, default=DEFAULT_HER2ST,
+                   help="HER2ST folder (default: ../shared/data/her2st)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast in training and inference")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
+    p.add_argument("--max-spots", type=int, metavar="N",
+                   help="quick checks only: keep N evenly spread spots per section")
+    args = p.parse_args(argv)
+    args.work = args.work or args.out.with_name(args.out.stem + "_work")
+    return args
+
+
+# -- variants ---------------------------------------------------------------------------------
+
+
+def recipe_for(variant: str, args: argparse.Namespace) -> TrainConfig:
+    """Our recipe for a, c, d, e (d and e use its validation split); the released one for b."""
+    name, epochs = ("released", args.released_epochs) if variant == "b" else ("hifusion",
+                                                                              args.epochs)
+    return get_recipe(name, epochs=epochs, batch_size=args.batch_size,
+                      n_genes=args.n_genes, precision="bf16" if args.bf16 else None)
+
+
+def fit_variant(
+    variant: str,
+    train: list[Any],
+    genes: list[str],
+    template: ModelConfig,
+    out: Path,
+    args: argparse.Namespace,
+) -> Predictor:
+    recipe = recipe_for(variant, args)
+    if variant in NETWORKS:
+        config = spot_only_config(template) if variant == "c" else template
+        return fit_network(train, genes, out / "model.pt", recipe=recipe, model_config=config,
+                           device=args.device, workers=args.workers, on_epoch=_epoch_line)
+    if variant == "d":
+        return fit_ridge(train, genes, template.replace(genes=genes), recipe=recipe)
+    return fit_constant(train, genes, normalization=template.normalization, recipe=recipe)
+
+
+# -- results file -----------------------------------------------------------------------------
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {"format": FORMAT, "experiments": {}}
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); give another --out") from e
+    if not isinstance(results, dict) or results.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a results file of this script; give another --out")
+    return results
+
+
+def merge_result(path: Path, experiment: dict[str, Any], variant: str, record: dict) -> dict:
+    """Re-read ``path``, add one variant's record, write it back atomically.
+
+    The data an experiment was run on (sections, genes, spot cut, normalisation) must match what
+    is already stored, or the merged table would compare unlike things.
+    """
+    results = load_results(path)
+    name = experiment["name"]
+    stored = results["experiments"].setdefault(name, {**experiment, "variants": {}})
+    for key in ("train", "test", "genes", "max_spots", "normalization"):
+        if stored.get(key) != experiment[key]:
+            raise ConfigError(
+                f"{path}: experiment {name} was run with another {key} "
+                f"({stored.get(key)!s:.60} vs {experiment[key]!s:.60}); give another --out"
+            )
+    stored["variants"][variant] = record
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Per test section (and over all of them): every variant run so far, in a..e order."""
+    head = ["experiment", "test", "variant", "MSE", "MAE", "spot PCC", "gene PCC", *MARKERS,
+            "time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, exp in results["experiments"].items():
+        for v in sorted(exp["variants"]):
+            rec = exp["variants"][v]
+            m = rec["metrics"]
+            rows = list(m["per_section"].items())
+            if len(rows) > 1:
+                genes = {g: m["genes"].get(g) for g in MARKERS}
+                rows.append(("all", {**m, "genes": genes}))
+            for test, s in rows:
+                markers = [_fmt(s["genes"].get(g), 3) for g in MARKERS]
+                cells = [name, test, f"{v}: {rec['description']}", _fmt(s["mse"], 4),
+                         _fmt(s["mae"], 4), _fmt(s["spot_pcc"], 3), _fmt(s["gene_pcc"], 3),
+                         *markers, f"{rec['seconds']['total']:.0f}"]
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _epoch_line(r: dict[str, Any]) -> None:
+    _log(f"  epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  val MSE {r['val_mse']:.4f} "
+         f"(mean {r['val_baseline_mse']:.4f})  gene PCC {r['val_gene_pcc']:.3f}  "
+         f"{r['seconds']:.0f} s" + ("  *best" if r["best"] else ""))
+
+
+def run_experiment(name: str, files: dict, template: ModelConfig, args: argparse.Namespace,
+                   argv: Sequence[str]) -> dict[str, Any]:
+    train_names, test_names, description = EXPERIMENTS[name]
+    sections = import_sections(files, [*train_names, *test_names], args.work,
+                               max_spots=args.max_spots, log=_log)
+    train = [sections[n] for n in train_names]
+    test = {n: sections[n] for n in test_names}
+    genes = gene_panel(train, list(test.values()), args.n_genes)
+    experiment = {"name": name, "description": description, "train": list(train_names),
+                  "test": list(test_names), "genes": genes, "max_spots": args.max_spots,
+                  "normalization": template.normalization}
+    results: dict[str, Any] = {}
+    for v in args.variants:
+        _log(f"{name} / {v} ({VARIANTS[v]}): fitting on {', '.join(train_names)}")
+        start = time.perf_counter()
+        predictor = fit_variant(v, train, genes, template, args.work / name / v, args)
+        fitted = time.perf_counter()
+        metrics = predict_and_score(predictor, test, normalization=template.normalization)
+        done = time.perf_counter()
+        recipe = recipe_for(v, args)
+        record = {
+            "description": VARIANTS[v],
+            "recipe": recipe.to_dict() if v in NETWORKS else None,
+            "epochs": recipe.epochs if v in NETWORKS else None,
+            "selection": "spatial blocks of the training sections: "
+            + ("lowest validation MSE epoch" if v in NETWORKS else
+               "ridge alpha" if v == "d" else "none"),
+            "info": predictor.info,
+            "seconds": {"fit": fitted - start, "predict": done - fitted, "total": done - start},
+            "metrics": metrics,
+            "device": args.device,
+            "bf16": args.bf16,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join(["python", "benchmarks/accuracy_her2st.py", *argv]),
+        }
+        results = merge_result(args.out, experiment, v, record)
+        m = metrics
+        _log(f"{name} / {v}: MSE {m['mse']:.4f} (mean {m['baseline']['mse']:.4f}), gene PCC "
+             f"{m['gene_pcc']:.3f}, spot PCC {m['spot_pcc']:.3f}, {done - start:.0f} s")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        template = (load_model_config(args.model_config) if args.model_config
+                    else ModelConfig(genes=["placeholder"]))
+        files = scan_her2st(args.her2st)
+        for name in args.experiments:
+            run_experiment(name, files, template, args, argv)
+        results = load_results(args.out)
+    except HiFusionError as e:
+        print(f"accuracy_her2st: error: {e}", file=sys.stderr)
+        return 2
+    table = markdown_table(results)
+    results["table_markdown"] = table
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(results, indent=1))
+    print(table)
+    print(f"\nresults: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
