@@ -20,6 +20,9 @@ INPUT_NORMS = ("image", "none")
 #: BatchNorm running statistics of the spot encoder: one set for all HISM levels (as released)
 #: or one per level (eval mode then normalises 32-px tiles with 32-px tile statistics).
 LEVEL_NORMS = ("shared", "per_level")
+#: Network families: HiFusion, or the spot-only ResNet-18 regressor (ST-Net style) that the
+#: accuracy benchmark trains as a baseline (:class:`hifusion_model.baselines.SpotOnly`).
+ARCHS = ("hifusion", "spot_resnet18")
 
 # HER2ST (patients B-H) is scanned at ~0.69 µm/px; the released model sees 224 px spots and
 # 448 px regions of the raw image, i.e. ~154 µm and ~308 µm of tissue.
@@ -33,7 +36,8 @@ class ModelConfig(JsonDataclass):
     ``levels`` are HISM grid sizes: 1 = the whole spot, 2 = 2×2 tiles, 7 = 7×7 tiles.
     ``width`` is the first ResNet stage's channel count (64 as released; the feature
     dimension is ``8 * width``); tiny values make fast test models. ``level_norm`` is
-    ``"shared"`` (as released) or ``"per_level"`` (see :data:`LEVEL_NORMS`).
+    ``"shared"`` (as released) or ``"per_level"`` (see :data:`LEVEL_NORMS`). ``arch`` picks
+    the network (:data:`ARCHS`); ``HiFusion(config)`` builds whichever it names.
     """
 
     _what = "model configuration"
@@ -56,6 +60,7 @@ class ModelConfig(JsonDataclass):
     normalization: str = "log_relative"
     input_norm: str = "image"
     level_norm: str = "shared"
+    arch: str = "hifusion"
 
     def __post_init__(self) -> None:
         self.genes = [str(g) for g in self.genes]
@@ -112,6 +117,11 @@ class ModelConfig(JsonDataclass):
             problems.append(f"input_norm must be one of {INPUT_NORMS}")
         if self.level_norm not in LEVEL_NORMS:
             problems.append(f"level_norm must be one of {LEVEL_NORMS}, got {self.level_norm!r}")
+        if self.arch not in ARCHS:
+            problems.append(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.arch == "spot_resnet18" and self.levels != (1,):
+            problems.append(f"arch spot_resnet18 sees the whole spot only: levels must be (1,), "
+                            f"got {self.levels}")
         if problems:
             raise ConfigError("invalid model configuration: " + "; ".join(problems))
 
@@ -129,5 +139,6 @@ def tiny_config(genes: list[str] | int = 8, **overrides: Any) -> ModelConfig:
 
 
 __all__ = [
-    "ModelConfig", "tiny_config", "NORMALIZATIONS", "INPUT_NORMS", "LEVEL_NORMS", "HER2ST_MPP",
+    "ModelConfig", "tiny_config", "NORMALIZATIONS", "INPUT_NORMS", "LEVEL_NORMS", "ARCHS",
+    "HER2ST_MPP",
 ]

@@ -100,6 +100,13 @@ class HiFusion(nn.Module):
     float in ``[0, 1]`` (uint8 / 255), the region centred on the spot.
     """
 
+    def __new__(cls, config: ModelConfig | None = None, *args, **kwargs) -> nn.Module:
+        """``HiFusion(config)`` builds the network ``config.arch`` names (see :func:`build_model`),
+        so training and checkpoint loading handle the spot-only baseline without a second path."""
+        if cls is HiFusion and config is not None and config.arch != "hifusion":
+            return build_model(config)
+        return super().__new__(cls)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.validate()
@@ -168,6 +175,18 @@ class HiFusion(nn.Module):
             )
 
 
+def build_model(config: ModelConfig) -> nn.Module:
+    """The network ``config.arch`` names: :class:`HiFusion`, or the spot-only ResNet-18 baseline.
+
+    Every network takes ``(spot, region)`` and returns a :class:`HiFusionOutput`.
+    """
+    if config.arch == "spot_resnet18":
+        from .baselines import SpotOnly  # baselines builds on this module
+
+        return SpotOnly(config)
+    return HiFusion(config)
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (buffers such as BatchNorm statistics excluded)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
@@ -176,6 +195,7 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 __all__ = [
     "HiFusion",
     "HiFusionOutput",
+    "build_model",
     "hism_tiles",
     "assemble_tiles",
     "align_to",
