@@ -242,8 +242,8 @@ def bundled_model_path() -> Path:
 def load_model(
     source: str | os.PathLike = "bundled", device: str | torch.device = "cpu"
 ) -> tuple[HiFusion, Checkpoint]:
-    """A :class:`HiFusion` from a checkpoint path or ``"bundled"``, in eval mode on ``device``."""
-    from .model import HiFusion
+    """The network a checkpoint (a path or ``"bundled"``) describes, in eval mode on ``device``."""
+    from .model import build_model
 
     if str(source) == "bundled":
         source = bundled_model_path()
@@ -253,7 +253,7 @@ def load_model(
                 "reinstall napari-hifusion or give the path of a checkpoint"
             )
     ckpt = load_checkpoint(source)
-    model = HiFusion(ckpt.config)
+    model = build_model(ckpt.config)
     mismatch = _state_mismatch(model.state_dict(), ckpt.state_dict)
     if mismatch:
         raise CheckpointError(

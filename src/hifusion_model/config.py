@@ -37,7 +37,7 @@ class ModelConfig(JsonDataclass):
     ``width`` is the first ResNet stage's channel count (64 as released; the feature
     dimension is ``8 * width``); tiny values make fast test models. ``level_norm`` is
     ``"shared"`` (as released) or ``"per_level"`` (see :data:`LEVEL_NORMS`). ``arch`` picks
-    the network (:data:`ARCHS`); ``HiFusion(config)`` builds whichever it names.
+    the network (:data:`ARCHS`); ``model.build_model(config)`` builds whichever it names.
     """
 
     _what = "model configuration"

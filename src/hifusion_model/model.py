@@ -100,13 +100,6 @@ class HiFusion(nn.Module):
     float in ``[0, 1]`` (uint8 / 255), the region centred on the spot.
     """
 
-    def __new__(cls, config: ModelConfig | None = None, *args, **kwargs) -> nn.Module:
-        """``HiFusion(config)`` builds the network ``config.arch`` names (see :func:`build_model`),
-        so training and checkpoint loading handle the spot-only baseline without a second path."""
-        if cls is HiFusion and config is not None and config.arch != "hifusion":
-            return build_model(config)
-        return super().__new__(cls)
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.validate()

@@ -54,7 +54,7 @@ from .expression import select_top_genes
 from .io_utils import atomic_path
 from .losses import hifusion_loss
 from .metrics import evaluate_predictions
-from .model import HiFusion
+from .model import HiFusion, build_model
 from .recipes import DEFAULT_RECIPE, TrainConfig, get_recipe
 from .sections import read_section, section_name, section_slide
 
@@ -377,8 +377,8 @@ def _load_init(init: str | os.PathLike | None) -> Checkpoint | None:
 def gene_dependent_keys(config: ModelConfig) -> set[str]:
     """Weights whose shape depends on the number of genes (the heads), found by a meta build."""
     with torch.device("meta"):
-        ref = HiFusion(config).state_dict()
-        probe = HiFusion(config.replace(genes=[*config.genes, "__probe__"])).state_dict()
+        ref = build_model(config).state_dict()
+        probe = build_model(config.replace(genes=[*config.genes, "__probe__"])).state_dict()
     return {k for k in ref if ref[k].shape != probe[k].shape}
 
 
@@ -492,7 +492,7 @@ class _Trainer:
         self.dtype = autocast_dtype(device, recipe.precision, training=True)
 
         seed_everything(recipe.seed)  # identical initial weights on every rank
-        model = HiFusion(config)
+        model = build_model(config)
         self.reinitialised = _apply_init(model, init) if init is not None else []
         fresh = self.reinitialised if init is not None else gene_dependent_keys(config)
         start_heads_at_mean(model, fresh, data.train_mean)

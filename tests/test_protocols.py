@@ -1,0 +1,287 @@
+"""HER2ST protocols, baselines, ``hifusion benchmark her2st`` and the accuracy benchmark script.
+
+Plans are checked on a fake folder (file names only). Runs use the real sections C2, C3, C4,
+cut to 30 evenly spread spots, and a tiny model (56 px spots, width 8) trained for one epoch:
+they check the pipeline and the bookkeeping, not accuracy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hifusion_model.baselines import (
+    DEFAULT_ALPHAS,
+    FEATURE_NAMES,
+    SpotOnly,
+    fit_constant,
+    fit_ridge,
+    patch_features,
+    ridge_path,
+    section_features,
+    spot_only_config,
+    validation_masks,
+)
+from hifusion_model.checkpoint import load_checkpoint
+from hifusion_model.cli import main
+from hifusion_model.config import tiny_config
+from hifusion_model.errors import ConfigError, SectionError
+from hifusion_model.losses import hifusion_loss
+from hifusion_model.model import build_model
+from hifusion_model.protocols import (
+    cut_spots,
+    fit_network,
+    gene_panel,
+    import_sections,
+    plan_protocol,
+    predict_and_score,
+    run_protocol,
+    scan_her2st,
+)
+from hifusion_model.recipes import get_recipe
+from hifusion_model.sections import new_section
+
+N_SPOTS = 30
+IMAGED = ("B4", "C2", "C3", "C4")
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_her2st.py"
+
+
+def fake_her2st(folder: Path, imaged: tuple[str, ...] = IMAGED) -> Path:
+    """Empty files laid out like ../shared/data/her2st (34 sections, images for a few)."""
+    sections = [f"{p}{i}" for p, n in zip("ABCDEFGH", (6, 6, 4, 6, 3, 3, 3, 3)) for i in
+                range(1, n + 1)]
+    for sub in ("counts", "spots", "images"):
+        (folder / sub).mkdir(parents=True)
+    for s in sections:
+        (folder / "counts" / f"{s}.tsv.gz").touch()
+        (folder / "spots" / f"{s}_selection.tsv").touch()
+    for s in imaged:
+        (folder / "images" / f"{s}.jpg").touch()
+    return folder
+
+
+def tiny_recipe(**overrides):
+    return get_recipe("hifusion", epochs=1, batch_size=8, **overrides)
+
+
+# -- plans ------------------------------------------------------------------------------------
+
+
+def test_3d_plan_trains_on_the_first_imaged_section_and_says_what_it_skips(tmp_path):
+    plan = plan_protocol("3d", scan_her2st(fake_her2st(tmp_path)))
+    assert [(f.name, f.train, f.test) for f in plan.folds] == [
+        ("patient C", ("C2",), ("C3", "C4"))
+    ]
+    text = plan.describe()
+    assert "the paper trains on C1" in text
+    assert "patient B: only B4 is usable" in text
+    assert "patients A, D, E, F, G, H" in text
+
+
+def test_2d_plan_keeps_the_folds_with_imaged_sections(tmp_path):
+    plan = plan_protocol("2d", scan_her2st(fake_her2st(tmp_path)))
+    assert [(f.name, f.train, f.test) for f in plan.folds] == [
+        ("fold {B,F}", ("C2", "C3", "C4"), ("B4",)),
+        ("fold {C,G}", ("B4",), ("C2", "C3", "C4")),
+    ]
+    assert [s.split(":")[0] for s in plan.skipped] == ["fold {A,E}", "fold {D,H}"]
+    assert "trains on 3 of the 25 sections" in plan.notes[0]
+
+
+def test_plans_refuse_folders_they_cannot_run(tmp_path):
+    with pytest.raises(ConfigError, match="3d protocol cannot run.*only B4 is usable"):
+        plan_protocol("3d", scan_her2st(fake_her2st(tmp_path / "one", ("B4",))))
+    with pytest.raises(ConfigError, match="unknown protocol"):
+        plan_protocol("4d", scan_her2st(fake_her2st(tmp_path / "all")))
+    with pytest.raises(SectionError, match="not a HER2ST folder"):
+        scan_her2st(tmp_path)
+
+
+def _toy_section(genes: list[str], counts: np.ndarray, name: str):
+    n = len(counts)
+    xy = np.stack([np.arange(n) * 10.0, np.zeros(n)], axis=1)
+    return new_section(xy, slide="/nonexistent.tif", mpp=1.0, spot_diameter_um=100,
+                       name=name, source="test", counts=counts, genes=genes)
+
+
+def test_gene_panel_keeps_genes_every_test_section_measures():
+    train = _toy_section(["A", "B", "C"], np.array([[90, 5, 1], [90, 5, 2]]), "train")
+    test = _toy_section(["B", "C"], np.array([[1, 1]]), "test")
+    assert gene_panel([train], [test], 2) == ["B", "C"]  # A is top but unmeasured in test
+
+
+def test_cut_spots_spreads_over_the_section():
+    section = _toy_section(["A"], np.ones((100, 1)), "s")
+    cut = cut_spots(section, 5)
+    assert list(cut.obs_names) == [section.obs_names[i] for i in (0, 25, 50, 74, 99)]
+    assert cut_spots(section, 500) is section
+
+
+# -- baselines, no data ----------------------------------------------------------------------
+
+
+def test_ridge_path_solves_the_normal_equations():
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(40, 6)) * [1, 2, 3, 4, 5, 6], rng.normal(size=(40, 3))
+    for fit in ridge_path(X, Y, (0.1, 10.0)):
+        Xs = (X - X.mean(0)) / X.std(0)
+        expected = np.linalg.solve(Xs.T @ Xs + fit.alpha * np.eye(6), Xs.T @ (Y - Y.mean(0)))
+        np.testing.assert_allclose(fit.coef, expected, atol=1e-10)
+        np.testing.assert_allclose(fit.predict(X).mean(0), Y.mean(0), atol=1e-10)
+
+
+def test_patch_features_are_named_finite_and_read_texture():
+    rng = np.random.default_rng(0)
+    flat = np.full((56, 56, 3), 0.8)
+    noisy = np.clip(flat + rng.normal(0, 0.2, flat.shape), 0, 1)
+    f_flat, f_noisy = patch_features(flat, flat), patch_features(noisy, flat)
+    assert f_flat.shape == (len(FEATURE_NAMES),) and np.isfinite(f_noisy).all()
+    sobel = FEATURE_NAMES.index("sobel_mean")
+    assert f_flat[sobel] < 1e-12 and f_noisy[sobel] > 0.05
+    as_uint8 = np.round(noisy * 255).astype(np.uint8)
+    np.testing.assert_allclose(
+        patch_features(as_uint8, flat), patch_features(as_uint8 / 255, flat)
+    )
+
+
+def test_spot_only_model_is_built_from_its_config_and_its_loss_is_the_mse():
+    config = spot_only_config(tiny_config(5))
+    model = build_model(config)  # the engine's factory builds what the config names
+    assert isinstance(model, SpotOnly)
+    spot = torch.rand(3, 3, 56, 56)
+    out = model.eval()(spot, spot)
+    assert out.prediction.shape == (3, 5) and out.attention.shape == (3, 0, 1, 0)
+    target = torch.randn(3, 5)
+    terms = hifusion_loss(out, target, config)
+    assert terms.total.item() == pytest.approx(torch.mean((out.prediction - target) ** 2).item())
+    with pytest.raises(ConfigError, match="levels must be"):
+        config.replace(levels=(1, 2))
+
+
+# -- real data --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def work(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A work folder with C2, C3, C4 imported (the CLI test reuses these imports)."""
+    folder = tmp_path_factory.mktemp("benchmark")
+    import_sections(scan_her2st(her2st_dir), ("C2", "C3", "C4"), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sections(her2st_dir: Path, work: Path) -> dict:
+    return import_sections(scan_her2st(her2st_dir), ("C2", "C3", "C4"), work, max_spots=N_SPOTS)
+
+
+@pytest.fixture(scope="module")
+def tiny_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tiny_config(1).to_dict()
+    del d["genes"]
+    path = tmp_path_factory.mktemp("config") / "tiny.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+def test_3d_protocol_runs_end_to_end(her2st_dir: Path, sections: dict, tmp_path: Path):
+    plan = plan_protocol("3d", scan_her2st(her2st_dir))
+    recipe = tiny_recipe()
+    result = run_protocol(plan, sections, tmp_path, recipe=recipe, model_config=tiny_config(1),
+                          device="cpu", workers=0)
+    (fold,) = result["results"]
+    assert fold["train"] == ["C2"] and fold["n_genes"] == 250
+    per_section = fold["metrics"]["per_section"]
+    assert set(per_section) == {"C3", "C4"}
+    for m in per_section.values():
+        assert m["n_spots"] == N_SPOTS
+        assert all(np.isfinite(m[k]) for k in ("mse", "mae", "spot_pcc", "gene_pcc"))
+        assert set(m["genes"]) == {"ERBB2", "KRT19", "CD74"}
+        assert m["baseline"]["gene_pcc"] == 0.0
+    # the baselines' validation blocks are the very spots the engine held out
+    card = load_checkpoint(fold["training"]["checkpoint"]).card
+    held = validation_masks([sections["C2"]], recipe)[0]
+    assert card["sections"][0]["n_val"] == held.sum() > 0
+
+
+def test_constant_baseline_scores_zero_gene_pcc(sections: dict):
+    train, test = [sections["C2"]], {n: sections[n] for n in ("C3", "C4")}
+    genes = gene_panel(train, list(test.values()))
+    constant = fit_constant(train, genes, recipe=tiny_recipe())
+    metrics = predict_and_score(constant, test)
+    assert metrics["gene_pcc"] == 0.0
+    assert all(v == 0.0 for m in metrics["per_section"].values() for v in m["genes"].values())
+    assert metrics["mse"] == pytest.approx(metrics["baseline"]["mse"])
+    assert constant.info["n_train"] == N_SPOTS - validation_masks(train, tiny_recipe())[0].sum()
+
+
+def test_ridge_baseline_is_deterministic_and_finite(sections: dict):
+    config = tiny_config(1)
+    first, again = (section_features(sections["C3"], config) for _ in range(2))
+    assert first.shape == (N_SPOTS, len(FEATURE_NAMES))
+    np.testing.assert_array_equal(first, again)
+    train, test = [sections["C2"]], {"C3": sections["C3"]}
+    genes = gene_panel(train, list(test.values()), 50)
+    ridge = fit_ridge(train, genes, config.replace(genes=genes), recipe=tiny_recipe())
+    assert ridge.info["alpha"] in DEFAULT_ALPHAS
+    metrics = predict_and_score(ridge, test)
+    assert all(np.isfinite(metrics[k]) for k in ("mse", "mae", "spot_pcc", "gene_pcc"))
+
+
+def test_spot_only_cnn_trains_with_the_engine(sections: dict, tmp_path: Path):
+    train, test = [sections["C2"]], {"C3": sections["C3"]}
+    genes = gene_panel(train, list(test.values()), 20)
+    net = fit_network(train, genes, tmp_path / "spot.pt", recipe=tiny_recipe(),
+                      model_config=spot_only_config(tiny_config(1)), device="cpu", workers=0)
+    assert isinstance(net.model, SpotOnly) and net.info["arch"] == "spot_resnet18"
+    assert predict_and_score(net, test)["per_section"]["C3"]["n_spots"] == N_SPOTS
+
+
+def test_cli_benchmark_her2st_quick_run(her2st_dir, work, tiny_json, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["benchmark", "her2st", str(her2st_dir), "--protocol", "3d", "--epochs", "1",
+            "--batch-size", "8", "--model-config", str(tiny_json), "--work", str(work),
+            "--max-spots", str(N_SPOTS), "--workers", "0", "--device", "cpu", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "run   patient C: train C2 -> test C3, C4" in printed
+    assert "skip  patient B" in printed and "constant (train mean)" in printed
+    result = json.loads(out.read_text())
+    assert set(result["results"][0]["metrics"]["per_section"]) == {"C3", "C4"}
+    assert result["max_spots"] == N_SPOTS and result["skipped"]
+
+
+def test_cli_benchmark_help_says_what_runs(capsys):
+    with pytest.raises(SystemExit):
+        main(["benchmark", "her2st", "--help"])
+    text = capsys.readouterr().out
+    assert "train C2 -> test C3, C4" in text and "{D,H}" in text and "--max-spots" in text
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("accuracy_her2st", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_script_runs_in_pieces_and_merges(her2st_dir, work, tiny_json, tmp_path, capsys):
+    script, out = _script(), tmp_path / "acc.json"
+    common = ["--experiments", "3d-C", "--her2st", str(her2st_dir), "--work", str(work),
+              "--model-config", str(tiny_json), "--max-spots", str(N_SPOTS), "--out", str(out),
+              "--n-genes", "30", "--device", "cpu", "--workers", "0"]
+    assert script.main(["--variants", "e", *common]) == 0
+    assert script.main(["--variants", "d", *common]) == 0
+    result = json.loads(out.read_text())
+    variants = result["experiments"]["3d-C"]["variants"]
+    assert set(variants) == {"d", "e"}
+    assert variants["d"]["metrics"]["gene_pcc"] != 0 == variants["e"]["metrics"]["gene_pcc"]
+    table = capsys.readouterr().out
+    assert "| 3d-C | C3 | d: ridge" in table and "| 3d-C | all | e: constant" in table
+    # another data cut would make the merged table compare unlike things: refused
+    common[common.index("--max-spots") + 1] = str(N_SPOTS - 1)
+    assert script.main(["--variants", "e", *common]) == 2
