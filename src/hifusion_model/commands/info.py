@@ -88,13 +88,21 @@ def _num(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
 
 
-def _validation_lines(v: dict[str, Any]) -> list[tuple[str, str]]:
+def _test(ckpt: Checkpoint) -> tuple[str, dict[str, Any]]:
+    """Metrics on a held-out section, when the card records them (the bundled model does)."""
+    t = ckpt.card.get("test")
+    if not isinstance(t, dict) or not isinstance(t.get("metrics"), dict):
+        return "", {}
+    return f"Test ({t.get('section', '?')}, never seen)", t["metrics"]
+
+
+def _validation_lines(v: dict[str, Any], title: str = "Validation") -> list[tuple[str, str]]:
     if not v:
-        return [("Validation", "not recorded")]
+        return [(title, "not recorded")]
     base = v.get("baseline") or {}
     scope = f"{v.get('n_spots', '?')} spots, {v.get('n_sections', '?')} section(s)"
     lines = [
-        ("Validation", f"{scope}; constant-mean baseline in brackets"),
+        (title, f"{scope}; constant-mean baseline in brackets"),
         ("  gene PCC", f"{_num(v.get('gene_pcc'))} [{_num(base.get('gene_pcc'))}]"
                        "  (per gene across spots, the field's metric)"),
         ("  spot PCC", f"{_num(v.get('spot_pcc'))} [{_num(base.get('spot_pcc'))}]"
@@ -135,6 +143,9 @@ def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
         ("Date", _as_text(card.get("date"))),
         *_validation_lines(_validation(ckpt)),
     ]
+    title, test = _test(ckpt)
+    if test:
+        lines += _validation_lines(test, title)
     if card.get("notes"):
         lines.append(("Notes", _as_text(card["notes"])))
     width = max(len(label) for label, _ in lines) + 2
