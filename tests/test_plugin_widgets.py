@@ -57,7 +57,7 @@ def predict(qtbot, widget, model_path: Path, layer_name: str = "synthetic measur
     widget.predict.device.setCurrentText("cpu")
     assert widget.predict.predict() is not None
     wait_done(qtbot, widget.predict.jobs)
-    return widget.viewer.layers[f"{layer_name} predicted"]
+    return widget.viewer.layers[layer_name.removesuffix(" measured") + " predicted"]
 
 
 def test_opening_a_section_gives_aligned_layers(app) -> None:
@@ -218,6 +218,6 @@ def test_demo_shows_prediction_and_truth_side_by_side(qtbot, monkeypatch, sectio
     try:
         qtbot.waitUntil(lambda: "synthetic H&E (measured side)" in viewer.layers, timeout=TIMEOUT_MS)
         assert widget.genes.current_gene == "GENE2"
-        assert viewer.layers["synthetic measured predicted"]._face.color_properties.name == "GENE2"
+        assert viewer.layers["synthetic predicted"]._face.color_properties.name == "GENE2"
     finally:
         viewer.close()

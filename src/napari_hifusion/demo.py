@@ -40,7 +40,7 @@ def build_demo(model: str = "bundled", gene: str = DEMO_GENE, device: str = "aut
     from ._widgets import HiFusionWidget
 
     viewer = napari.Viewer(title="napari-hifusion demo", show=show)
-    viewer.window.resize(1600, 1000)
+    viewer.window.resize(1800, 1000)
     widget = HiFusionWidget(viewer)
     viewer.window.add_dock_widget(widget, name="HiFusion", area="right")
     viewer.open_sample("napari-hifusion", "her2st_c4")
@@ -54,6 +54,9 @@ def build_demo(model: str = "bundled", gene: str = DEMO_GENE, device: str = "aut
     def finish() -> None:
         widget.genes.set_gene(gene)
         widget.genes.set_side_by_side(True)
+        viewer.text_overlay.text = f"{gene}: predicted (left), measured (right)"
+        viewer.text_overlay.font_size = 14
+        viewer.text_overlay.visible = True
         predicted = getattr(widget.predict, "last_layer", None)
         if predicted is not None:
             viewer.layers.selection.active = predicted

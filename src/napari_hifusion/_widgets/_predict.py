@@ -141,7 +141,8 @@ class PredictPanel(QWidget):
             pd.DataFrame({SPOT_ID: np.asarray(section.obs_names, dtype=object)}),
             pd.DataFrame(predictions, columns=genes),
         ], axis=1)
-        name = f"{spots.name} predicted"
+        base = spots.name.removesuffix(" measured").removesuffix(" spots")
+        name = f"{base} predicted"
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
         data, kwargs, _ = points_layer_data(
