@@ -18,7 +18,7 @@ from typing import Any
 
 from ..io_utils import atomic_path
 from ..protocols import PROTOCOLS, import_sections, plan_protocol, run_protocol, scan_her2st
-from ..recipes import DEFAULT_RECIPE, PRECISIONS, RECIPES
+from ._options import add_device_options, add_recipe_options
 from .evaluate import format_table
 from .train import load_model_config, load_recipe
 
@@ -71,30 +71,8 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         help="folder for imported sections (reused on later runs) and models (default: a "
         "temporary folder, removed afterwards)",
     )
-    h.add_argument(
-        "--recipe",
-        default=DEFAULT_RECIPE,
-        metavar="NAME|FILE.json",
-        help=f"training recipe: {', '.join(RECIPES)} or a JSON file (default: {DEFAULT_RECIPE})",
-    )
-    h.add_argument("--epochs", type=int, help="number of epochs (default: the recipe's)")
-    h.add_argument("--batch-size", type=int, help="spots per batch (default: the recipe's)")
-    h.add_argument(
-        "--model-config",
-        type=Path,
-        metavar="FILE.json",
-        help="architecture as ModelConfig JSON (default: the released architecture)",
-    )
-    h.add_argument(
-        "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps"
-    )
-    h.add_argument(
-        "--precision", choices=PRECISIONS, help="autocast precision (default: the recipe's)"
-    )
-    h.add_argument(
-        "--bf16", action="store_const", const="bf16", dest="precision",
-        help="same as --precision bf16",
-    )
+    add_recipe_options(h)
+    add_device_options(h, "autocast precision (default: the recipe's)")
     h.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
     h.add_argument("--json", type=Path, metavar="OUT.json", help="write every number here")
     h.add_argument(

@@ -26,9 +26,9 @@ from ..inference import (
     predictions_to_anndata,
     write_predictions,
 )
-from ..recipes import PRECISIONS
 from ..sections import read_section, section_slide
 from ..slide import Slide
+from ._options import add_device_options
 
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
@@ -76,14 +76,9 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         metavar="UM_PER_PX",
         help="µm per full-resolution pixel (overrides the section's or the slide's)",
     )
-    p.add_argument(
-        "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps"
-    )
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (default)",
+    add_device_options(
+        p, "auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (default)",
+        precision_default="auto",
     )
     p.add_argument("--batch-size", type=int, default=32, help="spots per batch (default: 32)")
     p.add_argument("--workers", type=int, default=4, help="patch-reading threads (default: 4)")

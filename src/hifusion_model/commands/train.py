@@ -15,8 +15,9 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from ..recipes import DEFAULT_RECIPE, PRECISIONS, RECIPES, TrainConfig, get_recipe
+from ..recipes import TrainConfig, get_recipe
 from ..training import companion_paths, read_gene_list, train
+from ._options import add_device_options, add_recipe_options
 
 EPILOG = """\
 recipes:
@@ -52,17 +53,8 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, type=Path, metavar="MODEL.pt", help="checkpoint to write"
     )
-    p.add_argument(
-        "--recipe",
-        default=DEFAULT_RECIPE,
-        metavar="NAME|FILE.json",
-        help=f"training recipe: {', '.join(RECIPES)} or a JSON file (default: {DEFAULT_RECIPE})",
-    )
-    p.add_argument("--epochs", type=int, help="number of epochs (default: the recipe's)")
+    add_recipe_options(p)
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
-    p.add_argument(
-        "--batch-size", type=int, help="spots per batch and per process (default: the recipe's)"
-    )
     p.add_argument("--seed", type=int, help="random seed (default: the recipe's, 0)")
     p.add_argument(
         "--genes",
@@ -83,27 +75,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         action="store_true",
         help="continue the stopped run of --out (its stored recipe and genes are used)",
     )
-    p.add_argument(
-        "--model-config",
-        type=Path,
-        metavar="FILE.json",
-        help="architecture as ModelConfig JSON (e.g. a small model for quick runs)",
-    )
-    p.add_argument(
-        "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps"
-    )
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="autocast precision (default auto: bf16/fp16 on CUDA, fp32 elsewhere)",
-    )
-    p.add_argument(
-        "--bf16",
-        action="store_const",
-        const="bf16",
-        dest="precision",
-        help="same as --precision bf16 (fast on CPUs with AVX-512 BF16 or AMX)",
-    )
+    add_device_options(p, "autocast precision (default auto: bf16/fp16 on CUDA, fp32 elsewhere)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
     return p
 
