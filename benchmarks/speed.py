@@ -268,7 +268,7 @@ def training_step(model: nn.Module, config: ModelConfig, optimizer: torch.optim.
 
 def bench_training(setup: Setup) -> dict[str, Any]:
     dev, recipe = setup.device, get_recipe()
-    dtype = autocast_dtype(dev, recipe.precision)
+    dtype = autocast_dtype(dev, recipe.precision, training=True)
     p = real_patches(setup)
     if "target" not in p:
         g = torch.Generator().manual_seed(0)

@@ -108,6 +108,7 @@ def test_device_and_precision_rules() -> None:
     cpu = resolve_device("cpu")
     assert cpu.type == "cpu" and resolve_device("auto").type in ("cpu", "cuda", "mps")
     assert autocast_dtype(cpu, "fp32") is None and autocast_dtype(cpu, "bf16") is torch.bfloat16
+    assert autocast_dtype(cpu, "auto", training=True) is None
     assert autocast_dtype(cpu, "auto") is (torch.bfloat16 if cpu_has_native_bf16() else None)
     with pytest.raises(ConfigError, match="fp16 autocast is for GPUs"):
         autocast_dtype(cpu, "fp16")

@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .serialization import JsonDataclass
 
 OPTIMIZERS = ("adam", "adamw")
-#: ``auto``: bf16 (or fp16 + loss scaling) autocast on CUDA, bf16 on CPUs with native bf16, else fp32.
+#: ``auto``: bf16 (or fp16 + loss scaling) autocast on CUDA, fp32 elsewhere.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: ``epoch`` steps the cosine once per epoch (as released); ``step`` once per batch.
 LR_STEPS = ("epoch", "step")

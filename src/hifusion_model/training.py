@@ -489,7 +489,7 @@ class _Trainer:
         self.device, self.info, self.workers, self.card = device, info, workers, card
         self.progress, self.should_stop, self.on_epoch = progress, should_stop, on_epoch
         self.paths = companion_paths(out)
-        self.dtype = autocast_dtype(device, recipe.precision)
+        self.dtype = autocast_dtype(device, recipe.precision, training=True)
 
         seed_everything(recipe.seed)  # identical initial weights on every rank
         model = build_model(config)

@@ -75,8 +75,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         action="store_true",
         help="continue the stopped run of --out (its stored recipe and genes are used)",
     )
-    add_device_options(p, "autocast precision (default auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, "
-                          "else fp32)")
+    add_device_options(p, "autocast precision (default auto: bf16/fp16 on CUDA, fp32 elsewhere)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
     return p
 
