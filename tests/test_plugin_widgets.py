@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari.utils.colormaps import ensure_colormap
 from napari_hifusion import _jobs, _sample_data
-from napari_hifusion._layers import PREDICTION, TRUTH, kind
+from napari_hifusion._layers import PREDICTION, TRUTH, kind, meta
 from napari_hifusion._testing import MPP, synthetic_section, tiny_checkpoint
 from napari_hifusion._widgets import HiFusionWidget
 
@@ -115,8 +116,13 @@ def test_gene_switch_recolours_both_layers_in_place(app, qtbot, model_path) -> N
     assert label.startswith("ERBB2") and "val PCC +0.90" in label
     widget.genes.set_gene("GENE5")
     assert len(viewer.layers) == n_layers
-    assert pred._face.color_properties.name == truth._face.color_properties.name == "GENE5"
-    assert pred.face_contrast_limits == truth.face_contrast_limits
+    assert meta(pred)["color_by"] == meta(truth)["color_by"] == "GENE5"
+    assert meta(pred)["limits"] == meta(truth)["limits"]
+    lo, hi = meta(pred)["limits"]  # both layers on one scale: equal values, equal colours
+    brightest = np.argmax(pred.features["GENE5"].to_numpy())
+    assert pred.features["GENE5"].iloc[brightest] >= hi - 1e-6
+    np.testing.assert_allclose(pred.face_color[brightest],
+                               ensure_colormap(meta(pred)["colormap"]).map(np.array([1.0]))[0])
     assert not np.allclose(pred.face_color, before[0]) and not np.allclose(truth.face_color, before[1])
     pcc, n = widget.genes.pcc("GENE5")
     assert n == len(truth.data) and -1 <= pcc <= 1
@@ -218,6 +224,6 @@ def test_demo_shows_prediction_and_truth_side_by_side(qtbot, monkeypatch, sectio
     try:
         qtbot.waitUntil(lambda: "synthetic H&E (measured side)" in viewer.layers, timeout=TIMEOUT_MS)
         assert widget.genes.current_gene == "GENE2"
-        assert viewer.layers["synthetic predicted"]._face.color_properties.name == "GENE2"
+        assert meta(viewer.layers["synthetic predicted"])["color_by"] == "GENE2"
     finally:
         viewer.close()

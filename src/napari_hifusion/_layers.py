@@ -14,12 +14,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from napari.utils.colormaps import ensure_colormap
 
 from hifusion_model.errors import SectionError
 from hifusion_model.sections import new_section, section_mpp, section_name, section_slide_path
 
 #: Key of our metadata in ``layer.metadata``.
 META = "hifusion"
+#: Face colour of spots without a value for the shown gene (e.g. added by hand).
+NO_VALUE_COLOR = (0.5, 0.5, 0.5, 1.0)
 #: Kinds of points layers; truth and prediction layers are coloured together by the Genes panel.
 SPOTS, TRUTH, PREDICTION = "spots", "truth", "prediction"
 #: At most this many measured genes become features of a truth layer (the model default).
@@ -219,12 +222,18 @@ def robust_limits(columns: Sequence[Any]) -> tuple[float, float]:
 
 
 def color_points(points: Any, gene: str, limits: tuple[float, float], colormap: str) -> None:
-    """Recolour ``points`` in place by the feature ``gene``.
+    """Recolour ``points`` in place by its feature column ``gene`` (one pass over the spots).
 
-    Each of these setters recomputes every spot's colour, so set only what changed, limits
-    before the gene (measured on 50,000 spots × 250 genes: ~96 ms with all four, ~41 ms so).
+    napari's feature-driven colouring recomputes every spot's colour once per setter
+    (``face_color``, ``face_colormap``, ``face_contrast_limits``): ~190 ms a gene switch on
+    50,000 spots × 250 genes. Mapping the one column ourselves costs a single pass. Spots
+    without a value (added by hand) are grey. The gene, limits and colormap shown are kept in
+    the layer's metadata.
     """
-    if points.face_colormap.name != colormap:
-        points.face_colormap = colormap
-    points.face_contrast_limits = limits
-    points.face_color = gene
+    values = points.features[gene].to_numpy(dtype=np.float64)
+    lo, hi = limits
+    scaled = np.clip((values - lo) / ((hi - lo) or 1.0), 0.0, 1.0)
+    colors = ensure_colormap(colormap).map(np.nan_to_num(scaled))
+    colors[~np.isfinite(values)] = NO_VALUE_COLOR
+    points.face_color = colors
+    meta(points).update(color_by=gene, limits=(float(lo), float(hi)), colormap=colormap)
