@@ -294,3 +294,9 @@ def test_bad_inputs_raise_clear_errors(section: Path, tmp_path: Path) -> None:
         _train(section, tmp_path / "m.pt", recipe=tiny_recipe(batch_size=64))
     with pytest.raises(SectionError, match="section file not found"):
         _train(tmp_path / "missing.h5ad", tmp_path / "m.pt")
+
+
+def test_recipes_choose_the_hism_batchnorm_statistics() -> None:
+    """Ours keeps per-level statistics (eval matches training); the released recipe shares them."""
+    assert get_recipe("hifusion").level_norm == "per_level"
+    assert get_recipe("released").level_norm == "shared"

@@ -70,7 +70,9 @@ class LevelBatchNorm2d(nn.BatchNorm2d):
         """Copy level 0's running statistics to every other level (e.g. after loading weights)."""
         self.level_running_mean.copy_(self.running_mean.expand_as(self.level_running_mean))
         self.level_running_var.copy_(self.running_var.expand_as(self.level_running_var))
-        self.level_num_batches_tracked.fill_(int(self.num_batches_tracked))
+        self.level_num_batches_tracked.copy_(
+            self.num_batches_tracked.expand_as(self.level_num_batches_tracked)
+        )  # a tensor copy, not .item(): also works on the meta device (shape probes)
 
     def _statistics(self) -> tuple[Tensor, Tensor, Tensor]:
         """Views of the active level's buffers: F.batch_norm updates them in place."""
