@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import HiFusionError, SectionError, SlideError
-from .sections import check_spots_inside, new_section
+from .sections import check_spots_inside, new_section, read_h5ad
 from .slide import Slide
 
 #: Centre-to-centre distance of legacy Spatial Transcriptomics spots (µm).
@@ -488,14 +488,7 @@ def import_hest(
     the image's metadata.
     """
     path = Path(h5ad).expanduser()
-    if not path.is_file():
-        raise SectionError(f"{path}: HEST .h5ad not found")
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as e:  # h5py/anndata raise many types for a file that is not an .h5ad
-        raise SectionError(
-            f"{path}: cannot read as an AnnData .h5ad ({type(e).__name__}: {e})"
-        ) from e
+    adata = read_h5ad(path, "HEST .h5ad not found")
     meta, meta_path = _hest_metadata(path, metadata_json)
     spatial = _hest_spatial(adata, path)
     _check_unique(adata.obs_names, path, "AnnData")

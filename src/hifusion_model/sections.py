@@ -156,17 +156,22 @@ def _check_counts(adata: ad.AnnData, source: str | os.PathLike) -> None:
         )
 
 
-def read_section(path: str | os.PathLike) -> ad.AnnData:
-    """Read and validate a section; ``uns['hifusion']['slide_abs']`` is the resolved slide path."""
-    path = Path(path)
+def read_h5ad(path: Path, missing: str) -> ad.AnnData:
+    """``anndata.read_h5ad`` with a :class:`SectionError` naming the file (``missing``: why/how)."""
     if not path.is_file():
-        raise SectionError(f"{path}: section file not found; create one with `hifusion import`")
+        raise SectionError(f"{path}: {missing}")
     try:
-        adata = ad.read_h5ad(path)
+        return ad.read_h5ad(path)
     except Exception as e:  # h5py/anndata raise many types for a file that is not an .h5ad
         raise SectionError(
             f"{path}: cannot read as an AnnData .h5ad ({type(e).__name__}: {e})"
         ) from e
+
+
+def read_section(path: str | os.PathLike) -> ad.AnnData:
+    """Read and validate a section; ``uns['hifusion']['slide_abs']`` is the resolved slide path."""
+    path = Path(path)
+    adata = read_h5ad(path, "section file not found; create one with `hifusion import`")
     validate_section(adata, path)
     meta = adata.uns[UNS_KEY]
     slide = Path(str(meta["slide"])).expanduser()
