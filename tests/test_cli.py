@@ -133,25 +133,12 @@ def test_predict_on_a_bare_slide_with_a_grid(
 ) -> None:
     slide = synthetic_slide(tmp_path / "bare.tif")
     pred = tmp_path / "pred.h5ad"
-    assert (
-        main(
-            [
-                "predict",
-                str(slide),
-                "--grid",
-                "hex:100",
-                "--mpp",
-                "2",
-                "--model",
-                str(tiny_model),
-                "--out",
-                str(pred),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    def predict_on_slide(*spots: str) -> int:
+        argv = ["predict", str(slide), *spots, "--mpp", "2", "--model", str(tiny_model),
+                "--out", str(pred), "--device", "cpu"]
+        return main(argv)
+
+    assert predict_on_slide("--grid", "hex:100") == 0
     assert "no truth" in capsys.readouterr().out
     adata = ad.read_h5ad(pred)
     assert adata.n_obs > 5 and "truth" not in adata.layers and adata.uns["hifusion"]["mpp"] == 2.0
@@ -159,25 +146,7 @@ def test_predict_on_a_bare_slide_with_a_grid(
     assert "no measured truth" in err
 
     (tmp_path / "spots.csv").write_text("id,x,y\na,250,250\nb,300,200\n")
-    assert (
-        main(
-            [
-                "predict",
-                str(slide),
-                "--spots",
-                str(tmp_path / "spots.csv"),
-                "--mpp",
-                "2",
-                "--model",
-                str(tiny_model),
-                "--out",
-                str(pred),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert predict_on_slide("--spots", str(tmp_path / "spots.csv")) == 0
     adata = ad.read_h5ad(pred)
     assert list(adata.obs_names) == ["a", "b"] and adata.obsm["spatial"].tolist() == [
         [250, 250],

@@ -381,23 +381,16 @@ def test_csv_errors(tmp_path):
 # ---------------------------------------------------------------------------------- CLI
 
 
+def _her2st_argv(image, counts, spots, out, *extra: str) -> list[str]:
+    """``hifusion import her2st`` arguments for files written by ``_write_st``."""
+    return ["import", "her2st", "--image", str(image), "--counts", str(counts),
+            "--spots", str(spots), *extra, "--out", str(out)]
+
+
 def test_cli_her2st(st, tmp_path, capsys):
     image, counts, spots = _write_st(st)
     out = tmp_path / "S1.h5ad"
-    rc = main(
-        [
-            "import",
-            "her2st",
-            "--image",
-            str(image),
-            "--counts",
-            str(counts),
-            "--spots",
-            str(spots),
-            "--out",
-            str(out),
-        ]
-    )
+    rc = main(_her2st_argv(image, counts, spots, str(out)))
     assert rc == 0
     line = capsys.readouterr().out.strip()
     assert "22 spots, 4 genes" in line and "array geometry" in line and "\n" not in line
@@ -408,22 +401,7 @@ def test_cli_her2st(st, tmp_path, capsys):
 def test_cli_reports_dropped_spots_and_mismatch(st, tmp_path, capsys):
     image, counts, spots = _write_st(st)
     _shared(st, 14, 6)
-    rc = main(
-        [
-            "import",
-            "her2st",
-            "--image",
-            str(image),
-            "--counts",
-            str(counts),
-            "--spots",
-            str(spots),
-            "--mpp",
-            "0.5",
-            "--out",
-            str(tmp_path / "S1.h5ad"),
-        ]
-    )
+    rc = main(_her2st_argv(image, counts, spots, str(tmp_path / "S1.h5ad"), "--mpp", "0.5"))
     captured = capsys.readouterr()
     assert rc == 0 and "(--mpp)" in captured.out
     assert "left out: 9 spots without counts, 6 counts without spot" in captured.out
@@ -443,20 +421,7 @@ def test_cli_refuses_to_overwrite_an_input(tmp_path, capsys):
 def test_cli_errors_are_one_line(st, capsys):
     st["table"] = st["table"].drop(columns=["new_x", "new_y"])
     image, counts, spots = _write_st(st)
-    rc = main(
-        [
-            "import",
-            "her2st",
-            "--image",
-            str(image),
-            "--counts",
-            str(counts),
-            "--spots",
-            str(spots),
-            "--out",
-            str(image.with_name("x.h5ad")),
-        ]
-    )
+    rc = main(_her2st_argv(image, counts, spots, str(image.with_name("x.h5ad"))))
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "unknown µm/px" in err
     assert not image.with_name("x.h5ad").exists()
