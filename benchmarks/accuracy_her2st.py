@@ -99,7 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiments", default=",".join(EXPERIMENTS),
                    type=lambda v: _choices(v, list(EXPERIMENTS), "experiment"),
                    help=f"comma-separated experiments (default: {','.join(EXPERIMENTS)})")
-    p.add_argument("--epochs", type=int, help="epochs of variants a and c (default: 10)")
+    p.add_argument("--epochs", type=int, help="epochs of variants a and c (default: the recipe's 20)")
     p.add_argument("--released-epochs", type=int,
                    help="epochs of variant b (default: the released 50)")
     p.add_argument("--batch-size", type=int, help="spots per batch (default: the recipes' 32)")

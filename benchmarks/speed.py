@@ -4,8 +4,8 @@ Sections (``--sections 1,2,3,4,5``, all by default):
 
 1. model-only inference, spots/s at ``--batch-size``: yardstick (fp32, NCHW, ``no_grad``) vs ours
    (as :func:`~hifusion_model.inference.predict_section` runs it: channels-last,
-   ``inference_mode``, bf16 autocast where native), plus ours in fp32 to show where the gain
-   comes from; ours' predictions checked against the fp32 yardstick's (per-gene PCC, metrics);
+   ``inference_mode``, bf16 autocast where native, 8-spot chunks on the CPU), plus ours in fp32
+   and ours on whole batches to show where the gain and the chunking's cost come from; ours' predictions checked against the fp32 yardstick's (per-gene PCC, metrics);
 2. training spots/s, one optimiser step per batch, yardstick vs ours (as the trainer steps);
 3. end to end on a real section (patch reading + model, through ``predict_section`` and through
    the ``hifusion predict`` command) against model-only time on the same spots;
@@ -52,7 +52,7 @@ from hifusion_model.config import ModelConfig, tiny_config
 from hifusion_model.dataset import SpotDataset
 from hifusion_model.devices import autocast, autocast_dtype, cpu_has_native_bf16, resolve_device
 from hifusion_model.expression import counts_matrix, normalize_counts, select_top_genes
-from hifusion_model.inference import predict_section, prefetch_batches
+from hifusion_model.inference import predict_batch, predict_section, prefetch_batches
 from hifusion_model.losses import hifusion_loss
 from hifusion_model.metrics import evaluate_predictions, gene_pcc
 from hifusion_model.model import HiFusion
@@ -179,18 +179,15 @@ def yardstick_inference(model: nn.Module, batches: Batches) -> Callable[[], np.n
 
 
 def our_inference(model: nn.Module, batches: Batches, device: torch.device,
-                  dtype: torch.dtype | None) -> Callable[[], np.ndarray]:
-    """The model path of ``predict_section``: channels-last inputs, inference mode, autocast."""
-    model.eval()
+                  dtype: torch.dtype | None, chunk: int | None = None) -> Callable[[], np.ndarray]:
+    """The model path of ``predict_section`` (:func:`predict_batch`), ``chunk`` spots per call."""
+    model = model.to(memory_format=CL).eval()
 
     def run() -> np.ndarray:
-        out = []
         with torch.inference_mode():
-            for s, r in batches:
-                with autocast(device, dtype):
-                    out.append(model(s.contiguous(memory_format=CL),
-                                     r.contiguous(memory_format=CL)).prediction.float())
-        return torch.cat(out).cpu().numpy()
+            return np.concatenate([
+                predict_batch(model, {"spot": s, "region": r}, device, dtype, chunk)
+                for s, r in batches])
     return run
 
 
@@ -215,6 +212,9 @@ def bench_inference(setup: Setup) -> dict[str, Any]:
     }
     if dtype is not None:
         variants["ours_fp32"] = our_inference(our_model(setup), batches, dev, None)
+    if dev.type == "cpu":  # is the CPU chunking free? the same model on whole batches
+        variants["ours_whole_batch"] = our_inference(our_model(setup), batches, dev, dtype,
+                                                     chunk=setup.batch_size)
     runs = {name: counted(predict, preds, name) for name, predict in variants.items()}
     rates = interleaved(runs, setup.repeats, dev)
     result: dict[str, Any] = {

@@ -13,7 +13,7 @@ for s in B4 C2 C3 C4; do
     --counts "$D/counts/$s.tsv.gz" --spots "$D/spots/${s}_selection.tsv" --out runs/her2st/$s.h5ad
 done
 .venv/bin/hifusion train runs/her2st/B4.h5ad runs/her2st/C2.h5ad runs/her2st/C3.h5ad \
-  --out $W/her2st_hifusion.pt --epochs 12 --bf16 --workers 1
+  --out $W/her2st_hifusion.pt --bf16 --workers 1
 .venv/bin/hifusion predict runs/her2st/C4.h5ad --model $W/her2st_hifusion.pt --out $W/C4.pred.h5ad
 .venv/bin/hifusion evaluate $W/C4.pred.h5ad --json > $W/C4.eval.json
 .venv/bin/python scripts/package_bundled_model.py $W/her2st_hifusion.pt \

@@ -21,6 +21,7 @@ from hifusion_model.devices import autocast_dtype, cpu_has_native_bf16, resolve_
 from hifusion_model.errors import Cancelled, ConfigError, SectionError, SlideError
 from hifusion_model.expression import counts_matrix, normalize_counts
 from hifusion_model.inference import (
+    CPU_CHUNK,
     check_section_genes,
     grid_section,
     predict_section,
@@ -124,8 +125,9 @@ def test_predict_section_matches_a_plain_forward_pass(section_path: Path, model_
     model, ckpt = load_model(model_file)
     section = read_section(section_path)
     slide = section_slide(section)
+    assert CPU_CHUNK < 20  # batches of 20 run as 8 + 8 + 4 on the CPU: chunks stitch exactly
     pred = predict_section(
-        model, ckpt, section, slide, batch_size=7, device="cpu", precision="fp32", workers=2
+        model, ckpt, section, slide, batch_size=20, device="cpu", precision="fp32", workers=2
     )
     samples = [SpotDataset(section, slide, ckpt.config)[i] for i in range(section.n_obs)]
     with torch.no_grad():

@@ -32,7 +32,7 @@ from .config import ModelConfig
 from .dataset import SpotDataset
 from .errors import ConfigError, SectionError
 from .expression import counts_matrix, normalize_counts
-from .model import HiFusionOutput, zscore_per_channel
+from .model import HiFusionOutput, full_precision, zscore_per_channel
 from .recipes import TrainConfig
 from .sections import section_name, section_slide
 from .training import mixed_seed, spatial_block_split
@@ -87,7 +87,9 @@ class SpotOnly(nn.Module):
             )
         x = zscore_per_channel(spot) if self.config.input_norm == "image" else spot
         features = self.spot_encoder(x)
-        prediction = self.head(features.mean(dim=(-2, -1)))
+        with full_precision(spot.device):  # as in HiFusion: the head in fp32 under autocast
+            features = features.float()
+            prediction = self.head(features.mean(dim=(-2, -1)))
         return HiFusionOutput(
             prediction=prediction,
             level_predictions=[prediction],

@@ -38,6 +38,9 @@ from .grids import GRID_DEFAULTS, spot_grid, tissue_mask
 from .sections import UNS_KEY, new_section, section_name, section_slide_path
 
 Progress = Callable[[int, int, str], None]
+#: Spots per model call on the CPU. A batch of 32 peaks at ~2.5 GB of activations (448-px
+#: regions through a ResNet) and runs no faster there than four calls of 8 (BENCHMARKS.md).
+CPU_CHUNK = 8
 #: Keys of ``uns['hifusion']`` carried from the section into a prediction file.
 SECTION_KEYS = ("slide", "mpp", "spot_diameter_um", "name", "source")
 
@@ -99,6 +102,7 @@ def predict_section(
 
     ``model`` is moved to ``device`` (``auto``: CUDA, MPS, then CPU) and put in eval mode.
     ``precision``: ``auto`` (bf16 where native), ``fp32``, ``bf16`` or ``fp16`` (GPU).
+    ``batch_size`` spots are read together; the CPU runs them :data:`CPU_CHUNK` at a time.
     """
     config = _config_of(ckpt_or_config)
     if section.n_obs == 0:
@@ -118,14 +122,9 @@ def predict_section(
                 raise Cancelled(
                     f"prediction of {section_name(section)!r} stopped after {done} spots"
                 )
-            spot, region = (
-                batch[k].to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                for k in ("spot", "region")
-            )
-            with autocast(dev, dtype):
-                pred = model(spot, region).prediction
-            out[done : done + len(pred)] = pred.float().cpu().numpy()
-            done += len(pred)
+            n = len(batch["spot"])
+            out[done : done + n] = predict_batch(model, batch, dev, dtype)
+            done += n
             if progress is not None:
                 progress(
                     done, section.n_obs, f"{section_name(section)}: {done}/{section.n_obs} spots"
@@ -133,6 +132,26 @@ def predict_section(
     finally:
         batches.close()
     return out
+
+
+def predict_batch(model: nn.Module, batch: dict[str, Any], dev: torch.device,
+                  dtype: torch.dtype | None, chunk: int | None = None) -> np.ndarray:
+    """Predictions ``(n, G)`` float32 for a batch of ``spot`` and ``region`` tensors.
+
+    The model sees ``chunk`` spots per call (default: :data:`CPU_CHUNK` on the CPU, the whole
+    batch elsewhere) in channels-last layout under ``dtype`` autocast; call it in inference mode.
+    """
+    step = chunk or (CPU_CHUNK if dev.type == "cpu" else len(batch["spot"]))
+    parts = []
+    for start in range(0, len(batch["spot"]), step):
+        spot, region = (
+            batch[k][start : start + step].to(dev, non_blocking=True)
+            .contiguous(memory_format=torch.channels_last)
+            for k in ("spot", "region")
+        )
+        with autocast(dev, dtype):
+            parts.append(model(spot, region).prediction.float().cpu().numpy())
+    return np.concatenate(parts)
 
 
 # -- inputs -----------------------------------------------------------------------------------

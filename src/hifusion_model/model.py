@@ -13,6 +13,7 @@ level: 224-px spots and 32-px tiles differ too much for one set to serve both in
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,11 @@ def encode_level(encoder: nn.Module, spot: Tensor, k: int) -> Tensor:
     return features.contiguous(memory_format=_memory_format(spot))  # 1×1 tiles lose the format
 
 
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Suspend autocast: the layers after the encoders cost little and lose most in bf16."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def zscore_per_channel(x: Tensor, eps: float = NORM_EPS) -> Tensor:
     """Standardise each image and channel to mean 0, std 1 (as released; no ImageNet stats)."""
     x32 = x.float()  # statistics in float32 even for half inputs
@@ -122,17 +128,19 @@ class HiFusion(nn.Module):
         spot, region = self._normalize(spot), self._normalize(region)
 
         features = self.encode_spot(spot)
-        level_predictions = [self.level_head(f.mean(dim=(-2, -1))) for f in features]
-        fusion_weights = self.level_logits.softmax(dim=0)
-        fused = sum(w * f for w, f in zip(fusion_weights, features))
-
-        query = self.region_encoder(region).mean(dim=(-2, -1)).unsqueeze(1)  # (B, 1, C)
-        tokens = F.adaptive_avg_pool2d(fused, self.config.token_grid).flatten(2).transpose(1, 2)
-        attended, attention = self.cross_attention(
-            query, tokens.to(query.dtype), tokens.to(query.dtype),
-            need_weights=True, average_attn_weights=False,
-        )
-        prediction = self.head((attended + query).squeeze(1))
+        region_map = self.region_encoder(region)
+        with full_precision(spot.device):  # the cheap tail: bf16 here costs accuracy, not time
+            features = [f.float() for f in features]
+            level_predictions = [self.level_head(f.mean(dim=(-2, -1))) for f in features]
+            fusion_weights = self.level_logits.softmax(dim=0)
+            fused = sum(w * f for w, f in zip(fusion_weights, features))
+            query = region_map.float().mean(dim=(-2, -1)).unsqueeze(1)  # (B, 1, C)
+            tokens = F.adaptive_avg_pool2d(fused, self.config.token_grid)
+            tokens = tokens.flatten(2).transpose(1, 2)
+            attended, attention = self.cross_attention(
+                query, tokens, tokens, need_weights=True, average_attn_weights=False
+            )
+            prediction = self.head((attended + query).squeeze(1))
         return HiFusionOutput(prediction, level_predictions, features, fusion_weights, attention)
 
     def encode_spot(self, spot: Tensor) -> list[Tensor]:
@@ -194,5 +202,6 @@ __all__ = [
     "align_to",
     "encode_level",
     "zscore_per_channel",
+    "full_precision",
     "count_parameters",
 ]

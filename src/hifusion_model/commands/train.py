@@ -22,7 +22,7 @@ from ._options import add_device_options, add_recipe_options
 EPILOG = """\
 recipes:
   hifusion   ours (default): AdamW 3e-4, weight decay 1e-2, head dropout 0.2, mild colour
-             jitter, 1-epoch warm-up + cosine, 10 epochs, batch 32
+             jitter, 1-epoch warm-up + cosine, 20 epochs, batch 16
   released   the paper's: Adam 1e-3, weight decay 1e-5, cosine to 1e-6 per epoch, 50 epochs,
              batch 32, flips and rotations only
   FILE.json  a recipe written by TrainConfig.to_json (e.g. from a checkpoint's card)

@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
 )
 
 from hifusion_model.errors import ConfigError, SectionError
+from hifusion_model.recipes import get_recipe
 
 from .._jobs import JobContext, JobRunner, guarded
 from .._layers import TRUTH, kind, section_from_points
@@ -51,10 +52,11 @@ class TrainPanel(QWidget):
         self.validation = QComboBox()
         self.architecture = QComboBox()
         self.architecture.addItems(ARCHITECTURES)
-        self.epochs = spin(10, 1, 1000)
-        self.lr = spin(3e-4, 1e-6, 1.0, step=1e-4, decimals=6, tooltip="peak learning rate (AdamW)")
+        default = get_recipe()
+        self.epochs = spin(default.epochs, 1, 1000)
+        self.lr = spin(default.lr, 1e-6, 1.0, step=1e-4, decimals=6, tooltip="peak learning rate (AdamW)")
         self.n_genes = spin(250, 1, 5000, tooltip="predict this many most expressed genes")
-        self.batch_size = spin(32, 2, 1024)
+        self.batch_size = spin(default.batch_size, 2, 1024)
         self.out = QLineEdit(str(Path.home() / "hifusion_model.pt"))
         self.table = QLabel("no run yet")
         self.table.setTextFormat(Qt.RichText)
@@ -125,7 +127,6 @@ class TrainPanel(QWidget):
     @guarded("Training")
     def train(self) -> Any:
         """Train on the checked sections; returns the worker."""
-        from hifusion_model.recipes import get_recipe
         from hifusion_model.training import train
 
         held_out = self.validation.currentText()
