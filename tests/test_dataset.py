@@ -10,7 +10,7 @@ import tifffile
 import torch
 
 from hifusion_model.config import tiny_config
-from hifusion_model.dataset import Augment, SpotDataset, spot_loader
+from hifusion_model.dataset import Augment, SpotDataset, as_unit_float, spot_loader
 from hifusion_model.errors import ConfigError, SectionError, SlideError
 from hifusion_model.sections import new_section
 from hifusion_model.slide import Slide
@@ -73,6 +73,17 @@ def test_sample_shapes_pixels_and_targets(section, slide, config, image):
     np.testing.assert_allclose(targets.numpy(), expected, rtol=1e-6)
     with pytest.raises(IndexError):
         data[4]
+
+
+def test_raw_patches_are_the_same_pixels_as_uint8(section, slide, config):
+    raw, unit = SpotDataset(section, slide, config, raw=True)[1], SpotDataset(section, slide,
+                                                                              config)[1]
+    for key in ("spot", "region"):
+        assert raw[key].dtype == torch.uint8
+        torch.testing.assert_close(as_unit_float(raw[key]), unit[key], rtol=0, atol=1e-7)
+        assert as_unit_float(unit[key]) is unit[key]
+    with pytest.raises(ConfigError, match="cannot be augmented"):
+        SpotDataset(section, slide, config, augment=Augment(), raw=True)
 
 
 def test_without_genes_there_is_no_target_and_edges_are_white(section, slide, config):

@@ -2,8 +2,8 @@
 
 Patches are cut in micrometres, so a model sees the same tissue extent whatever the scanner:
 ``config.spot_um`` µm resampled to ``config.spot_px`` px, ``config.region_um`` µm to
-``config.region_px`` px, both centred on the spot. Images leave here as float32 in ``[0, 1]``;
-per-image standardisation happens inside the model (``config.input_norm``), so training and
+``config.region_px`` px, both centred on the spot. Images leave here as float32 in ``[0, 1]``
+(uint8 for inference, which converts per model call); per-image standardisation happens inside the model (``config.input_norm``), so training and
 inference feed exactly the same thing.
 """
 
@@ -80,15 +80,20 @@ class SpotDataset(Dataset):
     """``{"spot", "region", "target", "index"}`` for each spot of a section on its slide.
 
     ``spot`` is ``(3, spot_px, spot_px)``, ``region`` ``(3, region_px, region_px)``, float32 in
-    ``[0, 1]``; ``target`` is the ``(G,)`` normalised counts of ``genes`` (absent when
-    ``genes`` is None, e.g. for prediction on a bare grid). Targets are computed once here;
-    patches are read on demand, touching only the tiles under them.
+    ``[0, 1]``, or uint8 with ``raw=True`` (a quarter of the memory while batches queue up for
+    the model; :func:`as_unit_float` converts them); ``target`` is the ``(G,)`` normalised
+    counts of ``genes`` (absent when ``genes`` is None, e.g. for prediction on a bare grid).
+    Targets are computed once here; patches are read on demand, touching only the tiles under
+    them.
     """
 
     def __init__(self, section: AnnData, slide: Slide, config: ModelConfig,
-                 genes: list[str] | None = None, augment: Augment | None = None) -> None:
+                 genes: list[str] | None = None, augment: Augment | None = None,
+                 raw: bool = False) -> None:
+        if raw and augment is not None:
+            raise ConfigError("raw (uint8) patches cannot be augmented; augment float patches")
         self.centers = _spot_centers(section)
-        self.slide, self.config, self.augment = slide, config, augment
+        self.slide, self.config, self.augment, self.raw = slide, config, augment, raw
         mpp = slide.require_mpp()
         self.spot_size_px = config.spot_um / mpp
         self.region_size_px = config.region_um / mpp
@@ -106,10 +111,15 @@ class SpotDataset(Dataset):
         center = tuple(self.centers[i])
         spot = self.slide.read_region_px(center, self.spot_size_px, self.config.spot_px)
         region = self.slide.read_region_px(center, self.region_size_px, self.config.region_px)
+        if self.raw:
+            return self._sample(i, _chw(spot), _chw(region))
         spot_f, region_f = np.float32(1 / 255) * spot, np.float32(1 / 255) * region
         if self.augment is not None:
             spot_f, region_f = self.augment(spot_f, region_f, self.generator())
-        sample: dict[str, Any] = {"spot": _chw(spot_f), "region": _chw(region_f), "index": i}
+        return self._sample(i, _chw(spot_f), _chw(region_f))
+
+    def _sample(self, i: int, spot: torch.Tensor, region: torch.Tensor) -> dict[str, Any]:
+        sample: dict[str, Any] = {"spot": spot, "region": region, "index": i}
         if self.targets is not None:
             sample["target"] = self.targets[i]
         return sample
@@ -151,6 +161,11 @@ def spot_loader(dataset: Dataset, batch_size: int = 32, *, shuffle: bool = True,
         generator=None if seed is None else torch.Generator().manual_seed(seed), **extra)
 
 
+def as_unit_float(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 patches (``raw=True``) as float32 in ``[0, 1]``; float patches unchanged."""
+    return patches.float().mul_(1 / 255) if patches.dtype == torch.uint8 else patches
+
+
 def _spot_centers(section: AnnData) -> np.ndarray:
     name = section.uns.get("hifusion", {}).get("name", "section")
     if "spatial" not in section.obsm:
@@ -166,4 +181,4 @@ def _chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-__all__ = ["Augment", "SpotDataset", "spot_loader"]
+__all__ = ["Augment", "SpotDataset", "spot_loader", "as_unit_float"]

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, default_collate
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .dataset import SpotDataset
+from .dataset import SpotDataset, as_unit_float
 from .devices import autocast, autocast_dtype, resolve_device
 from .errors import Cancelled, SectionError
 from .expression import counts_matrix, normalize_counts
@@ -112,7 +112,7 @@ def predict_section(
     dev = resolve_device(device)
     dtype = autocast_dtype(dev, precision)
     model = model.to(dev, memory_format=torch.channels_last).eval()
-    dataset = SpotDataset(section, slide, config)
+    dataset = SpotDataset(section, slide, config, raw=True)  # uint8 while queued
     out = np.empty((section.n_obs, config.n_genes), np.float32)
     done = 0
     batches = prefetch_batches(dataset, batch_size, workers=workers)
@@ -138,6 +138,8 @@ def predict_batch(model: nn.Module, batch: dict[str, Any], dev: torch.device,
                   dtype: torch.dtype | None, chunk: int | None = None) -> np.ndarray:
     """Predictions ``(n, G)`` float32 for a batch of ``spot`` and ``region`` tensors.
 
+    Patches may be uint8 (converted per chunk, so a queued batch takes a quarter of the memory).
+
     The model sees ``chunk`` spots per call (default: :data:`CPU_CHUNK` on the CPU, the whole
     batch elsewhere) in channels-last layout under ``dtype`` autocast; call it in inference mode.
     """
@@ -145,7 +147,7 @@ def predict_batch(model: nn.Module, batch: dict[str, Any], dev: torch.device,
     parts = []
     for start in range(0, len(batch["spot"]), step):
         spot, region = (
-            batch[k][start : start + step].to(dev, non_blocking=True)
+            as_unit_float(batch[k][start : start + step].to(dev, non_blocking=True))
             .contiguous(memory_format=torch.channels_last)
             for k in ("spot", "region")
         )
