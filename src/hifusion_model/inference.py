@@ -38,8 +38,8 @@ from .grids import GRID_DEFAULTS, spot_grid, tissue_mask
 from .sections import UNS_KEY, new_section, section_name, section_slide_path
 
 Progress = Callable[[int, int, str], None]
-#: Spots per model call on the CPU. A batch of 32 peaks at ~2.5 GB of activations (448-px
-#: regions through a ResNet) and runs no faster there than four calls of 8 (BENCHMARKS.md).
+#: Spots per model call on the CPU. Whole batches of 32 hold four times the activations
+#: (448-px regions through a ResNet) and ran slower: 14.3 vs 17.8 spots/s (BENCHMARKS.md).
 CPU_CHUNK = 8
 #: Keys of ``uns['hifusion']`` carried from the section into a prediction file.
 SECTION_KEYS = ("slide", "mpp", "spot_diameter_um", "name", "source")
@@ -138,8 +138,7 @@ def predict_batch(model: nn.Module, batch: dict[str, Any], dev: torch.device,
                   dtype: torch.dtype | None, chunk: int | None = None) -> np.ndarray:
     """Predictions ``(n, G)`` float32 for a batch of ``spot`` and ``region`` tensors.
 
-    Patches may be uint8 (converted per chunk, so a queued batch takes a quarter of the memory).
-
+    Patches may be uint8 (converted per chunk: a queued batch takes a quarter of the memory).
     The model sees ``chunk`` spots per call (default: :data:`CPU_CHUNK` on the CPU, the whole
     batch elsewhere) in channels-last layout under ``dtype`` autocast; call it in inference mode.
     """
