@@ -12,7 +12,7 @@ from PIL import Image
 
 from hifusion_model.cli import main
 from hifusion_model.errors import Cancelled, SlideError
-from hifusion_model.slide import Slide, convert_to_ome_tiff
+from hifusion_model.slide import Slide, TileCache, convert_to_ome_tiff
 
 OME_UM = {"PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
 
@@ -61,6 +61,33 @@ def test_native_read_equals_the_raw_crop(pyramid, rgb):
         np.testing.assert_array_equal(slide.read_region_px(center, 64, 64), crop(rgb, center, 64))
         um = slide.read_region((150.3 * 0.5, 120.7 * 0.5), 32.0, 64)
         np.testing.assert_array_equal(um, crop(rgb, center, 64))
+
+
+def test_overlapping_reads_decode_each_tile_once(pyramid, rgb, monkeypatch):
+    slide = Slide.open(pyramid)
+    decoded = []
+    get = TileCache.get
+    monkeypatch.setattr(TileCache, "get", lambda self, key, load: get(
+        self, key, lambda: decoded.append(key) or load()))
+    first = slide.read_region_px((130.0, 100.0), 100, 100)  # rows 50:150, columns 80:180
+    np.testing.assert_array_equal(first, crop(rgb, (130.0, 100.0), 100))
+    assert sorted(decoded) == [(0, ty, tx) for ty in range(3) for tx in range(1, 3)]
+    np.testing.assert_array_equal(slide.read_region_px((140.0, 90.0), 64, 64),
+                                  crop(rgb, (140.0, 90.0), 64))
+    assert len(decoded) == 6  # inside the first read's tiles: nothing decoded again
+    np.testing.assert_array_equal(slide.read_region_px((370.0, 290.0), 60, 60),
+                                  crop(rgb, (370.0, 290.0), 60))  # partial tiles at the edge
+
+
+def test_tile_cache_drops_the_least_recently_used():
+    cache = TileCache(max_bytes=250)
+    for key in "abc":
+        cache.get(key, lambda: np.zeros(100, np.uint8))
+    assert len(cache) == 2
+    hits = []
+    cache.get("a", lambda: hits.append("a") or np.zeros(100, np.uint8))  # dropped: loaded again
+    cache.get("c", lambda: hits.append("c") or np.zeros(100, np.uint8))  # kept
+    assert hits == ["a"]
 
 
 def test_level_choice_follows_the_output_pixel_size(pyramid):

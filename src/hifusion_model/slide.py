@@ -17,7 +17,9 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,9 @@ PLAUSIBLE_MPP = (0.05, 20.0)
 MIN_LEVEL_PX = 512
 #: Pyramid levels of ``convert_to_ome_tiff`` larger than this are buffered on disk, not in RAM.
 MAX_BUFFER_BYTES = 512 * 2**20
+#: Decoded tiles kept per slide. Neighbouring spots' regions share most of their tiles, so a
+#: section's patches decode each tile about once instead of several times (BENCHMARKS.md).
+TILE_CACHE_BYTES = 128 * 2**20
 
 _UNIT_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "mm": 1e3,
             "cm": 1e4, "m": 1e6}
@@ -71,6 +76,8 @@ class Slide:
         self.shape: tuple[int, int] = (int(h0), int(w0))
         self._scales = [(h0 / lv.shape[0], w0 / lv.shape[1]) for lv in levels]
         self.downsamples: list[float] = [(sy + sx) / 2 for sy, sx in self._scales]
+        self._tiles = [_tile_shape(lv) for lv in levels]
+        self._cache = TileCache(TILE_CACHE_BYTES)
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -178,11 +185,29 @@ class Slide:
         if self._handle is not None and os.getpid() != self._pid:
             self._reopen()  # a forked DataLoader worker must not share the parent's file offset
         try:
-            return np.asarray(self.levels[level][r0:r1, c0:c1])
+            if self._tiles[level] is None:
+                return np.asarray(self.levels[level][r0:r1, c0:c1])
+            return self._assemble(level, r0, r1, c0, c1)
         except Exception as e:  # codec and I/O errors of a damaged file
             raise SlideError(f"cannot decode {self.path} (level {level}, rows {r0}:{r1}, "
                              f"columns {c0}:{c1}): {e}; the file may be truncated or corrupt"
                              ) from e
+
+    def _assemble(self, level: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """The window cut from whole decoded tiles, each decoded once while it stays cached."""
+        array, (th, tw) = self.levels[level], self._tiles[level]
+        h, w = array.shape[:2]
+        out = np.empty((r1 - r0, c1 - c0, *array.shape[2:]), array.dtype)
+        for ty in range(r0 // th, (r1 - 1) // th + 1):
+            for tx in range(c0 // tw, (c1 - 1) // tw + 1):
+                y0, x0 = ty * th, tx * tw
+                tile = self._cache.get(
+                    (level, ty, tx),
+                    lambda: np.asarray(array[y0:min(y0 + th, h), x0:min(x0 + tw, w)]))
+                ya, yb = max(r0, y0), min(r1, y0 + th)
+                xa, xb = max(c0, x0), min(c1, x0 + tw)
+                out[ya - r0:yb - r0, xa - c0:xb - c0] = tile[ya - y0:yb - y0, xa - x0:xb - x0]
+        return out
 
     def _reopen(self) -> None:
         fresh = Slide.open(self.path, self._mpp_arg)
@@ -205,6 +230,49 @@ class Slide:
         mpp = "unknown" if self.mpp is None else f"{self.mpp:.4g}"
         return (f"Slide({str(self.path)!r}, shape={self.shape}, levels={len(self.levels)}, "
                 f"mpp={mpp})")
+
+
+class TileCache:
+    """Decoded tiles by key, least recently used dropped first past ``max_bytes``.
+
+    Thread-safe: prefetching threads share a slide. Two threads missing the same tile may both
+    decode it (the lock is not held while decoding); the result is the same.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._tiles: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self._tiles.move_to_end(key)
+                return tile
+        tile = load()
+        with self._lock:
+            if key not in self._tiles:
+                self._tiles[key] = tile
+                self._bytes += tile.nbytes
+                while self._bytes > self.max_bytes and len(self._tiles) > 1:
+                    self._bytes -= self._tiles.popitem(last=False)[1].nbytes
+        return tile
+
+    def __len__(self) -> int:
+        return len(self._tiles)
+
+
+def _tile_shape(level: Any) -> tuple[int, int] | None:
+    """(rows, columns) of a lazily decoded level's chunks; None for in-memory levels."""
+    if isinstance(level, np.ndarray):
+        return None
+    if isinstance(level, _AxesView):
+        chunks = getattr(level.array, "chunks", None)
+        return None if chunks is None else (int(chunks[level.y]), int(chunks[level.x]))
+    chunks = getattr(level, "chunks", None)
+    return None if chunks is None else (int(chunks[0]), int(chunks[1]))
 
 
 # -- TIFF ------------------------------------------------------------------------------------
