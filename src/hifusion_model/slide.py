@@ -212,6 +212,7 @@ class Slide:
     def _reopen(self) -> None:
         fresh = Slide.open(self.path, self._mpp_arg)
         self.levels, self._handle, self._pid = fresh.levels, fresh._handle, os.getpid()
+        self._cache = fresh._cache  # a fresh lock: a forked one may be held by a dead thread
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled for spawned DataLoader workers: they reopen the file rather than copy pixels.
