@@ -11,8 +11,8 @@ With ``level_norm="per_level"`` the shared encoder keeps BatchNorm running stati
 level: 224-px spots and 32-px tiles differ too much for one set to serve both in eval mode.
 
 Under autocast only the encoders run in reduced precision; everything after them (level heads,
-fusion, attention, LayerNorm head) is fp32. It costs nothing measurable, and in bf16 it made
-some genes' predictions correlate only 0.988 with fp32 (0.9998 now; BENCHMARKS.md).
+fusion, attention, LayerNorm head) is fp32: it is cheap, and in bf16 it made the worst gene's
+predictions correlate only 0.989 with fp32 (0.9998 now; BENCHMARKS.md).
 """
 
 from __future__ import annotations

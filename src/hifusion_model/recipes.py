@@ -16,7 +16,7 @@ Two named recipes ship:
   starting values; the accuracy benchmark tunes them on validation data and records the result
   in ``BENCHMARKS.md``. One HER2ST section has only ~180 spots: at batch 32 for 10 epochs that
   is ~40 optimiser steps, and the network stops while still learning (per-gene PCC on C3/C4 of a
-  spot-only ResNet-18 trained on C2: 0.10 after 40 steps, 0.28 after 200 at batch 16).
+  spot-only ResNet-18 trained on C2: 0.10 after 40 steps, 0.26 after 200 at batch 16).
 
 A recipe is plain data: ``TrainConfig.from_dict(cfg.to_dict())`` round-trips, so the exact recipe
 of any checkpoint can be read back from its card and rerun.
