@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from hifusion_model.baselines import fit_constant, fit_ridge, spot_only_config
+from hifusion_model.commands._options import add_set_option
 from hifusion_model.commands.train import load_model_config
 from hifusion_model.config import ModelConfig
 from hifusion_model.errors import ConfigError, HiFusionError
@@ -103,6 +104,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--released-epochs", type=int,
                    help="epochs of variant b (default: the released 50)")
     p.add_argument("--batch-size", type=int, help="spots per batch (default: the recipes' 32)")
+    add_set_option(p)  # variants a and c only: b stays the released recipe as-is
     p.add_argument("--model-config", type=Path, metavar="FILE.json",
                    help="architecture template for a, b, c and the patch sizes of d "
                    "(default: the released architecture)")
@@ -127,11 +129,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def recipe_for(variant: str, args: argparse.Namespace) -> TrainConfig:
-    """Our recipe for a, c, d, e (d and e use its validation split); the released one for b."""
-    name, epochs = ("released", args.released_epochs) if variant == "b" else ("hifusion",
-                                                                              args.epochs)
-    return get_recipe(name, epochs=epochs, batch_size=args.batch_size,
-                      n_genes=args.n_genes, precision="bf16" if args.bf16 else None)
+    """Our recipe (with ``--set``) for a, c, d, e (d and e use its validation split); the
+    released one for b."""
+    released = variant == "b"
+    recipe = get_recipe("released" if released else "hifusion",
+                        epochs=args.released_epochs if released else args.epochs,
+                        batch_size=args.batch_size, n_genes=args.n_genes,
+                        precision="bf16" if args.bf16 else None)
+    return recipe if released else recipe.replace(**dict(args.recipe_set))
 
 
 def fit_variant(

@@ -202,6 +202,14 @@ def test_user_errors_are_one_line(
     assert "prediction file not found" in _error_line(
         capsys, ["evaluate", str(tmp_path / "p.h5ad")]
     )
+    train_out = ["train", section, "--out", str(tmp_path / "m.pt")]
+    assert "unknown training recipe keys: ['ema']" in _error_line(
+        capsys, [*train_out, "--set", "ema=0.9"]
+    )
+    assert "ema_decay must be in [0, 1)" in _error_line(
+        capsys, [*train_out, "--set", "ema_decay=1.5"]
+    )
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_train_help_documents_the_model_config(capsys: pytest.CaptureFixture) -> None:

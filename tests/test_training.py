@@ -6,6 +6,7 @@ section cut to 40 neighbouring spots, with the image cropped around them so read
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -30,7 +31,9 @@ from hifusion_model.training import (
     read_gene_list,
     spatial_block_split,
     train,
+    weight_average,
 )
+from hifusion_model.commands._options import recipe_setting
 
 N_GENES = 12
 
@@ -300,3 +303,45 @@ def test_recipes_choose_the_hism_batchnorm_statistics() -> None:
     """Ours keeps per-level statistics (eval matches training); the released recipe shares them."""
     assert get_recipe("hifusion").level_norm == "per_level"
     assert get_recipe("released").level_norm == "shared"
+
+
+def test_set_reads_json_values_and_falls_back_to_strings() -> None:
+    assert recipe_setting("ema_decay=0.99") == ("ema_decay", 0.99)
+    assert recipe_setting("grad_clip=null") == ("grad_clip", None)
+    assert recipe_setting(" optimizer=adam") == ("optimizer", "adam")
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        recipe_setting("ema_decay")
+    with pytest.raises(ConfigError, match="unknown training recipe keys"):
+        get_recipe("hifusion").replace(ema=0.9)
+
+
+def test_weight_average_ramps_up_and_averages_batchnorm_statistics() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = weight_average(net, 0.9)
+    assert weight_average(net, 0.0) is None
+    start = net[0].weight.detach().clone()
+    ema.update_parameters(net)  # the first update copies
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net(torch.randn(8, 3))  # moves the running statistics and the step counter
+    ema.update_parameters(net)  # second update: decay min(0.9, 2/11)
+    keep = 2 / 11
+    torch.testing.assert_close(ema.module[0].weight, keep * start + (1 - keep) * net[0].weight)
+    torch.testing.assert_close(
+        ema.module[1].running_mean, (1 - keep) * net[1].running_mean, rtol=1e-6, atol=1e-6
+    )
+    assert ema.module[1].num_batches_tracked.item() == 1
+
+
+def test_ema_recipe_saves_the_averaged_weights(section: Path, tmp_path: Path) -> None:
+    result = _train(section, tmp_path / "m.pt", recipe=tiny_recipe(epochs=1, ema_decay=0.5))
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt.card["recipe"]["ema_decay"] == 0.5
+    raw = _train(section, tmp_path / "raw.pt", recipe=tiny_recipe(epochs=1))
+    plain = load_checkpoint(raw.checkpoint).state_dict  # same seed and data, no average
+    differs = [k for k, v in ckpt.state_dict.items() if v.is_floating_point()
+               and not torch.equal(v, plain[k])]
+    assert differs, "the saved weights should be the average, not the last step's"
+    model, _ = load_model(result.checkpoint)  # loads and runs
+    assert result.validation["mse"] == pytest.approx(ckpt.card["validation"]["mse"])

@@ -66,6 +66,7 @@ class TrainConfig(JsonDataclass):
     seed: int = 0
     precision: str = "auto"
     grad_clip: float | None = None
+    ema_decay: float = 0.0  # validate and save an exponential moving average of the weights; 0 = off
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -102,6 +103,8 @@ class TrainConfig(JsonDataclass):
             problems.append("val_fraction must be in (0, 1) and val_grid >= 2")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0 <= self.ema_decay < 1:
+            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             problems.append(f"grad_clip must be positive, got {self.grad_clip}")
         if problems:

@@ -51,4 +51,5 @@ class JsonDataclass:
         return cls.from_dict(d)
 
     def replace(self: T, **changes: Any) -> T:
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        """A validated copy with ``changes``; unknown keys raise :class:`ConfigError`."""
+        return type(self).from_dict({**self.to_dict(), **changes})

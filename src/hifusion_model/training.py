@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from . import __version__
@@ -448,6 +449,24 @@ def lr_factor(recipe: TrainConfig, steps_per_epoch: int) -> Callable[[int], floa
     return factor
 
 
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics (or None).
+
+    With ~200 optimiser steps per run (one small section), single steps move the weights a lot
+    and the last one is a noisy draw; the average is a calmer model to validate and ship. The
+    decay ramps up as ``(1 + n) / (10 + n)`` so the random initial weights fade quickly.
+    """
+    if not decay:
+        return None
+
+    def ema(average: Tensor, current: Tensor, n: Tensor) -> Tensor:
+        if not average.is_floating_point():  # BatchNorm's step counter
+            return current
+        return average.lerp(current, 1.0 - min(decay, (1.0 + n.item()) / (10.0 + n.item())))
+
+    return AveragedModel(model, avg_fn=ema, use_buffers=True)
+
+
 class _SkipSampler(Sampler[int]):
     """Wraps a sampler to drop its first ``skip`` indices: resuming in the middle of an epoch."""
 
@@ -497,6 +516,7 @@ class _Trainer:
         fresh = self.reinitialised if init is not None else gene_dependent_keys(config)
         start_heads_at_mean(model, fresh, data.train_mean)
         self.model = model.to(device, memory_format=torch.channels_last)
+        self.ema = weight_average(self.model, recipe.ema_decay)
         self.ddp = (
             nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
@@ -540,6 +560,7 @@ class _Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -556,6 +577,8 @@ class _Trainer:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -650,6 +673,8 @@ class _Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         if self.recipe.lr_step == "step":
             self.scheduler.step()
         self.step += 1
@@ -710,6 +735,11 @@ class _Trainer:
         self.save_state()
 
     # -- validation --------------------------------------------------------------------------
+    @property
+    def shipped_model(self) -> nn.Module:
+        """What is validated and saved: the weight average when the recipe keeps one."""
+        return self.model if self.ema is None else self.ema.module
+
     @torch.inference_mode()
     def _predict_val(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Predict this rank's contiguous shard; rank 0 gathers all shards in order."""
@@ -720,11 +750,11 @@ class _Trainer:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
         )
-        self.model.eval()
+        model = self.shipped_model.eval()
         preds, truths = [], []
         for batch in loader:
             with autocast(self.device, self.dtype):
-                out = self.model(self._to_device(batch["spot"]), self._to_device(batch["region"]))
+                out = model(self._to_device(batch["spot"]), self._to_device(batch["region"]))
             preds.append(out.prediction.float().cpu().numpy())
             truths.append(batch["target"].numpy())
         self.ddp.train()
@@ -770,7 +800,7 @@ class _Trainer:
                 f"stopped during epoch {self.epoch + 1} before any validation; "
                 "these are the weights at that moment"
             )
-        save_checkpoint(self.out, self.model, train_mean=self.data.train_mean, card=card)
+        save_checkpoint(self.out, self.shipped_model, train_mean=self.data.train_mean, card=card)
         self.best_written = True
 
     def _write_curves(self) -> None:

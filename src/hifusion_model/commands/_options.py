@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
-from ..recipes import DEFAULT_RECIPE, PRECISIONS, RECIPES
+from ..errors import ConfigError
+from ..recipes import DEFAULT_RECIPE, PRECISIONS, RECIPES, TrainConfig, get_recipe
 
 DEVICE_HELP = "auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps"
 
@@ -22,6 +25,7 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size", type=int, help="spots per batch and per process (default: the recipe's)"
     )
+    add_set_option(p)
     p.add_argument(
         "--model-config",
         type=Path,
@@ -29,6 +33,43 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
         help="architecture as ModelConfig JSON (default: the released architecture; e.g. a "
         "small model for quick runs)",
     )
+
+
+def recipe_setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--set``: VALUE is read as JSON (``0.99``, ``true``, ``null``, ``[1, 2]``)
+    and falls back to a plain string (``--set optimizer=adam``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def add_set_option(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable): any training-recipe field, e.g. ``ema_decay=0.99``."""
+    p.add_argument(
+        "--set", dest="recipe_set", action="append", type=recipe_setting, default=[],
+        metavar="KEY=VALUE",
+        help="override one field of the training recipe (repeatable), e.g. --set ema_decay=0.99",
+    )
+
+
+def load_recipe(value: str) -> TrainConfig:
+    """A named recipe, or one read from a JSON file."""
+    if value.endswith(".json"):
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} not found")
+        return TrainConfig.from_json(path.read_text())
+    return get_recipe(value)
+
+
+def recipe_from_args(args: argparse.Namespace, **flags: Any) -> TrainConfig:
+    """``--recipe`` with the given flag values (``None``: keep the recipe's) and ``--set`` applied."""
+    changes = {k: v for k, v in flags.items() if v is not None}
+    return load_recipe(args.recipe).replace(**{**changes, **dict(args.recipe_set)})
 
 
 def add_device_options(p: argparse.ArgumentParser, precision_help: str, *,

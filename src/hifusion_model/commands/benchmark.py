@@ -18,9 +18,9 @@ from typing import Any
 
 from ..io_utils import atomic_path
 from ..protocols import PROTOCOLS, import_sections, plan_protocol, run_protocol, scan_her2st
-from ._options import add_device_options, add_recipe_options
+from ._options import add_device_options, add_recipe_options, recipe_from_args
 from .evaluate import format_table
-from .train import load_model_config, load_recipe
+from .train import load_model_config
 
 EPILOG = """\
 protocols (as in the HiFusion paper; models are selected on spatial blocks of the training
@@ -122,10 +122,8 @@ def report(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "precision": args.precision}
-    recipe = load_recipe(args.recipe).replace(
-        **{k: v for k, v in overrides.items() if v is not None}
-    )
+    recipe = recipe_from_args(args, epochs=args.epochs, batch_size=args.batch_size,
+                              precision=args.precision)
     model_config = load_model_config(args.model_config) if args.model_config else None
     files = scan_her2st(args.folder)
     plan = plan_protocol(args.protocol, files)

@@ -15,9 +15,8 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from ..recipes import TrainConfig, get_recipe
 from ..training import companion_paths, read_gene_list, train
-from ._options import add_device_options, add_recipe_options
+from ._options import add_device_options, add_recipe_options, recipe_from_args
 
 EPILOG = """\
 recipes:
@@ -80,16 +79,6 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     return p
 
 
-def load_recipe(value: str) -> TrainConfig:
-    """A named recipe, or one read from a JSON file."""
-    if value.endswith(".json"):
-        path = Path(value)
-        if not path.is_file():
-            raise ConfigError(f"recipe file {path} not found")
-        return TrainConfig.from_json(path.read_text())
-    return get_recipe(value)
-
-
 def load_model_config(path: Path) -> ModelConfig:
     """A ModelConfig template from JSON; ``genes`` may be absent (the data chooses them)."""
     if not path.is_file():
@@ -150,19 +139,8 @@ class _Reporter:
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe).replace(
-        **{
-            k: v
-            for k, v in (
-                ("epochs", args.epochs),
-                ("lr", args.lr),
-                ("batch_size", args.batch_size),
-                ("seed", args.seed),
-                ("precision", args.precision),
-            )
-            if v is not None
-        }
-    )
+    recipe = recipe_from_args(args, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                              seed=args.seed, precision=args.precision)
     reporter = _Reporter()
     try:
         result = train(
