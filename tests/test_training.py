@@ -335,10 +335,12 @@ def test_weight_average_ramps_up_and_averages_batchnorm_statistics() -> None:
 
 
 def test_ema_recipe_saves_the_averaged_weights(section: Path, tmp_path: Path) -> None:
-    result = _train(section, tmp_path / "m.pt", recipe=tiny_recipe(epochs=1, ema_decay=0.5))
+    """Also trains with the spot shift (wider training reads, plain validation reads)."""
+    recipe = tiny_recipe(epochs=1, shift_um=8)
+    result = _train(section, tmp_path / "m.pt", recipe=recipe.replace(ema_decay=0.5))
     ckpt = load_checkpoint(result.checkpoint)
-    assert ckpt.card["recipe"]["ema_decay"] == 0.5
-    raw = _train(section, tmp_path / "raw.pt", recipe=tiny_recipe(epochs=1))
+    assert ckpt.card["recipe"]["ema_decay"] == 0.5 and ckpt.card["recipe"]["shift_um"] == 8
+    raw = _train(section, tmp_path / "raw.pt", recipe=recipe)
     plain = load_checkpoint(raw.checkpoint).state_dict  # same seed and data, no average
     differs = [k for k, v in ckpt.state_dict.items() if v.is_floating_point()
                and not torch.equal(v, plain[k])]

@@ -60,6 +60,7 @@ class TrainConfig(JsonDataclass):
     rotations: bool = True
     color_jitter: float = 0.05  # per-channel gain 1 ± j and bias ± j/2 (RGB); 0 = off
     hed_jitter: float = 0.0  # stain jitter: H, E, DAB scaled by 1 ± s and shifted by ± s; 0 = off
+    shift_um: float = 0.0  # the spot window moves by up to ± shift_um µm (region stays); 0 = off
     n_genes: int = 250
     val_fraction: float = 0.15  # share of training spots held out in spatial blocks (no --val)
     val_grid: int = 4  # each section is cut into val_grid × val_grid spatial blocks
@@ -94,6 +95,8 @@ class TrainConfig(JsonDataclass):
             problems.append(f"level_norm must be one of {LEVEL_NORMS}, got {self.level_norm!r}")
         if self.head_dropout is not None and not 0 <= self.head_dropout < 1:
             problems.append(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        if not 0 <= self.shift_um <= 50:
+            problems.append(f"shift_um must be in [0, 50] µm, got {self.shift_um}")
         for name in ("color_jitter", "hed_jitter"):
             if not 0 <= getattr(self, name) <= 0.5:
                 problems.append(f"{name} must be in [0, 0.5], got {getattr(self, name)}")

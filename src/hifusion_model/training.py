@@ -241,8 +241,15 @@ class _Data:
     validation: str  #: how validation spots were chosen
 
 
-def _augment(recipe: TrainConfig) -> Augment | None:
-    if not (recipe.flips or recipe.rotations or recipe.color_jitter or recipe.hed_jitter):
+def shift_px(recipe: TrainConfig, config: ModelConfig) -> int:
+    """The recipe's spot shift in the model's spot pixels."""
+    return round(recipe.shift_um * config.spot_px / config.spot_um)
+
+
+def _augment(recipe: TrainConfig, config: ModelConfig) -> Augment | None:
+    shift = shift_px(recipe, config)
+    if not (recipe.flips or recipe.rotations or recipe.color_jitter or recipe.hed_jitter
+            or shift):
         return None
     return Augment(
         flips=recipe.flips,
@@ -250,6 +257,7 @@ def _augment(recipe: TrainConfig) -> Augment | None:
         color_gain=recipe.color_jitter,
         color_bias=recipe.color_jitter / 2,
         hed_sigma=recipe.hed_jitter,
+        shift_px=shift,
     )
 
 
@@ -298,11 +306,13 @@ def _prepare_data(
             )
         )
         keep = np.flatnonzero(~held)
-        spots = SpotDataset(s.adata, s.slide, config, config.genes)  # augmented later, per epoch
+        spots = SpotDataset(s.adata, s.slide, config, config.genes,  # augmented later, per epoch
+                            margin_px=shift_px(recipe, config))
         train_parts.append(Subset(spots, keep))
         means.append(spots.targets[keep].numpy())
         if held.any():
-            val_parts.append(Subset(spots, np.flatnonzero(held)))
+            val_spots = SpotDataset(s.adata, s.slide, config, config.genes)
+            val_parts.append(Subset(val_spots, np.flatnonzero(held)))
             val_labels.append(np.full(int(held.sum()), s.label))
         info.append(
             {
@@ -322,7 +332,7 @@ def _prepare_data(
         else f"spatial blocks: {recipe.val_grid}x{recipe.val_grid} per section, "
         f">= {recipe.val_fraction:.0%} of spots held out"
     )
-    augment = _augment(recipe)
+    augment = _augment(recipe, config)
     train: Dataset = ConcatDataset(train_parts)
     return _Data(
         train=EpochAugmented(train, augment, recipe.seed) if augment else train,
