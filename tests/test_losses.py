@@ -37,6 +37,15 @@ def test_hand_computed_terms_with_released_weights():
     assert terms.item() == pytest.approx({"total": 5.0, "main": 2.5, "aux": 3.0, "align": 3.0})
 
 
+def test_gene_weights_scale_each_genes_squared_error():
+    config = tiny_config(genes=2)
+    output = _output(level_predictions=[[[0.0, 0.0]], [[1.0, 1.0]], [[2.0, 0.0]]],
+                     level_features=[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    terms = hifusion_loss(output, torch.zeros(1, 2), config, torch.tensor([1.5, 0.5]))
+    assert terms.main.item() == pytest.approx((1.5 * 1 + 0.5 * 4) / 2)
+    assert terms.aux.item() == pytest.approx(0 + (1.5 + 0.5) / 2 + 1.5 * 4 / 2)
+
+
 def test_aux_weight_defaults_to_one_over_levels_and_can_be_set():
     target = torch.zeros(1, 2)
     output = _output([[[0.0, 0.0]], [[2.0, 2.0]]], [[0.0, 0.0], [0.0, 0.0]])  # aux 4, align 0

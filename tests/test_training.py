@@ -30,6 +30,7 @@ from hifusion_model.training import (
     lr_factor,
     read_gene_list,
     spatial_block_split,
+    gene_weights,
     train,
     weight_average,
 )
@@ -315,6 +316,18 @@ def test_set_reads_json_values_and_falls_back_to_strings() -> None:
         get_recipe("hifusion").replace(ema=0.9)
 
 
+def test_inverse_variance_gene_weights_have_mean_one_and_a_floor() -> None:
+    var = np.array([1.0, 0.25, 1e-9, 4.0])
+    assert gene_weights(get_recipe("hifusion"), var, torch.device("cpu")) is None
+    w = gene_weights(get_recipe("hifusion", gene_weights="inverse_variance"), var,
+                     torch.device("cpu")).numpy()
+    assert w.mean() == pytest.approx(1.0)
+    assert w[1] / w[0] == pytest.approx(4.0) and w[0] / w[3] == pytest.approx(4.0)
+    assert w[2] / w[0] == pytest.approx(1 / (0.01 * 0.625))  # floored at 1 % of the median
+    with pytest.raises(ConfigError, match="gene_weights must be one of"):
+        get_recipe("hifusion", gene_weights="by_magic")
+
+
 def test_weight_average_ramps_up_and_averages_batchnorm_statistics() -> None:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
@@ -335,8 +348,9 @@ def test_weight_average_ramps_up_and_averages_batchnorm_statistics() -> None:
 
 
 def test_ema_recipe_saves_the_averaged_weights(section: Path, tmp_path: Path) -> None:
-    """Also trains with the spot shift (wider training reads, plain validation reads)."""
-    recipe = tiny_recipe(epochs=1, shift_um=8)
+    """Also trains with the spot shift (wider training reads, plain validation reads) and
+    inverse-variance gene weights."""
+    recipe = tiny_recipe(epochs=1, shift_um=8, gene_weights="inverse_variance")
     result = _train(section, tmp_path / "m.pt", recipe=recipe.replace(ema_decay=0.5))
     ckpt = load_checkpoint(result.checkpoint)
     assert ckpt.card["recipe"]["ema_decay"] == 0.5 and ckpt.card["recipe"]["shift_um"] == 8

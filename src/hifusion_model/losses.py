@@ -33,16 +33,27 @@ class LossTerms:
                 "align": self.align.item()}
 
 
-def hifusion_loss(output: HiFusionOutput, target: Tensor, config: ModelConfig) -> LossTerms:
-    """The released HiFusion loss for ``target`` of shape ``(B, G)``, computed in float32."""
+def weighted_mse(prediction: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean squared error, each gene's column scaled by ``weights`` ``(G,)`` when given."""
+    if weights is None:
+        return F.mse_loss(prediction, target)
+    return ((prediction - target).square() * weights).mean()
+
+
+def hifusion_loss(output: HiFusionOutput, target: Tensor, config: ModelConfig,
+                  gene_weights: Tensor | None = None) -> LossTerms:
+    """The released HiFusion loss for ``target`` of shape ``(B, G)``, computed in float32.
+
+    ``gene_weights`` (``(G,)``, mean 1) re-weights the genes in the regression terms.
+    """
     if target.shape != output.prediction.shape:
         raise ConfigError(
             f"targets have shape {tuple(target.shape)} but the model predicts "
             f"{tuple(output.prediction.shape)}; the genes of the data and the model must match"
         )
     target = target.float()
-    main = F.mse_loss(output.prediction.float(), target)
-    aux = sum(F.mse_loss(p.float(), target) for p in output.level_predictions)
+    main = weighted_mse(output.prediction.float(), target, gene_weights)
+    aux = sum(weighted_mse(p.float(), target, gene_weights) for p in output.level_predictions)
     whole = output.level_features[config.levels.index(1)].float()
     align = sum(
         (whole - f.float()).abs().mean()
@@ -54,4 +65,4 @@ def hifusion_loss(output: HiFusionOutput, target: Tensor, config: ModelConfig) -
     return LossTerms(total=total, main=main, aux=aux, align=align)
 
 
-__all__ = ["LossTerms", "hifusion_loss"]
+__all__ = ["LossTerms", "hifusion_loss", "weighted_mse"]

@@ -36,6 +36,10 @@ OPTIMIZERS = ("adam", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: ``epoch`` steps the cosine once per epoch (as released); ``step`` once per batch.
 LR_STEPS = ("epoch", "step")
+#: How genes count in the regression loss: all alike (as released), or by the inverse of their
+#: variance over the training spots (each gene's standardised error counts the same, as in the
+#: mean per-gene PCC).
+GENE_WEIGHTS = ("uniform", "inverse_variance")
 
 
 @dataclass
@@ -67,6 +71,7 @@ class TrainConfig(JsonDataclass):
     seed: int = 0
     precision: str = "auto"
     grad_clip: float | None = None
+    gene_weights: str = "uniform"
     ema_decay: float = 0.0  # validate and save an exponential moving average of the weights; 0 = off
 
     def __post_init__(self) -> None:
@@ -106,6 +111,8 @@ class TrainConfig(JsonDataclass):
             problems.append("val_fraction must be in (0, 1) and val_grid >= 2")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.gene_weights not in GENE_WEIGHTS:
+            problems.append(f"gene_weights must be one of {GENE_WEIGHTS}, got {self.gene_weights!r}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:

@@ -237,6 +237,7 @@ class _Data:
     val: torch.utils.data.Dataset
     val_labels: np.ndarray  #: section label of every validation spot, in dataset order
     train_mean: np.ndarray  #: (G,) mean normalised target over the training spots
+    train_var: np.ndarray  #: (G,) its variance
     sections: list[dict[str, Any]]  #: provenance for the card
     validation: str  #: how validation spots were chosen
 
@@ -292,7 +293,7 @@ def _prepare_data(
     config: ModelConfig,
     recipe: TrainConfig,
 ) -> _Data:
-    train_parts, val_parts, val_labels, means, info = [], [], [], [], []
+    train_parts, val_parts, val_labels, targets, info = [], [], [], [], []
     for s in train_sources:
         n = s.adata.n_obs
         held = (
@@ -309,7 +310,7 @@ def _prepare_data(
         spots = SpotDataset(s.adata, s.slide, config, config.genes,  # augmented later, per epoch
                             margin_px=shift_px(recipe, config))
         train_parts.append(Subset(spots, keep))
-        means.append(spots.targets[keep].numpy())
+        targets.append(spots.targets[keep].numpy())
         if held.any():
             val_spots = SpotDataset(s.adata, s.slide, config, config.genes)
             val_parts.append(Subset(val_spots, np.flatnonzero(held)))
@@ -334,11 +335,13 @@ def _prepare_data(
     )
     augment = _augment(recipe, config)
     train: Dataset = ConcatDataset(train_parts)
+    train_targets = np.concatenate(targets)
     return _Data(
         train=EpochAugmented(train, augment, recipe.seed) if augment else train,
         val=ConcatDataset(val_parts),
         val_labels=np.concatenate(val_labels),
-        train_mean=np.concatenate(means).mean(axis=0),
+        train_mean=train_targets.mean(axis=0),
+        train_var=train_targets.var(axis=0),
         sections=info,
         validation=validation,
     )
@@ -459,6 +462,20 @@ def lr_factor(recipe: TrainConfig, steps_per_epoch: int) -> Callable[[int], floa
     return factor
 
 
+def gene_weights(recipe: TrainConfig, train_var: np.ndarray,
+                 device: torch.device) -> Tensor | None:
+    """Per-gene loss weights of mean 1 (``None`` for uniform): see ``recipes.GENE_WEIGHTS``.
+
+    Variances are floored at 1 % of the median so a gene that never varies in training does
+    not swamp the loss.
+    """
+    if recipe.gene_weights == "uniform":
+        return None
+    var = np.maximum(train_var, 0.01 * np.median(train_var))
+    weights = 1.0 / var
+    return torch.as_tensor(weights / weights.mean(), dtype=torch.float32, device=device)
+
+
 def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
     """An exponential moving average of ``model``'s weights and BatchNorm statistics (or None).
 
@@ -527,6 +544,7 @@ class _Trainer:
         start_heads_at_mean(model, fresh, data.train_mean)
         self.model = model.to(device, memory_format=torch.channels_last)
         self.ema = weight_average(self.model, recipe.ema_decay)
+        self.gene_weights = gene_weights(recipe, data.train_var, device)
         self.ddp = (
             nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
@@ -670,7 +688,7 @@ class _Trainer:
         spot, region, target = (self._to_device(batch[k]) for k in ("spot", "region", "target"))
         with autocast(self.device, self.dtype):
             output = self.ddp(spot, region)
-        terms = hifusion_loss(output, target, self.config)
+        terms = hifusion_loss(output, target, self.config, self.gene_weights)
         if not torch.isfinite(terms.total) and not self.scaler.is_enabled():
             raise HiFusionError(
                 f"training diverged at epoch {self.epoch + 1}, step {self.step + 1} (loss is "

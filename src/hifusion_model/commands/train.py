@@ -31,6 +31,10 @@ spots held out (neighbouring spots share tissue, so a random split would leak). 
 epoch with the lowest validation MSE; MODEL.curves.json/.csv hold per-epoch curves;
 MODEL.resume.pt lets --resume continue a stopped run (Ctrl-C is safe).
 
+--set KEY=VALUE changes any other recipe field (repeatable), e.g. --set ema_decay=0.98
+(validate and save a moving average of the weights) or --set shift_um=16 (move the spot
+window by up to 16 µm); the checkpoint's card records the full recipe.
+
 --model-config FILE.json sets the architecture (any ModelConfig field: width, spot_px,
 region_px, spot_um, region_um, levels, ...); its "genes" are ignored, they come from the data.
 --init starts from a checkpoint's weights and architecture; with --genes a new gene list is
