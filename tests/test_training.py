@@ -348,12 +348,13 @@ def test_weight_average_ramps_up_and_averages_batchnorm_statistics() -> None:
 
 
 def test_ema_recipe_saves_the_averaged_weights(section: Path, tmp_path: Path) -> None:
-    """Also trains with the spot shift (wider training reads, plain validation reads) and
-    inverse-variance gene weights."""
-    recipe = tiny_recipe(epochs=1, shift_um=8, gene_weights="inverse_variance")
+    """Also trains with the spot shift (wider training reads, plain validation reads),
+    inverse-variance gene weights and the recipe's alignment weight."""
+    recipe = tiny_recipe(epochs=1, shift_um=8, gene_weights="inverse_variance", align_weight=0.1)
     result = _train(section, tmp_path / "m.pt", recipe=recipe.replace(ema_decay=0.5))
     ckpt = load_checkpoint(result.checkpoint)
     assert ckpt.card["recipe"]["ema_decay"] == 0.5 and ckpt.card["recipe"]["shift_um"] == 8
+    assert ckpt.config.align_weight == 0.1  # the recipe's, not the model configuration's 0.5
     raw = _train(section, tmp_path / "raw.pt", recipe=recipe)
     plain = load_checkpoint(raw.checkpoint).state_dict  # same seed and data, no average
     differs = [k for k, v in ckpt.state_dict.items() if v.is_floating_point()

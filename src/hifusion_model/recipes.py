@@ -60,6 +60,7 @@ class TrainConfig(JsonDataclass):
     lr_step: str = "step"
     head_dropout: float | None = 0.2  # None keeps the model configuration's value
     level_norm: str | None = None  # HISM BatchNorm statistics; None keeps the model's value
+    align_weight: float | None = None  # weight of the level-alignment L1; None keeps the model's
     flips: bool = True
     rotations: bool = True
     color_jitter: float = 0.05  # per-channel gain 1 ± j and bias ± j/2 (RGB); 0 = off
@@ -98,6 +99,8 @@ class TrainConfig(JsonDataclass):
             problems.append(f"lr_step must be one of {LR_STEPS}, got {self.lr_step!r}")
         if self.level_norm is not None and self.level_norm not in LEVEL_NORMS:
             problems.append(f"level_norm must be one of {LEVEL_NORMS}, got {self.level_norm!r}")
+        if self.align_weight is not None and self.align_weight < 0:
+            problems.append(f"align_weight must be >= 0, got {self.align_weight}")
         if self.head_dropout is not None and not 0 <= self.head_dropout < 1:
             problems.append(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         if not 0 <= self.shift_um <= 50:

@@ -952,8 +952,9 @@ def train(
                 recipe = recipe.replace(n_genes=genes)
             base = init_ckpt.config if init_ckpt else (model_config or ModelConfig(genes=chosen))
             changes: dict[str, Any] = {"genes": chosen}
-            if recipe.head_dropout is not None:
-                changes["head_dropout"] = recipe.head_dropout
+            for key in ("head_dropout", "align_weight"):
+                if getattr(recipe, key) is not None:
+                    changes[key] = getattr(recipe, key)
             if recipe.level_norm is not None and init_ckpt is None:  # init keeps its buffers
                 changes["level_norm"] = recipe.level_norm
             config = base.replace(**changes)
