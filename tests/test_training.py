@@ -304,6 +304,10 @@ def test_recipes_choose_the_hism_batchnorm_statistics() -> None:
     """Ours keeps per-level statistics (eval matches training); the released recipe shares them."""
     assert get_recipe("hifusion").level_norm == "per_level"
     assert get_recipe("released").level_norm == "shared"
+    # ours drops the level alignment (it collapsed the level maps) and ships a weight average
+    ours, released = get_recipe("hifusion"), get_recipe("released")
+    assert (ours.align_weight, ours.ema_decay) == (0.0, 0.98)
+    assert (released.align_weight, released.ema_decay) == (None, 0.0)  # the model's 0.5, as is
 
 
 def test_set_reads_json_values_and_falls_back_to_strings() -> None:
@@ -355,7 +359,7 @@ def test_ema_recipe_saves_the_averaged_weights(section: Path, tmp_path: Path) ->
     ckpt = load_checkpoint(result.checkpoint)
     assert ckpt.card["recipe"]["ema_decay"] == 0.5 and ckpt.card["recipe"]["shift_um"] == 8
     assert ckpt.config.align_weight == 0.1  # the recipe's, not the model configuration's 0.5
-    raw = _train(section, tmp_path / "raw.pt", recipe=recipe)
+    raw = _train(section, tmp_path / "raw.pt", recipe=recipe.replace(ema_decay=0.0))
     plain = load_checkpoint(raw.checkpoint).state_dict  # same seed and data, no average
     differs = [k for k, v in ckpt.state_dict.items() if v.is_floating_point()
                and not torch.equal(v, plain[k])]
