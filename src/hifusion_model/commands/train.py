@@ -21,7 +21,8 @@ from ._options import add_device_options, add_recipe_options, recipe_from_args
 EPILOG = """\
 recipes:
   hifusion   ours (default): AdamW 3e-4, weight decay 1e-2, head dropout 0.2, mild colour
-             jitter, 1-epoch warm-up + cosine, 20 epochs, batch 16
+             jitter, 1-epoch warm-up + cosine, 20 epochs, batch 16, per-level BatchNorm,
+             no level-alignment loss, a 0.98 moving average of the weights is saved
   released   the paper's: Adam 1e-3, weight decay 1e-5, cosine to 1e-6 per epoch, 50 epochs,
              batch 32, flips and rotations only
   FILE.json  a recipe written by TrainConfig.to_json (e.g. from a checkpoint's card)
