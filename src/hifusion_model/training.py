@@ -486,12 +486,18 @@ def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
     if not decay:
         return None
 
-    def ema(average: Tensor, current: Tensor, n: Tensor) -> Tensor:
-        if not average.is_floating_point():  # BatchNorm's step counter
-            return current
-        return average.lerp(current, 1.0 - min(decay, (1.0 + n.item()) / (10.0 + n.item())))
+    def ema(averages: list[Tensor], currents: list[Tensor], n: Tensor) -> None:
+        # called once per device and dtype: one host sync per update, not one per tensor
+        if not averages[0].is_floating_point():  # BatchNorm's step counters
+            for average, current in zip(averages, currents):
+                average.copy_(current)
+            return
+        steps = float(n.item())
+        weight = 1.0 - min(decay, (1 + steps) / (10 + steps))
+        for average, current in zip(averages, currents):
+            average.lerp_(current, weight)
 
-    return AveragedModel(model, avg_fn=ema, use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
 
 
 class _SkipSampler(Sampler[int]):
