@@ -217,3 +217,29 @@ def test_train_help_documents_the_model_config(capsys: pytest.CaptureFixture) ->
         main(["train", "--help"])
     text = capsys.readouterr().out
     assert "--model-config FILE.json" in text and "released" in text and "--resume" in text
+
+
+def test_level_heads_script_reports_every_head(
+    work: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "level_heads.py"
+    spec = importlib.util.spec_from_file_location("level_heads", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    section = work / "B4.h5ad"
+    genes = list(ad.read_h5ad(section).var_names[:3])
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "m.pt", HiFusion(tiny_config(genes)),
+                            train_mean=np.full(3, -1.0))
+    assert module.main([str(model), str(section)]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| B4 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["final", "level 1", "level 2", "level 7"]
+    from hifusion_model.baselines import spot_only_config
+    from hifusion_model.model import build_model
+
+    spot_only = save_checkpoint(tmp_path / "s.pt", build_model(spot_only_config(tiny_config(genes))),
+                                train_mean=np.zeros(3))
+    assert module.main([str(spot_only), str(section)]) == 2
+    assert "no level heads" in capsys.readouterr().err
