@@ -115,6 +115,8 @@ def distributed(device: str) -> Iterator[DistInfo]:
         dist.init_process_group("nccl" if use_nccl else "gloo")
     try:
         yield DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        if joined:  # leave together: tearing gloo down while a peer still talks aborts it
+            dist.barrier()
     finally:
         if joined:
             dist.destroy_process_group()
