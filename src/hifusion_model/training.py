@@ -309,12 +309,13 @@ def _prepare_data(
             )
         )
         keep = np.flatnonzero(~held)
+        margin = shift_px(recipe, config)
         spots = SpotDataset(s.adata, s.slide, config, config.genes,  # augmented later, per epoch
-                            margin_px=shift_px(recipe, config))
+                            margin_px=margin)
         train_parts.append(Subset(spots, keep))
         targets.append(spots.targets[keep].numpy())
-        if held.any():
-            val_spots = SpotDataset(s.adata, s.slide, config, config.genes)
+        if held.any():  # validation reads the plain spot window
+            val_spots = SpotDataset(s.adata, s.slide, config, config.genes) if margin else spots
             val_parts.append(Subset(val_spots, np.flatnonzero(held)))
             val_labels.append(np.full(int(held.sum()), s.label))
         info.append(
