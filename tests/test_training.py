@@ -24,10 +24,14 @@ from hifusion_model.importers import import_her2st
 from hifusion_model.model import HiFusion
 from hifusion_model.recipes import RECIPES, TrainConfig, get_recipe
 from hifusion_model.sections import new_section, read_section, write_section
+from hifusion_model.expression import select_top_genes, smooth_targets
 from hifusion_model.training import (
+    _open_sources,
+    _prepare_data,
     companion_paths,
     gene_dependent_keys,
     lr_factor,
+    mixed_seed,
     read_gene_list,
     spatial_block_split,
     gene_weights,
@@ -349,6 +353,26 @@ def test_weight_average_ramps_up_and_averages_batchnorm_statistics() -> None:
         ema.module[1].running_mean, (1 - keep) * net[1].running_mean, rtol=1e-6, atol=1e-6
     )
     assert ema.module[1].num_batches_tracked.item() == 1
+
+
+def test_target_smoothing_relabels_training_spots_only(section: Path) -> None:
+    """Training labels are averaged over training neighbours; validation keeps the raw labels."""
+    for sigma in (0.0, 1.0):
+        sources = _open_sources([section], "training")
+        config = tiny_config(select_top_genes([sources[0].adata], N_GENES))
+        data = _prepare_data(sources, None, config, tiny_recipe(target_smoothing=sigma))
+        spots = sources[0].adata
+        held = spatial_block_split(spots.obsm["spatial"], fraction=0.15, grid=4,
+                                   seed=mixed_seed(0, 0))
+        raw = data.val.datasets[0].dataset.targets.numpy()  # the section's own labels
+        keep = np.flatnonzero(~held)
+        expected = smooth_targets(spots.obsm["spatial"][keep], raw[keep], sigma)
+        got = np.stack([data.train[i]["target"].numpy() for i in range(len(data.train))])
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+        assert (sigma == 0) == np.allclose(got, raw[keep])
+        val = np.stack([data.val[i]["target"].numpy() for i in range(len(data.val))])
+        np.testing.assert_array_equal(val, raw[held])
+        np.testing.assert_allclose(data.train_mean, expected.mean(axis=0), rtol=1e-5)
 
 
 def test_ema_recipe_saves_the_averaged_weights(section: Path, tmp_path: Path) -> None:

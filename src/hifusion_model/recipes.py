@@ -22,7 +22,8 @@ Two named recipes ship:
     3d-C from 0.224 to 0.254 (0.230 with a weight of 0.05);
   - an exponential moving average of the weights (decay 0.98) is validated and saved.
 
-  Stain (HED) jitter and a spot shift are available (``hed_jitter``, ``shift_um``) but off.
+  Stain (HED) jitter, a spot shift and spatially smoothed training labels are available
+  (``hed_jitter``, ``shift_um``, ``target_smoothing``) but off.
 
 A recipe is plain data: ``TrainConfig.from_dict(cfg.to_dict())`` round-trips, so the exact recipe
 of any checkpoint can be read back from its card and rerun.
@@ -80,6 +81,7 @@ class TrainConfig(JsonDataclass):
     grad_clip: float | None = None
     gene_weights: str = "uniform"
     ema_decay: float = 0.0  # validate and save an exponential moving average of the weights; 0 = off
+    target_smoothing: float = 0.0  # train on labels averaged over neighbours, σ in spot pitches
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -114,6 +116,9 @@ class TrainConfig(JsonDataclass):
         for name in ("color_jitter", "hed_jitter"):
             if not 0 <= getattr(self, name) <= 0.5:
                 problems.append(f"{name} must be in [0, 0.5], got {getattr(self, name)}")
+        if not 0 <= self.target_smoothing <= 2:
+            problems.append(f"target_smoothing must be in [0, 2] spot pitches, "
+                            f"got {self.target_smoothing}")
         if self.n_genes < 1:
             problems.append(f"n_genes must be >= 1, got {self.n_genes}")
         if not 0 < self.val_fraction < 1 or self.val_grid < 2:

@@ -51,7 +51,7 @@ from .config import ModelConfig
 from .dataset import Augment, SpotDataset
 from .devices import autocast, autocast_dtype, resolve_device
 from .errors import Cancelled, CheckpointError, ConfigError, HiFusionError, SectionError
-from .expression import select_top_genes
+from .expression import select_top_genes, smooth_targets
 from .io_utils import atomic_path
 from .losses import hifusion_loss
 from .metrics import evaluate_predictions
@@ -264,6 +264,21 @@ def _augment(recipe: TrainConfig, config: ModelConfig) -> Augment | None:
     )
 
 
+class Relabelled(Dataset):
+    """``base``'s samples with ``targets[i]`` as their target (e.g. spatially smoothed labels)."""
+
+    def __init__(self, base: Dataset, targets: np.ndarray) -> None:
+        if len(base) != len(targets):  # type: ignore[arg-type]
+            raise ValueError(f"{len(targets)} targets for {len(base)} samples")  # type: ignore[arg-type]
+        self.base, self.targets = base, torch.from_numpy(np.asarray(targets, np.float32))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.base[i], "target": self.targets[i]}
+
+
 class EpochAugmented(Dataset):
     """Augments ``base`` with a draw keyed by ``(seed, epoch, index)``.
 
@@ -312,8 +327,10 @@ def _prepare_data(
         margin = shift_px(recipe, config)
         spots = SpotDataset(s.adata, s.slide, config, config.genes,  # augmented later, per epoch
                             margin_px=margin)
-        train_parts.append(Subset(spots, keep))
-        targets.append(spots.targets[keep].numpy())
+        labels = smooth_targets(s.adata.obsm["spatial"][keep], spots.targets[keep].numpy(),
+                                recipe.target_smoothing)  # held-out labels never leak in
+        train_parts.append(Relabelled(Subset(spots, keep), labels))
+        targets.append(labels)
         if held.any():  # validation reads the plain spot window
             val_spots = SpotDataset(s.adata, s.slide, config, config.genes) if margin else spots
             val_parts.append(Subset(val_spots, np.flatnonzero(held)))
