@@ -1,0 +1,193 @@
+"""A quick probe for recipe ideas: a plain spot-only ResNet-18 loop on cached HER2ST patches.
+
+`accuracy_her2st.py` trains through the product's trainer (validation split, epoch selection,
+weight average, resumable state); one spot-only run there takes minutes and one HiFusion run
+a quarter of an hour on a CPU. This script is the bare minimum instead: the spot patches of the
+imported sections are read once into a cache, a ResNet-18 (ours, random init) with dropout 0.2
+and a head that starts at the training mean is trained with AdamW and a per-step cosine, flips,
+90° rotations and the recipe's per-channel colour jitter, and the *last* epoch is tested. It
+answers "does this idea move the needle at all?" in ~5 minutes, before an idea earns a recipe
+field and a real benchmark run. It reports test metrics, so it must never choose a shipped
+setting by itself.
+
+    python benchmarks/spot_probe.py --sections runs/accuracy/accuracy_her2st_work/sections \\
+        --train C2 --test C3,C4 [--norm slide] [--smooth 0.5] [--holdout] [--seed 1]
+
+``--norm image`` standardises each patch per channel (as the model does); ``--norm slide``
+standardises by the channel mean and std of all spot patches of the patch's section.
+``--smooth σ`` trains on labels averaged over neighbouring training spots (σ in spot pitches,
+``expression.smooth_targets``). ``--holdout`` drops the spatial validation blocks the trainer
+would hold out, to train on the same spots as ``accuracy_her2st.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hifusion_model.backbones import resnet18_trunk
+from hifusion_model.baselines import section_targets
+from hifusion_model.config import ModelConfig
+from hifusion_model.dataset import SpotDataset
+from hifusion_model.expression import select_top_genes, smooth_targets
+from hifusion_model.metrics import gene_pcc, mse, spot_pcc
+from hifusion_model.model import zscore_per_channel
+from hifusion_model.sections import read_section, section_slide
+from hifusion_model.training import mixed_seed, spatial_block_split
+
+MARKERS = ("ERBB2", "KRT19", "CD74")
+
+
+def load_patches(folder: Path, names: Sequence[str], train: Sequence[str], cache: Path) -> dict:
+    """Spot patches (uint8), centres and targets of ``names``; genes from the training sections."""
+    if cache.exists():
+        data = dict(np.load(cache, allow_pickle=False))
+        if all(f"{n}_spot" in data for n in names):
+            return data
+    sections = {n: read_section(folder / f"{n}.h5ad") for n in names}
+    genes = select_top_genes([sections[n] for n in train], 250)
+    config = ModelConfig(genes=genes)
+    data: dict = {"genes": np.array(genes)}
+    for n, section in sections.items():
+        dataset = SpotDataset(section, section_slide(section), config, raw=True)
+        data[f"{n}_spot"] = np.stack([dataset[i]["spot"].numpy() for i in range(len(dataset))])
+        data[f"{n}_xy"] = np.asarray(section.obsm["spatial"], np.float64)
+        data[f"{n}_y"] = section_targets(section, genes, config.normalization)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **data)
+    return data
+
+
+def colour_stats(patches: np.ndarray) -> torch.Tensor:
+    """Per-channel mean and std of a section's spot patches, one ``(6,)`` row per patch."""
+    x = torch.from_numpy(patches).float() / 255
+    row = torch.cat([x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))])
+    return row.expand(len(patches), 6).clone()
+
+
+class SpotNet(nn.Module):
+    def __init__(self, n_genes: int, norm: str) -> None:
+        super().__init__()
+        self.norm = norm
+        self.trunk = resnet18_trunk()
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, n_genes))
+
+    def forward(self, x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255
+        if self.norm == "image":
+            x = zscore_per_channel(x)
+        else:
+            x = (x - stats[:, :3, None, None]) / stats[:, 3:, None, None]
+        return self.head(self.trunk(x).mean(dim=(-2, -1))).float()
+
+
+def augment(x: torch.Tensor, jitter: float, gen: torch.Generator) -> torch.Tensor:
+    """Random flips, 90° rotation and per-channel gain/bias of one uint8 patch, as float."""
+    flips = torch.rand(3, generator=gen)
+    if flips[0] < 0.5:
+        x = x.flip(-1)
+    if flips[1] < 0.5:
+        x = x.flip(-2)
+    x = torch.rot90(x, int(4 * flips[2]) % 4, (-2, -1)).float()
+    gain = 1 + (2 * torch.rand(3, 1, 1, generator=gen) - 1) * jitter
+    bias = (2 * torch.rand(3, 1, 1, generator=gen) - 1) * jitter / 2 * 255
+    return (x * gain + bias).clamp(0, 255)
+
+
+def training_set(data: dict, train: Sequence[str], args: argparse.Namespace):
+    xs, ys, stats = [], [], []
+    for k, n in enumerate(train):
+        keep = np.ones(len(data[f"{n}_y"]), bool)
+        if args.holdout:
+            keep = ~spatial_block_split(data[f"{n}_xy"], fraction=0.15, grid=4,
+                                        seed=mixed_seed(args.seed, k))
+        xs.append(data[f"{n}_spot"][keep])
+        ys.append(smooth_targets(data[f"{n}_xy"][keep], data[f"{n}_y"][keep], args.smooth))
+        stats.append(colour_stats(data[f"{n}_spot"])[keep])
+    return (torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
+            torch.cat(stats))
+
+
+@torch.inference_mode()
+def predict(net: SpotNet, patches: np.ndarray) -> np.ndarray:
+    net.eval()
+    stats, out = colour_stats(patches), []
+    for s in range(0, len(patches), 32):
+        with torch.autocast("cpu", torch.bfloat16):
+            out.append(net(torch.from_numpy(patches[s:s + 32]), stats[s:s + 32]))
+    return torch.cat(out).numpy()
+
+
+def scores(pred: np.ndarray, truth: np.ndarray, genes: list[str]) -> dict:
+    per_gene = gene_pcc(pred, truth)
+    row = {"mse": mse(pred, truth), "spot_pcc": spot_pcc(pred, truth),
+           "gene_pcc": float(np.nanmean(per_gene))}
+    row.update({g: float(per_gene[genes.index(g)]) for g in MARKERS if g in genes})
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sections", type=Path, required=True, help="folder of imported SECTION.h5ad")
+    p.add_argument("--train", default="C2")
+    p.add_argument("--test", default="C3,C4")
+    p.add_argument("--cache", type=Path, help="patch cache (default: runs/spot_probe/TRAIN.npz; "
+                   "the gene panel depends on the training sections)")
+    p.add_argument("--norm", choices=("image", "slide"), default="image")
+    p.add_argument("--smooth", type=float, default=0.0)
+    p.add_argument("--holdout", action="store_true")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--jitter", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    train, test = args.train.split(","), args.test.split(",")
+    cache = args.cache or Path("runs/spot_probe") / f"{'-'.join(train)}.npz"
+    data = load_patches(args.sections, train + test, train, cache)
+    genes = [str(g) for g in data["genes"]]
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    x, y, stats = training_set(data, train, args)
+    net = SpotNet(len(genes), args.norm)
+    with torch.no_grad():
+        net.head[1].weight.zero_()
+        net.head[1].bias.copy_(y.mean(0))
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-2)
+    steps = args.epochs * -(-len(x) // args.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + np.cos(np.pi * t / steps)))
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        net.train()
+        for idx in torch.randperm(len(x), generator=gen).split(args.batch_size):
+            if len(idx) < 2:
+                continue
+            batch = torch.stack([augment(x[i], args.jitter, gen) for i in idx])
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = F.mse_loss(net(batch, stats[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        print(f"epoch {epoch + 1}: loss {loss.item():.4f}, {time.perf_counter() - start:.0f} s",
+              flush=True)
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "n_train": len(x)}
+    for n in test:
+        results[n] = scores(predict(net, data[f"{n}_spot"]), data[f"{n}_y"], genes)
+        print(n, json.dumps({k: round(v, 4) for k, v in results[n].items()}))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
