@@ -476,3 +476,15 @@ def test_torchvision_weights_fill_every_level_of_a_per_level_trunk(tmp_path):
     other = load_torchvision_resnet18(resnet18_trunk(16, norm_levels=3), tmp_path / "per_level.pth")
     for k, v in trunk.state_dict().items():
         assert torch.equal(other.state_dict()[k], v), k
+
+
+def test_per_image_standardisation_undoes_a_per_channel_gain_and_bias() -> None:
+    """Why RGB gain/bias jitter is nearly inert under ``input_norm="image"``: only clipping survives."""
+    torch.manual_seed(0)
+    x = 0.2 + 0.6 * torch.rand(4, 3, 16, 16)
+    gain, bias = torch.tensor([1.05, 0.95, 1.02]), torch.tensor([0.02, -0.03, 0.01])
+    jittered = x * gain.view(1, 3, 1, 1) + bias.view(1, 3, 1, 1)  # stays inside [0, 1]
+    torch.testing.assert_close(zscore_per_channel(jittered), zscore_per_channel(x),
+                               rtol=1e-4, atol=1e-4)
+    clipped = (x * 1.5).clamp(0, 1)  # a gain that saturates bright pixels is not undone
+    assert (zscore_per_channel(clipped) - zscore_per_channel(x)).abs().max() > 0.1
