@@ -53,6 +53,7 @@ from hifusion_model.protocols import (
     scan_her2st,
 )
 from hifusion_model.recipes import TrainConfig, get_recipe
+from hifusion_model.training import format_epoch
 
 FORMAT = "hifusion-accuracy-her2st/1"
 DEFAULT_HER2ST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st"
@@ -227,9 +228,7 @@ def _log(message: str) -> None:
 
 
 def _epoch_line(r: dict[str, Any]) -> None:
-    _log(f"  epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  val MSE {r['val_mse']:.4f} "
-         f"(mean {r['val_baseline_mse']:.4f})  gene PCC {r['val_gene_pcc']:.3f}  "
-         f"{r['seconds']:.0f} s" + ("  *best" if r["best"] else ""))
+    _log("  " + format_epoch(r))
 
 
 def run_experiment(name: str, files: dict, template: ModelConfig, args: argparse.Namespace,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from pathlib import Path
 
 import imagecodecs
@@ -29,6 +30,7 @@ from hifusion_model.training import (
     _open_sources,
     _prepare_data,
     companion_paths,
+    format_epoch,
     gene_dependent_keys,
     lr_factor,
     mixed_seed,
@@ -39,6 +41,7 @@ from hifusion_model.training import (
     weight_average,
 )
 from hifusion_model.commands._options import recipe_setting
+from hifusion_model.commands.info import format_card
 
 N_GENES = 12
 
@@ -390,3 +393,75 @@ def test_ema_recipe_saves_the_averaged_weights(section: Path, tmp_path: Path) ->
     assert differs, "the saved weights should be the average, not the last step's"
     model, _ = load_model(result.checkpoint)  # loads and runs
     assert result.validation["mse"] == pytest.approx(ckpt.card["validation"]["mse"])
+
+
+# -- refit ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def refit_run(section: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A refit recipe run to the end: selection run, then every spot up to its chosen epoch."""
+    epochs: list[dict] = []
+    out = tmp_path_factory.mktemp("refit") / "m.pt"
+    result = _train(section, out, recipe=tiny_recipe(epochs=3, refit=True),
+                    on_epoch=epochs.append, command=["hifusion", "train"])
+    return result, epochs
+
+
+def test_refit_retrains_on_every_spot_to_the_chosen_epoch(refit_run) -> None:
+    result, epochs = refit_run
+    selection = load_checkpoint(companion_paths(result.checkpoint)["selection"])
+    refit = load_checkpoint(result.checkpoint)
+    chosen = selection.card["epoch"]
+    assert result.best_epoch == refit.card["epoch"] == refit.card["refit"]["epoch"] == chosen
+    assert refit.card["validation"] == selection.card["validation"] == result.validation
+    assert selection.card["sections"][0]["n_val"] > 0
+    assert refit.card["sections"][0] == {**selection.card["sections"][0], "n_train": 40, "n_val": 0}
+    assert refit.card["refit"]["selection_validation_split"].startswith("spatial blocks")
+    assert refit.card["command"] == "hifusion train"
+    # three selection epochs with validation, then `chosen` refit epochs without
+    assert [e["refit"] for e in epochs] == [False] * 3 + [True] * chosen
+    assert all(e["val_mse"] is None for e in epochs[3:]) and epochs[-1]["best"]
+    assert [c["epoch"] for c in result.curves] == list(range(1, chosen + 1))
+    assert not torch.equal(refit.train_mean, selection.train_mean)  # every spot's mean
+    assert any(not torch.equal(v, selection.state_dict[k]) for k, v in refit.state_dict.items())
+    paths = companion_paths(result.checkpoint)
+    assert not paths["resume"].exists()
+    assert not companion_paths(paths["selection"])["resume"].exists()
+    shown = format_card(refit, 0)
+    assert f"retrained on every spot to epoch {chosen}" in shown
+    assert "Validation (of the selection run)" in shown
+    assert "refit on every spot" in format_epoch(epochs[-1])
+
+
+def test_refit_resumes_in_either_stage(section: Path, tmp_path: Path, refit_run) -> None:
+    full, _ = refit_run
+    out = tmp_path / "m.pt"
+    recipe = tiny_recipe(epochs=3, refit=True)
+    calls = iter(range(10**6))
+    with pytest.raises(Cancelled):  # in the selection run's second epoch
+        _train(section, out, recipe=recipe, should_stop=lambda: next(calls) >= 6)
+    assert companion_paths(companion_paths(out)["selection"])["resume"].exists()
+    calls = iter(range(10**6))
+    steps = 2 + 4 + 2  # the selection run's remaining 2 + 4 steps, then two refit steps
+    with pytest.raises(Cancelled):
+        _train(section, out, resume=True, should_stop=lambda: next(calls) >= steps)
+    assert companion_paths(out)["resume"].exists()
+    assert "refit" not in load_checkpoint(out).card  # until the refit ends: the selection model
+    resumed = _train(section, out, resume=True)
+    a, b = load_checkpoint(full.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert b.card["refit"]["epoch"] == a.card["refit"]["epoch"]
+    for k, v in a.state_dict.items():
+        torch.testing.assert_close(b.state_dict[k], v, atol=1e-6, rtol=0, msg=k)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        _train(section, out, resume=True)
+
+
+def test_refit_starts_from_a_finished_selection_run(section: Path, tmp_path: Path,
+                                                    refit_run) -> None:
+    """A selection checkpoint alone (e.g. trained elsewhere) is refitted by --resume."""
+    full, _ = refit_run
+    out = tmp_path / "m.pt"
+    shutil.copyfile(companion_paths(full.checkpoint)["selection"], companion_paths(out)["selection"])
+    resumed = _train(section, out, resume=True)
+    a, b = load_checkpoint(full.checkpoint), load_checkpoint(resumed.checkpoint)
+    for k, v in a.state_dict.items():
+        torch.testing.assert_close(b.state_dict[k], v, atol=1e-6, rtol=0, msg=k)

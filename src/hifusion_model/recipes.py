@@ -88,6 +88,7 @@ class TrainConfig(JsonDataclass):
     gene_weights: str = "uniform"
     ema_decay: float = 0.0  # validate and save an exponential moving average of the weights; 0 = off
     target_smoothing: float = 0.0  # train on labels averaged over neighbours, σ in spot pitches
+    refit: bool = False  # after choosing the epoch on validation, retrain on every spot to it
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]

@@ -3,6 +3,9 @@
 * **Validation never sees test data.** Either given sections (``val_sections``) or a spatially
   blocked split of the training spots: neighbouring spots share tissue, so a random split would
   leak and flatter the model. The kept checkpoint is the epoch with the lowest validation MSE.
+* **Refit** (``recipe.refit``): the held-out spots cost more accuracy than choosing the epoch
+  gains on one small section, so the validated run becomes ``OUT.selection.pt`` and ``OUT`` is
+  retrained on every spot, on the same schedule, up to the epoch that run chose.
 * **Resumable.** ``OUT.resume.pt`` (model, optimiser, scheduler, loss scaler, RNG states, curves,
   best so far; plain tensors and values, loadable with ``weights_only=True``) is rewritten
   atomically after every epoch and when a run is stopped. Augmentations are drawn from
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import datetime
 import io
 import json
@@ -31,6 +35,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -75,12 +80,13 @@ class TrainResult:
 
 
 def companion_paths(out: str | os.PathLike) -> dict[str, Path]:
-    """Files written beside ``MODEL.pt``: resume state and curves."""
+    """Files written beside ``MODEL.pt``: resume state, curves, and the selection run of a refit."""
     out = Path(out)
     return {
         "resume": out.with_suffix(".resume.pt"),
         "curves_json": out.with_suffix(".curves.json"),
         "curves_csv": out.with_suffix(".curves.csv"),
+        "selection": out.with_suffix(".selection.pt"),
     }
 
 
@@ -236,7 +242,7 @@ def _check_disjoint(train: list[_Source], val: list[_Source]) -> None:
 @dataclass
 class _Data:
     train: torch.utils.data.Dataset
-    val: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset | None  #: None when every spot trains (a refit)
     val_labels: np.ndarray  #: section label of every validation spot, in dataset order
     train_mean: np.ndarray  #: (G,) mean normalised target over the training spots
     train_var: np.ndarray  #: (G,) its variance
@@ -309,13 +315,16 @@ def _prepare_data(
     val_sources: list[_Source] | None,
     config: ModelConfig,
     recipe: TrainConfig,
+    *,
+    hold_out: bool = True,
 ) -> _Data:
+    """Datasets of a run; ``hold_out=False`` (a refit) trains on every spot and validates on none."""
     train_parts, val_parts, val_labels, targets, info = [], [], [], [], []
     for s in train_sources:
         n = s.adata.n_obs
         held = (
             np.zeros(n, bool)
-            if val_sources
+            if val_sources or not hold_out
             else spatial_block_split(
                 s.adata.obsm["spatial"],
                 fraction=recipe.val_fraction,
@@ -347,19 +356,20 @@ def _prepare_data(
     for s in val_sources or []:
         val_parts.append(SpotDataset(s.adata, s.slide, config, config.genes))
         val_labels.append(np.full(s.adata.n_obs, s.label))
-    validation = (
-        "sections " + ", ".join(s.label for s in val_sources)
-        if val_sources
-        else f"spatial blocks: {recipe.val_grid}x{recipe.val_grid} per section, "
-        f">= {recipe.val_fraction:.0%} of spots held out"
-    )
+    if val_sources:
+        validation = "sections " + ", ".join(s.label for s in val_sources)
+    elif hold_out:
+        validation = (f"spatial blocks: {recipe.val_grid}x{recipe.val_grid} per section, "
+                      f">= {recipe.val_fraction:.0%} of spots held out")
+    else:
+        validation = "none: every spot trains (refit to the epoch a selection run chose)"
     augment = _augment(recipe, config)
     train: Dataset = ConcatDataset(train_parts)
     train_targets = np.concatenate(targets)
     return _Data(
         train=EpochAugmented(train, augment, recipe.seed) if augment else train,
-        val=ConcatDataset(val_parts),
-        val_labels=np.concatenate(val_labels),
+        val=ConcatDataset(val_parts) if val_parts else None,
+        val_labels=np.concatenate(val_labels) if val_labels else np.array([], str),
         train_mean=train_targets.mean(axis=0),
         train_var=train_targets.var(axis=0),
         sections=info,
@@ -538,6 +548,48 @@ class _SkipSampler(Sampler[int]):
 
 
 # -- the run ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Refit:
+    """A refit stage: the selection run chose ``epoch`` on held-out spots; retrain on every spot.
+
+    The retrained model follows the same schedule and stops at that epoch. It has no held-out
+    spots left, so its card carries the selection run's ``validation``: an estimate from a model
+    that saw fewer spots, so if anything a pessimistic one.
+    """
+
+    epoch: int  #: 1-based epoch the selection run chose
+    validation: dict[str, Any]  #: the selection run's metrics at that epoch
+    selection: str  #: path of the selection run's checkpoint
+    validation_split: str  #: how the selection run held spots out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _validation_fields(metrics: dict[str, Any] | None) -> dict[str, float | None]:
+    """The curve columns of one validation (``None`` in a refit, which holds no spot out)."""
+    if metrics is None:
+        return dict.fromkeys(("val_mse", "val_gene_pcc", "val_spot_pcc", "val_baseline_mse"))
+    return {
+        "val_mse": metrics["mse"],
+        "val_gene_pcc": metrics["gene_pcc"],
+        "val_spot_pcc": metrics["spot_pcc"],
+        "val_baseline_mse": metrics["baseline"]["mse"],
+    }
+
+
+def format_epoch(record: dict[str, Any]) -> str:
+    """One log line for an ``on_epoch`` record (a refit epoch has no validation to show)."""
+    if record.get("refit"):
+        scores = "refit on every spot, no validation"
+    else:
+        scores = (f"val MSE {record['val_mse']:.4f} (mean {record['val_baseline_mse']:.4f})  "
+                  f"gene PCC {record['val_gene_pcc']:.3f}  spot PCC {record['val_spot_pcc']:.3f}")
+    return (f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  {scores}  "
+            f"lr {record['lr']:.2e}  {record['seconds']:.0f} s"
+            + ("  *best" if record["best"] else ""))
+
+
 class _Trainer:
     """One training run: owns the model, optimiser, loaders, curves and the files it writes."""
 
@@ -556,8 +608,11 @@ class _Trainer:
         progress: Progress | None,
         should_stop: Callable[[], bool] | None,
         on_epoch: Callable[[dict], None] | None,
+        refit: Refit | None = None,
     ) -> None:
         self.data, self.config, self.recipe, self.out = data, config, recipe, out
+        self.refit = refit
+        self.last_epoch = refit.epoch if refit else recipe.epochs
         self.device, self.info, self.workers, self.card = device, info, workers, card
         self.progress, self.should_stop, self.on_epoch = progress, should_stop, on_epoch
         self.paths = companion_paths(out)
@@ -603,7 +658,7 @@ class _Trainer:
         self.epoch, self.step = 0, 0
         self.curves: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": 0, "val_mse": math.inf}
-        self.best_written = False
+        self.best_written = refit is not None  # a refit starts from a copy of the selection model
         self._loss_sum = 0.0
         self._loss_parts = np.zeros(3)
 
@@ -627,6 +682,7 @@ class _Trainer:
             "config": self.config.to_dict(),
             "sections": [s["name"] for s in self.data.sections],
             "card": self.card,
+            "refit": self.refit.to_dict() if self.refit else None,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -651,7 +707,7 @@ class _Trainer:
     # -- loop --------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         try:
-            while self.epoch < self.recipe.epochs:
+            while self.epoch < self.last_epoch:
                 self._run_epoch()
         except KeyboardInterrupt:
             self._stop_here()
@@ -737,17 +793,18 @@ class _Trainer:
         self._loss_parts += (parts["main"], parts["aux"], parts["align"])
         if self.progress and self.info.is_main:
             done = self.epoch * self.steps_per_epoch + self.step
+            stage = "refit epoch" if self.refit else "epoch"
             self.progress(
                 done,
-                self.recipe.epochs * self.steps_per_epoch,
-                f"epoch {self.epoch + 1}/{self.recipe.epochs} loss {parts['total']:.4f}",
+                self.last_epoch * self.steps_per_epoch,
+                f"{stage} {self.epoch + 1}/{self.last_epoch} loss {parts['total']:.4f}",
             )
 
     def _end_epoch(self, seconds: float) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
         if self.recipe.lr_step == "epoch":
             self.scheduler.step()
-        metrics = self.validate()
+        metrics = None if self.refit else self.validate()
         n = max(self.step, 1)
         record = None
         if self.info.is_main:
@@ -757,28 +814,32 @@ class _Trainer:
                 "train_main": float(self._loss_parts[0] / n),
                 "train_aux": float(self._loss_parts[1] / n),
                 "train_align": float(self._loss_parts[2] / n),
-                "val_mse": metrics["mse"],
-                "val_gene_pcc": metrics["gene_pcc"],
-                "val_spot_pcc": metrics["spot_pcc"],
-                "val_baseline_mse": metrics["baseline"]["mse"],
+                **_validation_fields(metrics),
                 "lr": lr,
                 "seconds": seconds,
+                "refit": self.refit is not None,
             }
-            record["best"] = record["val_mse"] < self.best["val_mse"]
+            record["best"] = self._is_best(record)
             self.curves.append(record)
             if record["best"]:
                 self.best = {
                     "epoch": self.epoch + 1,
                     "val_mse": record["val_mse"],
-                    "validation": metrics,
+                    "validation": self.refit.validation if self.refit else metrics,
                 }
                 self._save_model()
             self._write_curves()
         self.epoch, self.step = self.epoch + 1, 0
-        if self.epoch < self.recipe.epochs:
+        if self.epoch < self.last_epoch:
             self.save_state()
         if record is not None and self.on_epoch:
             self.on_epoch(dict(record))
+
+    def _is_best(self, record: dict[str, Any]) -> bool:
+        """The lowest validation MSE so far; in a refit, the epoch the selection run chose."""
+        if self.refit:
+            return record["epoch"] == self.last_epoch
+        return record["val_mse"] < self.best["val_mse"]
 
     def _stop_here(self) -> None:
         """Leave a loadable model (the current one if none is saved yet) and a resume state."""
@@ -849,6 +910,9 @@ class _Trainer:
             "validation": self.best.get("validation"),
             "reinitialised": self.reinitialised,
         }
+        if self.refit:
+            card["refit"] = {"epoch": self.refit.epoch, "selection": self.refit.selection,
+                             "selection_validation_split": self.refit.validation_split}
         if stopped:
             card["notes"] = (
                 f"stopped during epoch {self.epoch + 1} before any validation; "
@@ -903,12 +967,7 @@ def _base_card(
     }
 
 
-def _load_resume(path: Path, sources: list[_Source]) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(
-            f"nothing to resume: {path} does not exist (the run finished, or never completed a "
-            "step); start without --resume"
-        )
+def _read_resume(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file
@@ -919,13 +978,142 @@ def _load_resume(path: Path, sources: list[_Source]) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not a napari-hifusion resume state; start without --resume"
         )
-    names = [s.label for s in sources]
-    if list(state["sections"]) != names:
-        raise ConfigError(
-            f"{path} was written for sections {state['sections']}, not {names}; resume with the "
-            "same sections in the same order"
-        )
     return state
+
+
+def _check_same_sections(path: Path, stored: list[str], sources: list[_Source]) -> None:
+    names = [s.label for s in sources]
+    if stored != names:
+        raise ConfigError(
+            f"{path} was written for sections {stored}, not {names}; resume with the "
+            "same sections (training, then --val) in the same order"
+        )
+
+
+def _model_config(
+    recipe: TrainConfig,
+    genes: int | Sequence[str] | None,
+    template: ModelConfig | None,
+    sources: list[_Source],
+    init: Checkpoint | None,
+) -> ModelConfig:
+    """The architecture to train: the init's or the template's, with genes and recipe overrides."""
+    chosen = _resolve_genes(genes, sources, recipe, init)
+    base = init.config if init else (template or ModelConfig(genes=chosen))
+    changes: dict[str, Any] = {"genes": chosen}
+    for key in ("head_dropout", "align_weight"):
+        if getattr(recipe, key) is not None:
+            changes[key] = getattr(recipe, key)
+    if recipe.level_norm is not None and init is None:  # init keeps its buffers
+        changes["level_norm"] = recipe.level_norm
+    return base.replace(**changes)
+
+
+def _stored_setup(state: dict[str, Any]) -> tuple[TrainConfig, ModelConfig]:
+    """The recipe and architecture a resume state was written with."""
+    return TrainConfig.from_dict(state["recipe"]), ModelConfig.from_dict(state["config"])
+
+
+def _is_refit(path: Path) -> bool:
+    """Whether ``path`` holds a finished refit (not the selection model it starts as)."""
+    return path.is_file() and "refit" in load_checkpoint(path).card
+
+
+@dataclass
+class _Session:
+    """Everything one call of :func:`train` shares between its stages (selection, refit)."""
+
+    out: Path
+    train_sources: list[_Source]
+    val_sources: list[_Source] | None
+    device: torch.device
+    info: DistInfo
+    workers: int
+    command: Sequence[str] | None
+    progress: Progress | None
+    should_stop: Callable[[], bool] | None
+    on_epoch: Callable[[dict[str, Any]], None] | None
+
+    @property
+    def every_source(self) -> list[_Source]:
+        return [*self.train_sources, *(self.val_sources or [])]
+
+    def start(self, config: ModelConfig, recipe: TrainConfig, init: Checkpoint | None,
+              state: dict[str, Any] | None = None) -> TrainResult:
+        """Train with validation (a refit recipe writes it to ``OUT.selection.pt``), then refit."""
+        target = companion_paths(self.out)["selection"] if recipe.refit else self.out
+        data = _prepare_data(self.train_sources, self.val_sources, config, recipe)
+        card = state["card"] if state else self._card(recipe, config, data, init)
+        result = self._fit(data, config, recipe, target, card, init, state)
+        if not recipe.refit:
+            return result
+        if init is None and card.get("init"):  # a resumed selection run: reload the init weights
+            init = _load_init(card["init"])
+        refit = Refit(result.best_epoch, result.validation, str(target), data.validation)
+        return self.refit(config, recipe, init, refit, command=card.get("command"))
+
+    def refit(self, config: ModelConfig, recipe: TrainConfig, init: Checkpoint | None,
+              refit: Refit, state: dict[str, Any] | None = None,
+              command: str | None = None) -> TrainResult:
+        """Retrain on every spot up to the chosen epoch; ``OUT`` holds the selection model till then."""
+        if state is None and self.info.is_main:
+            with atomic_path(self.out) as tmp:
+                shutil.copyfile(refit.selection, tmp)
+        data = _prepare_data(self.every_source, None, config, recipe, hold_out=False)
+        if state:
+            card = state["card"]
+        else:
+            card = self._card(recipe, config, data, init)
+            if command is not None:
+                card["command"] = command
+        return self._fit(data, config, recipe, self.out, card, init, state, refit)
+
+    def resume(self) -> TrainResult:
+        """Continue where a stopped run left off: a plain run, the selection run, or the refit."""
+        paths = companion_paths(self.out)
+        selection = paths["selection"]
+        if paths["resume"].is_file():  # a plain run, or the refit stage
+            state = _read_resume(paths["resume"])
+            refit = state.get("refit")
+            sources = self.every_source if refit else self.train_sources
+            _check_same_sections(paths["resume"], list(state["sections"]), sources)
+            recipe, config = _stored_setup(state)
+            if refit:
+                return self.refit(config, recipe, None, Refit(**refit), state)
+            return self.start(config, recipe, None, state)
+        if companion_paths(selection)["resume"].is_file():  # the selection run of a refit
+            state = _read_resume(companion_paths(selection)["resume"])
+            _check_same_sections(selection, list(state["sections"]), self.train_sources)
+            recipe, config = _stored_setup(state)
+            return self.start(config, recipe, None, state)
+        if selection.is_file() and not _is_refit(self.out):  # selected; the refit never began
+            ckpt = load_checkpoint(selection)
+            _check_same_sections(selection, list(ckpt.card["data"]), self.train_sources)
+            card = ckpt.card
+            refit = Refit(card["epoch"], card["validation"], str(selection),
+                          card["validation_split"])
+            return self.refit(ckpt.config, TrainConfig.from_dict(card["recipe"]),
+                              _load_init(card.get("init")), refit, command=card.get("command"))
+        raise CheckpointError(
+            f"nothing to resume: {paths['resume']} does not exist (the run finished, or never "
+            "completed a step); start without --resume"
+        )
+
+    def _card(self, recipe: TrainConfig, config: ModelConfig, data: _Data,
+              init: Checkpoint | None) -> dict[str, Any]:
+        return _base_card(recipe, config, data, init, self.command, self.info, self.device)
+
+    def _fit(self, data: _Data, config: ModelConfig, recipe: TrainConfig, out: Path,
+             card: dict[str, Any], init: Checkpoint | None, state: dict[str, Any] | None,
+             refit: Refit | None = None) -> TrainResult:
+        trainer = _Trainer(
+            data=data, config=config, recipe=recipe, out=out, device=self.device, info=self.info,
+            workers=self.workers, card=card, init=init, progress=self.progress,
+            should_stop=self.should_stop, on_epoch=self.on_epoch, refit=refit,
+        )
+        if state:
+            trainer.load_state(state)
+        return trainer.fit()
 
 
 def train(
@@ -949,71 +1137,45 @@ def train(
 
     ``model_config`` is an architecture template (its genes are replaced by the chosen ones);
     ``genes`` is a count of top genes, a list, or ``None`` (the recipe's ``n_genes``, or the
-    ``init`` model's genes). ``resume`` continues from ``OUT.resume.pt`` with the recipe and
-    model configuration stored there. Raises :class:`Cancelled` when ``should_stop()`` turns
-    true, after writing a loadable ``out`` and the resume state.
+    ``init`` model's genes). With ``recipe.refit`` the validated run goes to
+    ``OUT.selection.pt`` and ``out`` is then retrained on every spot (``val_sections``
+    included) up to the epoch that run chose. ``resume`` continues from the resume state of
+    whichever stage was stopped, with the recipe and model configuration stored there. Raises
+    :class:`Cancelled` when ``should_stop()`` turns true, after writing a loadable model and the
+    resume state.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    out = Path(out)
     if init is not None and model_config is not None:
         raise ConfigError(
             "give either an init checkpoint or a model configuration: fine-tuning keeps the "
             "checkpoint's architecture"
         )
     with distributed(str(device)) as info:
-        dev = resolve_device(device, local_rank=info.local_rank)
         train_sources = _open_sources(sections, "training")
         val_sources = _open_sources(val_sections, "validation") if val_sections else None
         _check_disjoint(train_sources, val_sources or [])
-        state = _load_resume(companion_paths(out)["resume"], train_sources) if resume else None
-        init_ckpt = None if state else _load_init(init)
-        if state:
-            recipe, config = (
-                TrainConfig.from_dict(state["recipe"]),
-                ModelConfig.from_dict(state["config"]),
-            )
-        else:
-            chosen = _resolve_genes(genes, train_sources, recipe, init_ckpt)
-            if isinstance(genes, int):
-                recipe = recipe.replace(n_genes=genes)
-            base = init_ckpt.config if init_ckpt else (model_config or ModelConfig(genes=chosen))
-            changes: dict[str, Any] = {"genes": chosen}
-            for key in ("head_dropout", "align_weight"):
-                if getattr(recipe, key) is not None:
-                    changes[key] = getattr(recipe, key)
-            if recipe.level_norm is not None and init_ckpt is None:  # init keeps its buffers
-                changes["level_norm"] = recipe.level_norm
-            config = base.replace(**changes)
-        data = _prepare_data(train_sources, val_sources, config, recipe)
-        card = (
-            state["card"]
-            if state
-            else _base_card(recipe, config, data, init_ckpt, command, info, dev)
-        )
-        trainer = _Trainer(
-            data=data,
-            config=config,
-            recipe=recipe,
-            out=out,
-            device=dev,
-            info=info,
-            workers=workers,
-            card=card,
-            init=init_ckpt,
-            progress=progress,
-            should_stop=should_stop,
+        session = _Session(
+            out=Path(out), train_sources=train_sources, val_sources=val_sources,
+            device=resolve_device(device, local_rank=info.local_rank), info=info,
+            workers=workers, command=command, progress=progress, should_stop=should_stop,
             on_epoch=on_epoch,
         )
-        if state:
-            trainer.load_state(state)
-        return trainer.fit()
+        if resume:
+            return session.resume()
+        init_ckpt = _load_init(init)
+        if isinstance(genes, int):
+            recipe = recipe.replace(n_genes=genes)
+        config = _model_config(recipe, genes, model_config, train_sources, init_ckpt)
+        return session.start(config, recipe, init_ckpt)
 
 
 __all__ = [
+    "Refit",
     "TrainResult",
     "train",
     "spatial_block_split",
     "companion_paths",
+    "format_epoch",
     "read_gene_list",
     "build_optimizer",
     "lr_factor",

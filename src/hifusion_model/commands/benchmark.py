@@ -18,6 +18,7 @@ from typing import Any
 
 from ..io_utils import atomic_path
 from ..protocols import PROTOCOLS, import_sections, plan_protocol, run_protocol, scan_her2st
+from ..training import format_epoch
 from ._options import add_device_options, add_recipe_options, recipe_from_args
 from .evaluate import format_table
 from .train import load_model_config
@@ -100,11 +101,7 @@ def _log(message: str) -> None:
 
 
 def _epoch_line(r: dict[str, Any]) -> None:
-    _log(
-        f"  epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  val MSE {r['val_mse']:.4f} "
-        f"(mean {r['val_baseline_mse']:.4f})  gene PCC {r['val_gene_pcc']:.3f}"
-        + ("  *best" if r["best"] else "")
-    )
+    _log("  " + format_epoch(r))
 
 
 def report(result: dict[str, Any]) -> str:

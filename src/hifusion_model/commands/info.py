@@ -119,6 +119,13 @@ def _validation_lines(v: dict[str, Any], title: str = "Validation") -> list[tupl
     return lines
 
 
+def _refit_lines(refit: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not refit:
+        return []
+    return [("Refit", f"retrained on every spot to epoch {refit.get('epoch', '?')}, the epoch a "
+                      f"selection run chose on {refit.get('selection_validation_split', '?')}")]
+
+
 def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
     """The human-readable card: one labelled line per fact."""
     c, card = ckpt.config, ckpt.card
@@ -141,7 +148,9 @@ def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
         ("Trained on", _as_text(card.get("data"))),
         ("Command", _as_text(card.get("command"))),
         ("Date", _as_text(card.get("date"))),
-        *_validation_lines(_validation(ckpt)),
+        *_refit_lines(card.get("refit")),
+        *_validation_lines(_validation(ckpt), "Validation (of the selection run)"
+                           if card.get("refit") else "Validation"),
     ]
     title, test = _test(ckpt)
     if test:

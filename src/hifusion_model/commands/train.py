@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from ..training import companion_paths, read_gene_list, train
+from ..training import companion_paths, format_epoch, read_gene_list, train
 from ._options import add_device_options, add_recipe_options, recipe_from_args
 
 EPILOG = """\
@@ -31,6 +31,9 @@ validation: --val sections, else 4x4 spatial blocks per training section with >=
 spots held out (neighbouring spots share tissue, so a random split would leak). MODEL.pt is the
 epoch with the lowest validation MSE; MODEL.curves.json/.csv hold per-epoch curves;
 MODEL.resume.pt lets --resume continue a stopped run (Ctrl-C is safe).
+With --set refit=true the validated run is written to MODEL.selection.pt, then MODEL.pt is
+retrained on every spot (validation spots and --val sections included) for the same schedule,
+up to the epoch the selection run chose; its card keeps the selection run's validation.
 
 --set KEY=VALUE changes any other recipe field (repeatable), e.g. --set ema_decay=0.98
 (validate and save a moving average of the weights) or --set shift_um=16 (move the spot
@@ -130,13 +133,7 @@ class _Reporter:
         self.bar.update(done - self.bar.n)
 
     def epoch(self, r: dict[str, Any]) -> None:
-        line = (
-            f"epoch {r['epoch']:>3}  loss {r['train_loss']:.4f}  val MSE {r['val_mse']:.4f} "
-            f"(mean {r['val_baseline_mse']:.4f})  gene PCC {r['val_gene_pcc']:.3f}  "
-            f"spot PCC {r['val_spot_pcc']:.3f}  lr {r['lr']:.2e}  {r['seconds']:.0f} s"
-            + ("  *best" if r["best"] else "")
-        )
-        (self.bar.write if self.bar is not None else print)(line, file=sys.stderr)
+        (self.bar.write if self.bar is not None else print)(format_epoch(r), file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -171,10 +171,7 @@ class TrainPanel(QWidget):
     def _epoch(self, record: dict) -> None:
         self.records.append(record)
         self.curve.add(record)
-        rows = "".join(
-            f"<tr><td>{r['epoch']}</td><td>{r['train_loss']:.4f}</td><td>{r['val_mse']:.4f}</td>"
-            f"<td>{r['val_gene_pcc']:+.3f}</td><td>{'★' if r.get('best') else ''}</td></tr>"
-            for r in self.records[-6:])
+        rows = "".join(_table_row(r) for r in self.records[-6:])
         self.table.setText("<table cellspacing=4><tr><th>epoch</th><th>loss</th><th>val MSE</th>"
                            f"<th>val PCC</th><th></th></tr>{rows}</table>")
 
@@ -184,3 +181,11 @@ class TrainPanel(QWidget):
         self.state.set_source(result.checkpoint, checkpoint)
         self.status.setText(f"saved {result.checkpoint} (best epoch {result.best_epoch}, val gene "
                             f"PCC {result.validation['gene_pcc']:+.3f}); it is now the active model")
+
+
+def _table_row(r: dict[str, Any]) -> str:
+    """One epoch of the live table; a refit epoch (every spot trains) has no validation."""
+    refit = r.get("refit")
+    val = ("refit", "–") if refit else (f"{r['val_mse']:.4f}", f"{r['val_gene_pcc']:+.3f}")
+    return (f"<tr><td>{r['epoch']}</td><td>{r['train_loss']:.4f}</td><td>{val[0]}</td>"
+            f"<td>{val[1]}</td><td>{'★' if r.get('best') else ''}</td></tr>")
