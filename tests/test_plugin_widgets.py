@@ -174,11 +174,13 @@ def test_training_writes_a_loadable_active_checkpoint(app, qtbot, tmp_path) -> N
     panel.epochs.setValue(1)
     panel.n_genes.setValue(4)
     panel.batch_size.setValue(16)
+    panel.refit.setChecked(True)
     panel.out.setText(str(tmp_path / "trained.pt"))
     assert panel.train() is not None
     wait_done(qtbot, panel.jobs)
     model, ckpt = load_model(tmp_path / "trained.pt")
-    assert ckpt.config.n_genes == 4 and len(panel.records) == 1
+    assert ckpt.config.n_genes == 4 and ckpt.card["refit"]["epoch"] == 1
+    assert [r["refit"] for r in panel.records] == [False, True] and "refit" in panel.table.text()
     assert widget.state.source == str(tmp_path / "trained.pt")
     assert widget.predict.model_source() == str(tmp_path / "trained.pt")
     assert widget.genes.gene_list.count() == 4

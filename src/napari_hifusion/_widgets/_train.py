@@ -2,7 +2,8 @@
 
 Training sections are the measured points layers (spots as they are now, with their counts) on
 their slides. Validation is either a spatially blocked split of the training spots or one open
-section held out. The best epoch is saved and becomes the active model.
+section held out. The best epoch is saved and becomes the active model; with "refit" ticked the
+model is then retrained on every spot up to that epoch (twice the time, more data).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QLabel,
@@ -57,6 +59,10 @@ class TrainPanel(QWidget):
         self.lr = spin(default.lr, 1e-6, 1.0, step=1e-4, decimals=6, tooltip="peak learning rate (AdamW)")
         self.n_genes = spin(250, 1, 5000, tooltip="predict this many most expressed genes")
         self.batch_size = spin(default.batch_size, 2, 1024)
+        self.refit = QCheckBox("retrain on every spot to the chosen epoch")
+        self.refit.setChecked(default.refit)
+        self.refit.setToolTip("after validation chooses the epoch, train again on all spots "
+                              "(validation spots included) and save that model")
         self.out = QLineEdit(str(Path.home() / "hifusion_model.pt"))
         self.table = QLabel("no run yet")
         self.table.setTextFormat(Qt.RichText)
@@ -80,6 +86,7 @@ class TrainPanel(QWidget):
             ("learning rate", self.lr),
             ("genes", self.n_genes),
             ("batch size", self.batch_size),
+            ("refit", self.refit),
             ("save to", buttons(self.out, button("…", self._browse))),
             buttons(button("Train", self.train), self.cancel_button),
             self.curve, self.table, self.status,
@@ -141,7 +148,7 @@ class TrainPanel(QWidget):
         if out.suffix != ".pt" or out.is_dir():
             raise ConfigError(f"save to {out}: give a file name ending in .pt")
         recipe = get_recipe(epochs=int(self.epochs.value()), lr=float(self.lr.value()),
-                            batch_size=int(self.batch_size.value()),
+                            batch_size=int(self.batch_size.value()), refit=self.refit.isChecked(),
                             min_lr=min(1e-6, float(self.lr.value())))
         n_genes = int(self.n_genes.value())
         template = self.model_config(["placeholder"])
