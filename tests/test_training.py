@@ -416,7 +416,7 @@ def test_refit_retrains_on_every_spot_to_the_chosen_epoch(refit_run) -> None:
     assert selection.card["sections"][0]["n_val"] > 0
     assert refit.card["sections"][0] == {**selection.card["sections"][0], "n_train": 40, "n_val": 0}
     assert refit.card["refit"]["selection_validation_split"].startswith("spatial blocks")
-    assert refit.card["command"] == "hifusion train"
+    assert refit.card["command"] == refit.card["refit"]["selection_command"] == "hifusion train"
     # three selection epochs with validation, then `chosen` refit epochs without
     assert [e["refit"] for e in epochs] == [False] * 3 + [True] * chosen
     assert all(e["val_mse"] is None for e in epochs[3:]) and epochs[-1]["best"]

@@ -561,6 +561,7 @@ class Refit:
     validation: dict[str, Any]  #: the selection run's metrics at that epoch
     selection: str  #: path of the selection run's checkpoint
     validation_split: str  #: how the selection run held spots out
+    selection_command: str | None = None  #: the command that trained the selection run
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -912,7 +913,8 @@ class _Trainer:
         }
         if self.refit:
             card["refit"] = {"epoch": self.refit.epoch, "selection": self.refit.selection,
-                             "selection_validation_split": self.refit.validation_split}
+                             "selection_validation_split": self.refit.validation_split,
+                             "selection_command": self.refit.selection_command}
         if stopped:
             card["notes"] = (
                 f"stopped during epoch {self.epoch + 1} before any validation; "
@@ -1049,23 +1051,18 @@ class _Session:
             return result
         if init is None and card.get("init"):  # a resumed selection run: reload the init weights
             init = _load_init(card["init"])
-        refit = Refit(result.best_epoch, result.validation, str(target), data.validation)
-        return self.refit(config, recipe, init, refit, command=card.get("command"))
+        refit = Refit(result.best_epoch, result.validation, str(target), data.validation,
+                      card.get("command"))
+        return self.refit(config, recipe, init, refit)
 
     def refit(self, config: ModelConfig, recipe: TrainConfig, init: Checkpoint | None,
-              refit: Refit, state: dict[str, Any] | None = None,
-              command: str | None = None) -> TrainResult:
+              refit: Refit, state: dict[str, Any] | None = None) -> TrainResult:
         """Retrain on every spot up to the chosen epoch; ``OUT`` holds the selection model till then."""
         if state is None and self.info.is_main:
             with atomic_path(self.out) as tmp:
                 shutil.copyfile(refit.selection, tmp)
         data = _prepare_data(self.every_source, None, config, recipe, hold_out=False)
-        if state:
-            card = state["card"]
-        else:
-            card = self._card(recipe, config, data, init)
-            if command is not None:
-                card["command"] = command
+        card = state["card"] if state else self._card(recipe, config, data, init)
         return self._fit(data, config, recipe, self.out, card, init, state, refit)
 
     def resume(self) -> TrainResult:
@@ -1091,9 +1088,9 @@ class _Session:
             _check_same_sections(selection, list(ckpt.card["data"]), self.train_sources)
             card = ckpt.card
             refit = Refit(card["epoch"], card["validation"], str(selection),
-                          card["validation_split"])
-            return self.refit(ckpt.config, TrainConfig.from_dict(card["recipe"]),
-                              _load_init(card.get("init")), refit, command=card.get("command"))
+                          card["validation_split"], card.get("command"))
+            recipe = TrainConfig.from_dict(card["recipe"]).replace(refit=True)
+            return self.refit(ckpt.config, recipe, _load_init(card.get("init")), refit)
         raise CheckpointError(
             f"nothing to resume: {paths['resume']} does not exist (the run finished, or never "
             "completed a step); start without --resume"
