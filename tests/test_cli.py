@@ -84,11 +84,16 @@ def test_train_predict_evaluate_end_to_end(work: Path, capsys: pytest.CaptureFix
                 "cpu",
                 "--batch-size",
                 "16",
+                "--tta",
+                "2",
             ]
         )
         == 0
     )
     assert "40 spots × 16 genes" in capsys.readouterr().out
+    assert ad.read_h5ad(pred).uns["hifusion_model"]["test_time_views"] == 2
+    bad = ["predict", str(work / "B4.h5ad"), "--model", str(model), "--out", str(pred), "--tta", "9"]
+    assert main(bad) != 0 and "test-time views must be 1 to 8" in capsys.readouterr().err
 
     assert main(["evaluate", str(pred), "--json", "--genes", "ERBB2", "KRT19", "CD74"]) == 0
     result = json.loads(capsys.readouterr().out)

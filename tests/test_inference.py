@@ -23,6 +23,7 @@ from hifusion_model.expression import counts_matrix, normalize_counts
 from hifusion_model.inference import (
     CPU_CHUNK,
     check_section_genes,
+    dihedral,
     grid_section,
     predict_section,
     predictions_to_anndata,
@@ -140,6 +141,29 @@ def test_predict_section_matches_a_plain_forward_pass(section_path: Path, model_
         model, ckpt.config, section, slide, device="cpu", precision="bf16", workers=0
     )
     np.testing.assert_allclose(low, pred, atol=0.1)  # bf16 keeps ~3 significant digits
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square() -> None:
+    x = torch.arange(9.0).reshape(1, 1, 3, 3)
+    views = [dihedral(x, k) for k in range(8)]
+    assert torch.equal(views[0], x) and torch.equal(views[1], x.flip(-1))
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+
+
+def test_test_time_views_average_the_symmetric_predictions(section_path: Path,
+                                                           model_file: Path) -> None:
+    model, ckpt = load_model(model_file)
+    section = read_section(section_path)[:6].copy()
+    slide = section_slide(section)
+    samples = [SpotDataset(section, slide, ckpt.config)[i] for i in range(section.n_obs)]
+    spot, region = (torch.stack([s[k] for s in samples]) for k in ("spot", "region"))
+    with torch.no_grad():
+        views = [model(dihedral(spot, k), dihedral(region, k)).prediction for k in range(4)]
+    pred = predict_section(model, ckpt, section, slide, device="cpu", precision="fp32", tta=4)
+    np.testing.assert_allclose(pred, torch.stack(views).mean(0).numpy(), atol=1e-5)
+    assert not np.allclose(pred, views[0].numpy(), atol=1e-4)  # the views do differ
+    with pytest.raises(ConfigError, match="1 to 8"):
+        predict_section(model, ckpt, section, slide, device="cpu", tta=9)
 
 
 def test_predict_section_reports_progress_and_stops(section_path: Path, model_file: Path) -> None:

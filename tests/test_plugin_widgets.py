@@ -106,6 +106,21 @@ def test_prediction_layer_holds_every_gene(app, qtbot, model_path, errors) -> No
     assert widget.state.checkpoint.config.genes == GENES
 
 
+def test_test_time_views_reach_the_exported_file(app, qtbot, model_path, tmp_path) -> None:
+    import anndata as ad
+
+    from napari_hifusion._writer import export_h5ad
+
+    _, widget = app
+    widget.predict.tta.setValue(2)
+    try:
+        layer = predict(qtbot, widget, model_path)
+    finally:
+        widget.predict.tta.setValue(1)
+    written = ad.read_h5ad(export_h5ad(layer, tmp_path / "pred.h5ad"))
+    assert written.uns["hifusion_model"]["test_time_views"] == 2
+
+
 def test_gene_switch_recolours_both_layers_in_place(app, qtbot, model_path) -> None:
     viewer, widget = app
     pred = predict(qtbot, widget, model_path)

@@ -9,6 +9,10 @@ it natively (``precision="fp32"`` turns that off).
 When the slide's µm/px differs from the model's, :class:`~hifusion_model.dataset.SpotDataset`
 reads ``spot_um`` / ``region_um`` of tissue and resamples it to ``spot_px`` / ``region_px``, so
 the model always sees tissue at the scale it was trained on.
+
+Test-time augmentation (``tta=n``) averages the predictions over the first ``n`` of the eight
+symmetries of the square, applied alike to spot and region: the model was trained on flips and
+90° rotations, so each view is an equally valid reading of the same tissue.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .dataset import SpotDataset, as_unit_float
 from .devices import autocast, autocast_dtype, resolve_device
-from .errors import Cancelled, SectionError
+from .errors import Cancelled, ConfigError, SectionError
 from .expression import counts_matrix, normalize_counts
 from .io_utils import atomic_path
 from .grids import GRID_DEFAULTS, spot_grid, tissue_mask
@@ -41,6 +45,8 @@ Progress = Callable[[int, int, str], None]
 #: Spots per model call on the CPU. Whole batches of 32 hold four times the activations
 #: (448-px regions through a ResNet) and ran slower: 14.3 vs 17.8 spots/s (BENCHMARKS.md).
 CPU_CHUNK = 8
+#: Most test-time views: the symmetries of the square (4 rotations, each with and without a flip).
+MAX_TTA = 8
 #: Keys of ``uns['hifusion']`` carried from the section into a prediction file.
 SECTION_KEYS = ("slide", "mpp", "spot_diameter_um", "name", "source")
 
@@ -97,18 +103,21 @@ def predict_section(
     workers: int = 2,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    tta: int = 1,
 ) -> np.ndarray:
     """Predicted normalised expression ``(n_spots, G)`` float32 for every spot of ``section``.
 
     ``model`` is moved to ``device`` (``auto``: CUDA, MPS, then CPU) and put in eval mode.
     ``precision``: ``auto`` (bf16 where native), ``fp32``, ``bf16`` or ``fp16`` (GPU).
     ``batch_size`` spots are read together; the CPU runs them :data:`CPU_CHUNK` at a time.
+    ``tta``: views averaged per spot (1 to :data:`MAX_TTA`; the time grows in proportion).
     """
     config = _config_of(ckpt_or_config)
     if section.n_obs == 0:
         raise SectionError(f"section {section_name(section)!r} has no spots to predict")
     if batch_size < 1:
         raise SectionError(f"batch size must be at least 1, got {batch_size}")
+    check_tta(tta)
     dev = resolve_device(device)
     dtype = autocast_dtype(dev, precision)
     model = model.to(dev, memory_format=torch.channels_last).eval()
@@ -123,7 +132,7 @@ def predict_section(
                     f"prediction of {section_name(section)!r} stopped after {done} spots"
                 )
             n = len(batch["spot"])
-            out[done : done + n] = predict_batch(model, batch, dev, dtype)
+            out[done : done + n] = predict_batch(model, batch, dev, dtype, tta=tta)
             done += n
             if progress is not None:
                 progress(
@@ -134,24 +143,42 @@ def predict_section(
     return out
 
 
+def check_tta(tta: int) -> None:
+    if not 1 <= tta <= MAX_TTA:
+        raise ConfigError(f"test-time views must be 1 to {MAX_TTA}, got {tta}")
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th symmetry of the square on the last two axes: even ``k`` plain, odd mirrored,
+    rotated by ``k // 2`` quarter turns (so ``k < 2`` is the identity and a flip)."""
+    return torch.rot90(x.flip(-1) if k % 2 else x, k // 2, dims=(-2, -1))
+
+
 def predict_batch(model: nn.Module, batch: dict[str, Any], dev: torch.device,
-                  dtype: torch.dtype | None, chunk: int | None = None) -> np.ndarray:
+                  dtype: torch.dtype | None, chunk: int | None = None,
+                  tta: int = 1) -> np.ndarray:
     """Predictions ``(n, G)`` float32 for a batch of ``spot`` and ``region`` tensors.
 
     Patches may be uint8 (converted per chunk: a queued batch takes a quarter of the memory).
     The model sees ``chunk`` spots per call (default: :data:`CPU_CHUNK` on the CPU, the whole
-    batch elsewhere) in channels-last layout under ``dtype`` autocast; call it in inference mode.
+    batch elsewhere) in channels-last layout under ``dtype`` autocast, once per test-time view
+    (``tta``, averaged); call it in inference mode.
     """
     step = chunk or (CPU_CHUNK if dev.type == "cpu" else len(batch["spot"]))
     parts = []
     for start in range(0, len(batch["spot"]), step):
         spot, region = (
             as_unit_float(batch[k][start : start + step].to(dev, non_blocking=True))
-            .contiguous(memory_format=torch.channels_last)
             for k in ("spot", "region")
         )
-        with autocast(dev, dtype):
-            parts.append(model(spot, region).prediction.float().cpu().numpy())
+        total = None
+        for k in range(tta):
+            views = (dihedral(x, k).contiguous(memory_format=torch.channels_last)
+                     for x in (spot, region))
+            with autocast(dev, dtype):
+                pred = model(*views).prediction.float()
+            total = pred if total is None else total + pred
+        parts.append((total / tta).cpu().numpy())
     return np.concatenate(parts)
 
 
@@ -265,8 +292,11 @@ def predictions_to_anndata(
     ckpt: Checkpoint,
     *,
     source: str | os.PathLike | None = None,
+    tta: int = 1,
 ) -> ad.AnnData:
     """Predictions as an AnnData: ``X`` = predictions, ``layers['truth']`` = measured (if any).
+
+    ``uns['hifusion_model']`` says which model made them, with ``tta`` test-time views.
 
     The truth is the section's counts normalised exactly as the model's training targets, so
     ``hifusion evaluate`` compares like with like; a section without counts has no truth layer.
@@ -290,7 +320,7 @@ def predictions_to_anndata(
         UNS_KEY: _h5_safe(
             {k: meta.get(k) for k in SECTION_KEYS} | {"slide_abs": str(section_slide_path(section))}
         ),
-        "hifusion_model": model_identity(ckpt, source),
+        "hifusion_model": {**model_identity(ckpt, source), "test_time_views": tta},
     }
     return ad.AnnData(
         X=pred,
@@ -326,5 +356,7 @@ __all__ = [
     "model_identity",
     "card_summary",
     "check_section_genes",
+    "check_tta",
+    "dihedral",
     "grid_section",
 ]

@@ -69,7 +69,8 @@ def export_h5ad(layer: Any, path: str | os.PathLike) -> Path:
             raise SectionError(f"layer {view.name!r} does not know its model; predict again")
         section = section_from_points(view)
         values = view.features[list(ckpt.config.genes)].to_numpy(np.float32)
-        adata = predictions_to_anndata(section, values, ckpt, source=info.get("model"))
+        adata = predictions_to_anndata(section, values, ckpt, source=info.get("model"),
+                                       tta=info.get("test_time_views", 1))
         return write_predictions(adata, path)
     return write_section(section_from_points(view, counts=info.get("kind") == TRUTH), path)
 

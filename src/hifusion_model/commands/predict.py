@@ -20,7 +20,9 @@ from ..devices import autocast_dtype, resolve_device
 from ..errors import ConfigError, SectionError
 from ..importers import import_csv
 from ..inference import (
+    MAX_TTA,
     check_section_genes,
+    check_tta,
     grid_section,
     predict_section,
     predictions_to_anndata,
@@ -82,6 +84,9 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=32, help="spots per batch (default: 32)")
     p.add_argument("--workers", type=int, default=4, help="patch-reading threads (default: 4)")
+    p.add_argument("--tta", type=int, default=1, metavar="N",
+                   help=f"average N test-time views per spot (flips and quarter turns, 1 to "
+                   f"{MAX_TTA}; N times the time; default: 1)")
     return p
 
 
@@ -130,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.out}: the prediction file must end in .h5ad")
     if args.batch_size < 1 or args.workers < 0:
         raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
+    check_tta(args.tta)
     device = resolve_device(args.device)
     section, slide = load_input(args)
     model, ckpt = load_model(args.model, device)
@@ -147,9 +153,11 @@ def run(args: argparse.Namespace) -> int:
             precision=args.precision,
             workers=args.workers,
             progress=progress,
+            tta=args.tta,
         )
     seconds = time.perf_counter() - start
-    write_predictions(predictions_to_anndata(section, pred, ckpt, source=args.model), args.out)
+    write_predictions(predictions_to_anndata(section, pred, ckpt, source=args.model, tta=args.tta),
+                      args.out)
     precision = str(dtype).removeprefix("torch.") if dtype else "fp32"
     print(
         f"{args.out}: {pred.shape[0]} spots × {pred.shape[1]} genes predicted on {device} "

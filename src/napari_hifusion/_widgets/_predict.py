@@ -54,6 +54,8 @@ class PredictPanel(QWidget):
         self.device = QComboBox()
         self.device.addItems(DEVICES)
         self.batch_size = spin(32, 1, 1024, tooltip="spots per forward pass; lower it if memory runs out")
+        self.tta = spin(1, 1, 8, tooltip="average this many flipped and rotated views of each spot "
+                                         "(steadier predictions, proportionally slower)")
         self.cancel_button = button("Cancel", self.cancel)
         self.cancel_button.setEnabled(False)
         state.changed.connect(self._show_model)
@@ -67,6 +69,7 @@ class PredictPanel(QWidget):
                               button("Bundled", lambda: self.set_model(BUNDLED)))),
             ("device", self.device),
             ("batch size", self.batch_size),
+            ("test-time views", self.tta),
             buttons(button("Predict", self.predict), self.cancel_button),
             self.status,
         ))
@@ -107,6 +110,7 @@ class PredictPanel(QWidget):
             raise CheckpointError(f"checkpoint not found: {source}; choose a .pt file from training")
         device = resolve_device(self.device.currentText())
         batch_size = int(self.batch_size.value())
+        tta = int(self.tta.value())
         section = section_from_points(spots)
 
         def job(ctx: JobContext) -> Any:
@@ -119,12 +123,12 @@ class PredictPanel(QWidget):
             slide = section_slide(section)
             predictions = predict_section(model, ckpt, section, slide, batch_size=batch_size,
                                           device=device, progress=ctx.progress,
-                                          should_stop=ctx.should_stop)
+                                          should_stop=ctx.should_stop, tta=tta)
             return section, np.asarray(predictions, dtype=np.float32), ckpt
 
         self.cancel_button.setEnabled(True)
         self.status.setText(f"predicting {len(section)} spots on {device}…")
-        return self.jobs.start(job, lambda result: self._show(spots, source, *result),
+        return self.jobs.start(job, lambda result: self._show(spots, source, tta, *result),
                                on_finished=lambda: self.cancel_button.setEnabled(False))
 
     def cancel(self) -> None:
@@ -134,7 +138,8 @@ class PredictPanel(QWidget):
     def _show_progress(self, done: int, total: int, message: str) -> None:
         self.status.setText(f"{message} ({done}/{total})" if total else message)
 
-    def _show(self, spots: Any, source: str, section: Any, predictions: np.ndarray, ckpt: Any) -> None:
+    def _show(self, spots: Any, source: str, tta: int, section: Any, predictions: np.ndarray,
+              ckpt: Any) -> None:
         """GUI thread: add (or replace) the prediction layer and align the measured layer."""
         genes = list(ckpt.config.genes)
         features = pd.concat([
@@ -148,7 +153,7 @@ class PredictPanel(QWidget):
         data, kwargs, _ = points_layer_data(
             section, name=name, layer_kind=PREDICTION, features=features,
             extra_meta={"model": source, "checkpoint": ckpt, "spots_layer": spots.name,
-                        "normalization": ckpt.config.normalization},
+                        "normalization": ckpt.config.normalization, "test_time_views": tta},
         )
         layer = self.viewer.add_points(data, **kwargs)
         if kind(spots) == TRUTH:
