@@ -50,7 +50,7 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         path,
         HiFusion(tiny_config(genes)),
         train_mean=-np.arange(1.0, 6.0),
-        card={"data": [{"name": "B1"}], "recipe": {"name": "hifusion"}, "epoch": 3},
+        card={"data": ["B1"], "recipe": {"name": "hifusion"}, "epoch": 3},
     )
 
 

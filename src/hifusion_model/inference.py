@@ -258,9 +258,11 @@ def card_summary(card: dict[str, Any]) -> dict[str, Any]:
     summary = {
         "date": card.get("date"),
         "software": card.get("software"),
-        "trained_on": [d.get("name") for d in data if isinstance(d, dict)],
+        # section names (older cards held {"name": ...} records)
+        "trained_on": [d.get("name") if isinstance(d, dict) else str(d) for d in data],
         "recipe": (card.get("recipe") or {}).get("name"),
         "epoch": card.get("epoch"),
+        "refit": "refit" in card,
         "val_mse": validation.get("mse"),
         "val_gene_pcc": validation.get("gene_pcc"),
         "val_spot_pcc": validation.get("spot_pcc"),
