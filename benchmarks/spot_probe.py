@@ -15,6 +15,7 @@ setting by itself.
 
 ``--norm image`` standardises each patch per channel (as the model does); ``--norm slide``
 standardises by the channel mean and std of all spot patches of the patch's section.
+``--hed σ`` adds the trainer's stain jitter (recipe ``hed_jitter``).
 ``--smooth σ`` trains on labels averaged over neighbouring training spots (σ in spot pitches,
 ``expression.smooth_targets``). ``--holdout`` drops the spatial validation blocks the trainer
 would hold out, to train on the same spots as ``accuracy_her2st.py``.
@@ -36,7 +37,7 @@ from torch import nn
 from hifusion_model.backbones import resnet18_trunk
 from hifusion_model.baselines import section_targets
 from hifusion_model.config import ModelConfig
-from hifusion_model.dataset import SpotDataset
+from hifusion_model.dataset import Augment, SpotDataset
 from hifusion_model.expression import select_top_genes, smooth_targets
 from hifusion_model.metrics import gene_pcc, mse, spot_pcc
 from hifusion_model.model import zscore_per_channel
@@ -89,8 +90,9 @@ class SpotNet(nn.Module):
         return self.head(self.trunk(x).mean(dim=(-2, -1))).float()
 
 
-def augment(x: torch.Tensor, jitter: float, gen: torch.Generator) -> torch.Tensor:
-    """Random flips, 90° rotation and per-channel gain/bias of one uint8 patch, as float."""
+def augment(x: torch.Tensor, jitter: float, gen: torch.Generator, hed: float = 0.0) -> torch.Tensor:
+    """Random flips, 90° rotation, per-channel gain/bias and stain (HED) jitter of one uint8
+    patch, as float in [0, 255]; the stain jitter is the trainer's (``dataset.Augment``)."""
     flips = torch.rand(3, generator=gen)
     if flips[0] < 0.5:
         x = x.flip(-1)
@@ -99,7 +101,13 @@ def augment(x: torch.Tensor, jitter: float, gen: torch.Generator) -> torch.Tenso
     x = torch.rot90(x, int(4 * flips[2]) % 4, (-2, -1)).float()
     gain = 1 + (2 * torch.rand(3, 1, 1, generator=gen) - 1) * jitter
     bias = (2 * torch.rand(3, 1, 1, generator=gen) - 1) * jitter / 2 * 255
-    return (x * gain + bias).clamp(0, 255)
+    x = (x * gain + bias).clamp(0, 255)
+    if not hed:
+        return x
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
+    hwc = x.permute(1, 2, 0).numpy() / 255
+    stained, _ = Augment(flips=False, rotations=False, hed_sigma=hed)(hwc, hwc[:1, :1], rng)
+    return torch.from_numpy(stained).permute(2, 0, 1) * 255
 
 
 def training_set(data: dict, train: Sequence[str], args: argparse.Namespace):
@@ -148,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--jitter", type=float, default=0.05)
+    p.add_argument("--hed", type=float, default=0.0, help="stain jitter σ (recipe hed_jitter)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -171,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for idx in torch.randperm(len(x), generator=gen).split(args.batch_size):
             if len(idx) < 2:
                 continue
-            batch = torch.stack([augment(x[i], args.jitter, gen) for i in idx])
+            batch = torch.stack([augment(x[i], args.jitter, gen, args.hed) for i in idx])
             with torch.autocast("cpu", torch.bfloat16):
                 loss = F.mse_loss(net(batch, stats[idx]), y[idx])
             opt.zero_grad()
