@@ -59,22 +59,30 @@ def test_two_process_ddp_run_writes_one_loadable_checkpoint(
         "0",
         "--device",
         "cpu",
+        "--set",
+        "refit=true",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("best epoch") == 1  # rank 0 alone reports
+    selection = load_model(out.with_suffix(".selection.pt"))[1]
     model, ckpt = load_model(out)
     assert ckpt.card["world_size"] == 2 and ckpt.config.n_genes == 8
     assert ckpt.card["command"].startswith(f"hifusion train {section} --out {out}")
     data = ckpt.card["sections"][0]
-    curves = json.loads(out.with_suffix(".curves.json").read_text())
+    curves = json.loads(out.with_suffix(".selection.curves.json").read_text())
     assert [c["epoch"] for c in curves] == [1, 2]
-    assert (
-        ckpt.card["validation"]["n_spots"] == data["n_val"]
-    )  # validation gathered from both ranks
+    # validation gathered from both ranks; the refit (every spot) stops at the epoch it chose
+    assert ckpt.card["validation"]["n_spots"] == selection.card["sections"][0]["n_val"] > 0
+    assert data["n_val"] == 0 and ckpt.card["refit"]["epoch"] == selection.card["epoch"]
+    refit_curves = json.loads(out.with_suffix(".curves.json").read_text())
+    assert len(refit_curves) == selection.card["epoch"]
     assert sorted(p.name for p in out.parent.iterdir()) == [
         "model.curves.csv",
         "model.curves.json",
         "model.pt",
+        "model.selection.curves.csv",
+        "model.selection.curves.json",
+        "model.selection.pt",
     ]

@@ -1051,8 +1051,10 @@ class _Session:
             return result
         if init is None and card.get("init"):  # a resumed selection run: reload the init weights
             init = _load_init(card["init"])
-        refit = Refit(result.best_epoch, result.validation, str(target), data.validation,
-                      card.get("command"))
+        chosen = [result.best_epoch, result.validation]
+        if self.info.active:  # only rank 0 validated: every rank must stop at its epoch
+            dist.broadcast_object_list(chosen, src=0)
+        refit = Refit(*chosen, str(target), data.validation, card.get("command"))
         return self.refit(config, recipe, init, refit)
 
     def refit(self, config: ModelConfig, recipe: TrainConfig, init: Checkpoint | None,
