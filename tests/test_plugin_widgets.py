@@ -196,6 +196,7 @@ def test_training_writes_a_loadable_active_checkpoint(app, qtbot, tmp_path) -> N
     model, ckpt = load_model(tmp_path / "trained.pt")
     assert ckpt.config.n_genes == 4 and ckpt.card["refit"]["epoch"] == 1
     assert [r["refit"] for r in panel.records] == [False, True] and "refit" in panel.table.text()
+    assert "refit on every spot to epoch 1" in panel.status.text()
     assert widget.state.source == str(tmp_path / "trained.pt")
     assert widget.predict.model_source() == str(tmp_path / "trained.pt")
     assert widget.genes.gene_list.count() == 4

@@ -186,7 +186,8 @@ class TrainPanel(QWidget):
         result, checkpoint = outcome
         self.result = result
         self.state.set_source(result.checkpoint, checkpoint)
-        self.status.setText(f"saved {result.checkpoint} (best epoch {result.best_epoch}, val gene "
+        how = "refit on every spot to epoch" if "refit" in checkpoint.card else "best epoch"
+        self.status.setText(f"saved {result.checkpoint} ({how} {result.best_epoch}, val gene "
                             f"PCC {result.validation['gene_pcc']:+.3f}); it is now the active model")
 
 
