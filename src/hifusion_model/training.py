@@ -3,9 +3,9 @@
 * **Validation never sees test data.** Either given sections (``val_sections``) or a spatially
   blocked split of the training spots: neighbouring spots share tissue, so a random split would
   leak and flatter the model. The kept checkpoint is the epoch with the lowest validation MSE.
-* **Refit** (``recipe.refit``): the held-out spots cost more accuracy than choosing the epoch
-  gains on one small section, so the validated run becomes ``OUT.selection.pt`` and ``OUT`` is
-  retrained on every spot, on the same schedule, up to the epoch that run chose.
+* **Refit** (``recipe.refit``): on a small section the held-out spots are data the model never
+  learns from, so the validated run becomes ``OUT.selection.pt`` and ``OUT`` is retrained on
+  every spot, on the same schedule, up to the epoch that run chose (twice the time).
 * **Resumable.** ``OUT.resume.pt`` (model, optimiser, scheduler, loss scaler, RNG states, curves,
   best so far; plain tensors and values, loadable with ``weights_only=True``) is rewritten
   atomically after every epoch and when a run is stopped. Augmentations are drawn from
