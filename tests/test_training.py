@@ -455,13 +455,14 @@ def test_refit_resumes_in_either_stage(section: Path, tmp_path: Path, refit_run)
         _train(section, out, resume=True)
 
 
-def test_refit_starts_from_a_finished_selection_run(section: Path, tmp_path: Path,
-                                                    refit_run) -> None:
-    """A selection checkpoint alone (e.g. trained elsewhere) is refitted by --resume."""
-    full, _ = refit_run
+def test_resume_refits_a_finished_plain_run(section: Path, tmp_path: Path, full_run) -> None:
+    """A validated checkpoint placed as ``OUT.selection.pt`` is refitted by ``--resume``."""
+    plain, _ = full_run
     out = tmp_path / "m.pt"
-    shutil.copyfile(companion_paths(full.checkpoint)["selection"], companion_paths(out)["selection"])
-    resumed = _train(section, out, resume=True)
-    a, b = load_checkpoint(full.checkpoint), load_checkpoint(resumed.checkpoint)
-    for k, v in a.state_dict.items():
-        torch.testing.assert_close(b.state_dict[k], v, atol=1e-6, rtol=0, msg=k)
+    shutil.copyfile(plain.checkpoint, companion_paths(out)["selection"])
+    refit = _train(section, out, resume=True, command=["hifusion", "train", "--resume"])
+    card = load_checkpoint(refit.checkpoint).card
+    assert card["refit"]["epoch"] == plain.best_epoch == len(refit.curves)
+    assert card["refit"]["selection_command"] == "hifusion train"
+    assert card["command"] == "hifusion train --resume" and card["recipe"]["refit"] is True
+    assert card["sections"][0]["n_val"] == 0 and card["validation"] == plain.validation
