@@ -144,6 +144,7 @@ def predict_section(
 
 
 def check_tta(tta: int) -> None:
+    """Test-time views must be a count of the square's symmetries, 1 to :data:`MAX_TTA`."""
     if not 1 <= tta <= MAX_TTA:
         raise ConfigError(f"test-time views must be 1 to {MAX_TTA}, got {tta}")
 
@@ -151,6 +152,8 @@ def check_tta(tta: int) -> None:
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k``-th symmetry of the square on the last two axes: even ``k`` plain, odd mirrored,
     rotated by ``k // 2`` quarter turns (so ``k < 2`` is the identity and a flip)."""
+    if k == 0:  # the plain view, uncopied
+        return x
     return torch.rot90(x.flip(-1) if k % 2 else x, k // 2, dims=(-2, -1))
 
 
