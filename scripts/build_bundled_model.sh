@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the bundled HER2ST model from the public data: import the sections that have images,
-# train on B4, C2 and C3 with stain jitter (validation: spatial blocks of those sections), test
-# on C4 (never seen),
+# train on B4, C2 and C3 (validation: spatial blocks of those sections), test on C4 (never seen),
 # and package fp16 weights into src/hifusion_model/weights/. Measured wall time: see BENCHMARKS.md.
 #   bash scripts/build_bundled_model.sh [HER2ST_DIR]
 set -euo pipefail
@@ -14,7 +13,7 @@ for s in B4 C2 C3 C4; do
     --counts "$D/counts/$s.tsv.gz" --spots "$D/spots/${s}_selection.tsv" --out runs/her2st/$s.h5ad
 done
 .venv/bin/hifusion train runs/her2st/B4.h5ad runs/her2st/C2.h5ad runs/her2st/C3.h5ad \
-  --out $W/her2st_hifusion.pt --bf16 --workers 1 --set hed_jitter=0.05
+  --out $W/her2st_hifusion.pt --bf16 --workers 1
 .venv/bin/hifusion predict runs/her2st/C4.h5ad --model $W/her2st_hifusion.pt --out $W/C4.pred.h5ad
 .venv/bin/hifusion evaluate $W/C4.pred.h5ad --json > $W/C4.eval.json
 .venv/bin/python scripts/package_bundled_model.py $W/her2st_hifusion.pt \
