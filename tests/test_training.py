@@ -137,6 +137,13 @@ def test_recipe_json_round_trip_and_errors() -> None:
         TrainConfig.from_dict({"learning_rate": 1})
 
 
+def test_switches_must_be_true_or_false() -> None:
+    """``--set refit=yes`` reads as a string, which must not silently switch refit on."""
+    with pytest.raises(ConfigError, match="refit must be true or false, got 'yes'"):
+        get_recipe("hifusion", refit="yes")
+    assert get_recipe("hifusion", refit=True, flips=False).refit is True
+
+
 def test_released_schedule_is_cosine_annealing_per_epoch() -> None:
     recipe = RECIPES["released"]
     opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=recipe.lr)

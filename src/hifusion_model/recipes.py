@@ -37,6 +37,7 @@ of any checkpoint can be read back from its card and rerun.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,9 @@ class TrainConfig(JsonDataclass):
         if not 0 <= self.target_smoothing <= 2:
             problems.append(f"target_smoothing must be in [0, 2] spot pitches, "
                             f"got {self.target_smoothing}")
+        for f in dataclasses.fields(self):  # --set flips=yes must not read as true
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                problems.append(f"{f.name} must be true or false, got {getattr(self, f.name)!r}")
         if self.n_genes < 1:
             problems.append(f"n_genes must be >= 1, got {self.n_genes}")
         if not 0 < self.val_fraction < 1 or self.val_grid < 2:
