@@ -16,6 +16,10 @@ setting by itself.
 ``--norm image`` standardises each patch per channel (as the model does); ``--norm slide``
 standardises by the channel mean and std of all spot patches of the patch's section.
 ``--hed σ`` adds the trainer's stain jitter (recipe ``hed_jitter``).
+``--pcc-weight λ`` adds a correlation term to the loss: λ·(1 − mean per-gene PCC in the batch).
+``--rank k`` projects the predictions onto the top k principal axes of the training targets.
+``--adapt-bn`` re-estimates the BatchNorm statistics on each test section before predicting (AdaBN).
+``--init TRUNK.pt`` starts the trunk from self-supervised weights (``ssl_pretrain.py``).
 ``--smooth σ`` trains on labels averaged over neighbouring training spots (σ in spot pitches,
 ``expression.smooth_targets``). ``--holdout`` drops the spatial validation blocks the trainer
 would hold out, to train on the same spots as ``accuracy_her2st.py``.
@@ -24,6 +28,7 @@ would hold out, to train on the same spots as ``accuracy_her2st.py``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from collections.abc import Sequence
@@ -124,6 +129,43 @@ def training_set(data: dict, train: Sequence[str], args: argparse.Namespace):
             torch.cat(stats))
 
 
+def low_rank_readout(y: torch.Tensor, rank: int) -> nn.Linear:
+    """A fixed projection onto the top ``rank`` principal axes of the training targets ``y``:
+    appended to the head, it keeps only the gene covariation the training data shows."""
+    mean = y.mean(0)
+    axes = torch.linalg.svd(y - mean, full_matrices=False).Vh[:rank]  # (rank, G)
+    readout = nn.Linear(y.shape[1], y.shape[1])
+    with torch.no_grad():
+        readout.weight.copy_(axes.T @ axes)
+        readout.bias.copy_(mean - axes.T @ axes @ mean)
+    readout.requires_grad_(False)
+    return readout
+
+
+def batch_gene_pcc(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Mean over genes of the PCC across the batch's spots, differentiable even where a
+    gene's predictions are still constant (as they are at the first step)."""
+    p, t = pred - pred.mean(0), truth - truth.mean(0)
+    norm = ((p.square().sum(0) + 1e-4) * (t.square().sum(0) + 1e-4)).sqrt()
+    return ((p * t).sum(0) / norm).mean()
+
+
+@torch.no_grad()
+def adapt_batchnorm(net: SpotNet, patches: np.ndarray) -> SpotNet:
+    """A copy of ``net`` whose BatchNorm statistics are those of ``patches`` (AdaBN)."""
+    net = copy.deepcopy(net)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the section's batches
+    net.train()
+    stats = colour_stats(patches)
+    for s in range(0, len(patches), 32):
+        with torch.autocast("cpu", torch.bfloat16):
+            net(torch.from_numpy(patches[s:s + 32]), stats[s:s + 32])
+    return net
+
+
 @torch.inference_mode()
 def predict(net: SpotNet, patches: np.ndarray) -> np.ndarray:
     net.eval()
@@ -157,6 +199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--jitter", type=float, default=0.05)
     p.add_argument("--hed", type=float, default=0.0, help="stain jitter σ (recipe hed_jitter)")
+    p.add_argument("--pcc-weight", type=float, default=0.0,
+                   help="add λ·(1 − mean per-gene PCC over the batch) to the MSE")
+    p.add_argument("--rank", type=int, default=0,
+                   help="predict through the top RANK principal axes of the training targets")
+    p.add_argument("--adapt-bn", action="store_true",
+                   help="re-estimate BatchNorm statistics on each test section before predicting")
+    p.add_argument("--init", type=Path, metavar="TRUNK.pt",
+                   help="start the trunk from these weights (ssl_pretrain.py --out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -168,9 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     x, y, stats = training_set(data, train, args)
     net = SpotNet(len(genes), args.norm)
+    if args.init:
+        net.trunk.load_state_dict(torch.load(args.init, weights_only=True))
     with torch.no_grad():
         net.head[1].weight.zero_()
         net.head[1].bias.copy_(y.mean(0))
+    if args.rank:
+        net.head.append(low_rank_readout(y, args.rank))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-2)
     steps = args.epochs * -(-len(x) // args.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + np.cos(np.pi * t / steps)))
@@ -182,7 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             batch = torch.stack([augment(x[i], args.jitter, gen, args.hed) for i in idx])
             with torch.autocast("cpu", torch.bfloat16):
-                loss = F.mse_loss(net(batch, stats[idx]), y[idx])
+                out = net(batch, stats[idx])
+                loss = F.mse_loss(out, y[idx])
+                if args.pcc_weight:
+                    loss = loss + args.pcc_weight * (1 - batch_gene_pcc(out, y[idx]))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -191,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               flush=True)
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "n_train": len(x)}
     for n in test:
-        results[n] = scores(predict(net, data[f"{n}_spot"]), data[f"{n}_y"], genes)
+        model = adapt_batchnorm(net, data[f"{n}_spot"]) if args.adapt_bn else net
+        results[n] = scores(predict(model, data[f"{n}_spot"]), data[f"{n}_y"], genes)
         print(n, json.dumps({k: round(v, 4) for k, v in results[n].items()}))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from test_inference import synthetic_slide
 from test_training import her2st_crop
 
@@ -227,12 +228,7 @@ def test_train_help_documents_the_model_config(capsys: pytest.CaptureFixture) ->
 def test_level_heads_script_reports_every_head(
     work: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "level_heads.py"
-    spec = importlib.util.spec_from_file_location("level_heads", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("level_heads")
     section = work / "B4.h5ad"
     genes = list(ad.read_h5ad(section).var_names[:3])
     torch.manual_seed(0)

@@ -7,13 +7,13 @@ they check the pipeline and the bookkeeping, not accuracy.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from hifusion_model.baselines import (
     DEFAULT_ALPHAS,
@@ -48,7 +48,6 @@ from hifusion_model.sections import new_section
 
 N_SPOTS = 30
 IMAGED = ("B4", "C2", "C3", "C4")
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_her2st.py"
 
 
 def fake_her2st(folder: Path, imaged: tuple[str, ...] = IMAGED) -> Path:
@@ -262,15 +261,8 @@ def test_cli_benchmark_help_says_what_runs(capsys):
     assert "train C2 -> test C3, C4" in text and "{D,H}" in text and "--max-spots" in text
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("accuracy_her2st", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_accuracy_script_runs_in_pieces_and_merges(her2st_dir, work, tiny_json, tmp_path, capsys):
-    script, out = _script(), tmp_path / "acc.json"
+    script, out = load_benchmark("accuracy_her2st"), tmp_path / "acc.json"
     common = ["--experiments", "3d-C", "--her2st", str(her2st_dir), "--work", str(work),
               "--model-config", str(tiny_json), "--max-spots", str(N_SPOTS), "--out", str(out),
               "--n-genes", "30", "--device", "cpu", "--workers", "0"]

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from hifusion_model.config import tiny_config
 from hifusion_model.model import HiFusion
-
-PORT = Path(__file__).resolve().parents[1] / "benchmarks" / "released_port.py"
-
-
-def _load_port():
-    spec = importlib.util.spec_from_file_location("released_port", PORT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _randomize_statistics(model: torch.nn.Module, seed: int) -> None:
@@ -39,7 +28,7 @@ def test_port_matches_ours_with_shared_weights(level_norm):
     config = tiny_config(levels=(1, 2, 7), level_norm=level_norm)
     ours = HiFusion(config)
     _randomize_statistics(ours, seed=1)
-    port = _load_port().ReleasedHiFusion(config)
+    port = load_benchmark("released_port").ReleasedHiFusion(config)
     port.load_state_dict(ours.state_dict())  # strict: same parameter and buffer names
     ours.eval(), port.eval()
 

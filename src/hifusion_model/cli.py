@@ -18,6 +18,7 @@ from .errors import HiFusionError
 COMMANDS = {
     "convert": "convert",
     "import": "import_",
+    "pretrain": "pretrain",
     "train": "train",
     "predict": "predict",
     "evaluate": "evaluate",

@@ -51,6 +51,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from . import __version__
+from .backbones import load_torchvision_resnet18
 from .checkpoint import Checkpoint, bundled_model_path, load_checkpoint, save_checkpoint
 from .config import ModelConfig
 from .dataset import Augment, SpotDataset
@@ -610,6 +611,7 @@ class _Trainer:
         should_stop: Callable[[], bool] | None,
         on_epoch: Callable[[dict], None] | None,
         refit: Refit | None = None,
+        spot_encoder_init: Path | None = None,
     ) -> None:
         self.data, self.config, self.recipe, self.out = data, config, recipe, out
         self.refit = refit
@@ -621,6 +623,8 @@ class _Trainer:
 
         seed_everything(recipe.seed)  # identical initial weights on every rank
         model = build_model(config)
+        if spot_encoder_init is not None:
+            load_torchvision_resnet18(model.spot_encoder, spot_encoder_init)
         self.reinitialised = _apply_init(model, init) if init is not None else []
         fresh = self.reinitialised if init is not None else gene_dependent_keys(config)
         start_heads_at_mean(model, fresh, data.train_mean)
@@ -943,6 +947,7 @@ def _base_card(
     command: Sequence[str] | None,
     info: DistInfo,
     device: torch.device,
+    spot_encoder_init: Path | None = None,
 ) -> dict[str, Any]:
     return {
         "data": [s["name"] for s in data.sections],
@@ -964,9 +969,16 @@ def _base_card(
         "region_px": config.region_px,
         "mpp": config.mpp,
         "init": str(init.path) if init is not None else None,
+        "spot_encoder_init": str(spot_encoder_init) if spot_encoder_init is not None else None,
         "device": str(device),
         "world_size": info.world,
     }
+
+
+def _stored_encoder_init(card: dict[str, Any]) -> Path | None:
+    """The spot-encoder weights a stored run started from (a refit starts from them again)."""
+    value = card.get("spot_encoder_init")
+    return Path(value) if value else None
 
 
 def _read_resume(path: Path) -> dict[str, Any]:
@@ -1035,6 +1047,7 @@ class _Session:
     progress: Progress | None
     should_stop: Callable[[], bool] | None
     on_epoch: Callable[[dict[str, Any]], None] | None
+    spot_encoder_init: Path | None = None  #: starting weights of the spot encoder (a fresh run)
 
     @property
     def every_source(self) -> list[_Source]:
@@ -1077,6 +1090,7 @@ class _Session:
             sources = self.every_source if refit else self.train_sources
             _check_same_sections(paths["resume"], list(state["sections"]), sources)
             recipe, config = _stored_setup(state)
+            self.spot_encoder_init = _stored_encoder_init(state["card"])
             if refit:
                 return self.refit(config, recipe, None, Refit(**refit), state)
             return self.start(config, recipe, None, state)
@@ -1084,11 +1098,13 @@ class _Session:
             state = _read_resume(companion_paths(selection)["resume"])
             _check_same_sections(selection, list(state["sections"]), self.train_sources)
             recipe, config = _stored_setup(state)
+            self.spot_encoder_init = _stored_encoder_init(state["card"])
             return self.start(config, recipe, None, state)
         if selection.is_file() and not _is_refit(self.out):  # selected; the refit never began
             ckpt = load_checkpoint(selection)
             _check_same_sections(selection, list(ckpt.card["data"]), self.train_sources)
             card = ckpt.card
+            self.spot_encoder_init = _stored_encoder_init(card)
             refit = Refit(card["epoch"], card["validation"], str(selection),
                           card["validation_split"], card.get("command"))
             recipe = TrainConfig.from_dict(card["recipe"]).replace(refit=True)
@@ -1100,7 +1116,8 @@ class _Session:
 
     def _card(self, recipe: TrainConfig, config: ModelConfig, data: _Data,
               init: Checkpoint | None) -> dict[str, Any]:
-        return _base_card(recipe, config, data, init, self.command, self.info, self.device)
+        return _base_card(recipe, config, data, init, self.command, self.info, self.device,
+                          self.spot_encoder_init)
 
     def _fit(self, data: _Data, config: ModelConfig, recipe: TrainConfig, out: Path,
              card: dict[str, Any], init: Checkpoint | None, state: dict[str, Any] | None,
@@ -1109,6 +1126,7 @@ class _Session:
             data=data, config=config, recipe=recipe, out=out, device=self.device, info=self.info,
             workers=self.workers, card=card, init=init, progress=self.progress,
             should_stop=self.should_stop, on_epoch=self.on_epoch, refit=refit,
+            spot_encoder_init=None if state else self.spot_encoder_init,
         )
         if state:
             trainer.load_state(state)
@@ -1124,6 +1142,7 @@ def train(
     genes: int | Sequence[str] | None = None,
     val_sections: Sequence[str | os.PathLike | ad.AnnData] | None = None,
     init: str | os.PathLike | None = None,
+    spot_encoder_init: str | os.PathLike | None = None,
     resume: bool = False,
     device: str | torch.device = "auto",
     workers: int = 0,
@@ -1136,7 +1155,9 @@ def train(
 
     ``model_config`` is an architecture template (its genes are replaced by the chosen ones);
     ``genes`` is a count of top genes, a list, or ``None`` (the recipe's ``n_genes``, or the
-    ``init`` model's genes). With ``recipe.refit`` the validated run goes to
+    ``init`` model's genes). ``spot_encoder_init`` starts the spot encoder from a ResNet-18
+    state dict (self-supervised weights from ``hifusion pretrain``, or torchvision's) instead of
+    random weights. With ``recipe.refit`` the validated run goes to
     ``OUT.selection.pt`` and ``out`` is then retrained on every spot (``val_sections``
     included) up to the epoch that run chose. ``resume`` continues from the resume state of
     whichever stage was stopped, with the recipe and model configuration stored there. Raises
@@ -1149,6 +1170,11 @@ def train(
             "give either an init checkpoint or a model configuration: fine-tuning keeps the "
             "checkpoint's architecture"
         )
+    if spot_encoder_init is not None and (init is not None or resume):
+        raise ConfigError(
+            "spot-encoder weights start a new run: with an init checkpoint the checkpoint's "
+            "encoder is used, and a resumed run continues with the weights it started from"
+        )
     with distributed(str(device)) as info:
         train_sources = _open_sources(sections, "training")
         val_sources = _open_sources(val_sections, "validation") if val_sections else None
@@ -1158,6 +1184,7 @@ def train(
             device=resolve_device(device, local_rank=info.local_rank), info=info,
             workers=workers, command=command, progress=progress, should_stop=should_stop,
             on_epoch=on_epoch,
+            spot_encoder_init=Path(spot_encoder_init) if spot_encoder_init is not None else None,
         )
         if resume:
             return session.resume()

@@ -78,6 +78,13 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--init", metavar="MODEL.pt|bundled", help="fine-tune from this checkpoint")
     p.add_argument(
+        "--spot-encoder-init",
+        type=Path,
+        metavar="TRUNK.pt",
+        help="start the spot encoder from these ResNet-18 weights (from hifusion pretrain, or "
+        "a torchvision state dict) instead of random ones",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue the stopped run of --out (its stored recipe and genes are used)",
@@ -153,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
             genes=_genes(args.genes),
             val_sections=args.val,
             init=args.init,
+            spot_encoder_init=args.spot_encoder_init,
             resume=args.resume,
             device=args.device,
             workers=args.workers,

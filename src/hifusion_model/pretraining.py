@@ -1,0 +1,242 @@
+"""Self-supervised pretraining of the spot encoder on the unlabelled tissue of slides (SimCLR).
+
+A HER2ST section has ~200 labelled spots: far too few to teach a ResNet-18 what tissue looks
+like from random weights. The slide around and between the spots costs no labels, so the
+encoder first learns to tell tissue apart: two overlapping crops of the same place must find
+each other among the crops of every other place in the batch (SimCLR's NT-Xent loss). The
+trunk's weights then start ``train(..., spot_encoder_init=...)``.
+
+* **Physical units.** Windows of three spot patches are read around every spot, resampled to
+  the µm/px of the model's spot patch (``ModelConfig.spot_um / spot_px``), so the crops show
+  tissue at the scale the network will see in training and prediction.
+* **Colour changes the model cannot undo.** The model standardises each image per channel,
+  which removes any per-channel gain and bias; the views therefore differ by a random colour
+  mixing near the identity, per-channel gamma and occasional greyscale.
+* **A budget, not a schedule.** ``minutes`` or ``steps`` bound the run; the learning rate
+  follows a cosine over whichever budget is given, so a short run still ends annealed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbones import resnet18_trunk
+from .config import ModelConfig
+from .devices import autocast, autocast_dtype, resolve_device
+from .errors import Cancelled, ConfigError, SectionError
+from .io_utils import atomic_path
+from .model import zscore_per_channel
+from .sections import read_section, section_name, section_slide
+from .training import seed_everything
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """How the encoder is pretrained; the defaults are the settings measured in BENCHMARKS.md."""
+
+    crop_px: int = 112  #: view size, px at the model's resolution (half a spot patch's side)
+    windows_per_spot: int = 3  #: the window read around a spot, in spot-patch sides
+    batch_size: int = 128  #: pairs per step; the other pairs of a batch are the negatives
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.2
+    warmup_steps: int = 20
+    seed: int = 0
+
+    def check(self, spot_px: int) -> None:
+        problems = []
+        if not 8 <= self.crop_px <= spot_px:
+            problems.append(f"crop_px must be between 8 and the spot patch's {spot_px} px, "
+                            f"got {self.crop_px}")
+        if self.windows_per_spot < 2:
+            problems.append(f"windows_per_spot must be >= 2, got {self.windows_per_spot}")
+        if self.batch_size < 2:
+            problems.append(f"batch_size must be >= 2 (the other pairs are the negatives), "
+                            f"got {self.batch_size}")
+        if not (self.lr > 0 and self.temperature > 0 and self.weight_decay >= 0):
+            problems.append("lr and temperature must be > 0, weight_decay >= 0")
+        if problems:
+            raise ConfigError("pretraining: " + "; ".join(problems))
+
+
+def tissue_windows(sections: Sequence[ad.AnnData], config: ModelConfig,
+                   windows_per_spot: int = 3) -> np.ndarray:
+    """``(N, 3, S, S)`` uint8 windows centred on every spot, at the model's µm/px."""
+    size_px = windows_per_spot * config.spot_px
+    size_um = windows_per_spot * config.spot_um
+    windows = []
+    for section in sections:
+        with section_slide(section) as slide:
+            size = size_um / slide.require_mpp()  # in the slide's full-resolution pixels
+            for x, y in np.asarray(section.obsm["spatial"], np.float64):
+                windows.append(slide.read_region_px((x, y), size, size_px))
+    return np.stack(windows).transpose(0, 3, 1, 2)
+
+
+def crop_pairs(windows: Tensor, crop: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Two overlapping ``crop``-px crops of each window: the second is shifted from the first by
+    up to half a crop, so a pair shares tissue without being the same pixels."""
+    n, _, size, _ = windows.shape
+    margin = size // 6  # the central two thirds, mostly tissue near the spot
+    first = torch.randint(margin, size - margin - crop + 1, (n, 2), generator=gen)
+    shift = torch.randint(-(crop // 2), crop // 2 + 1, (n, 2), generator=gen)
+    second = (first + shift).clamp(0, size - crop)
+
+    def cut(offsets: Tensor) -> Tensor:
+        return torch.stack([w[:, r:r + crop, c:c + crop] for w, (r, c) in zip(windows, offsets)])
+
+    return cut(first), cut(second)
+
+
+def augment_views(views: Tensor, gen: torch.Generator) -> Tensor:
+    """Flip, quarter turn and colour changes of uint8 views, as float in [0, 1]."""
+    n = len(views)
+    views = views.float() / 255
+    if torch.rand((), generator=gen) < 0.5:
+        views = views.flip(-1)
+    views = torch.rot90(views, int(torch.randint(4, (), generator=gen)), (-2, -1))
+    mixing = torch.eye(3) + 0.08 * torch.randn(n, 3, 3, generator=gen)
+    views = torch.einsum("nij,njhw->nihw", mixing, views).clamp(1e-4, 1)
+    views = views ** torch.exp(0.15 * torch.randn(n, 3, 1, 1, generator=gen))
+    grey = torch.rand(n, 1, 1, 1, generator=gen) < 0.15
+    return torch.where(grey, views.mean(1, keepdim=True).expand_as(views), views)
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """SimCLR's loss for unit vectors: each view must pick its partner out of the other 2N − 2."""
+    z = torch.cat([z1, z2])
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    n = len(z1)
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, partner)
+
+
+class ContrastiveEncoder(nn.Module):
+    """The spot trunk (as in HiFusion: per-image standardisation first) with SimCLR's projector."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.trunk = resnet18_trunk(width)
+        self.projector = nn.Sequential(nn.Linear(8 * width, 512), nn.ReLU(inplace=True),
+                                       nn.Linear(512, 128))
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.trunk(zscore_per_channel(x)).mean(dim=(-2, -1))
+        return F.normalize(self.projector(features).float(), dim=1)
+
+
+@dataclass
+class PretrainResult:
+    path: Path  #: the trunk's state dict
+    steps: int
+    seconds: float
+    losses: list[float]  #: one per step
+
+
+def pretrain_spot_encoder(
+    sections: Sequence[str | os.PathLike | ad.AnnData],
+    out: str | os.PathLike,
+    *,
+    steps: int | None = None,
+    minutes: float | None = None,
+    pretrain: PretrainConfig = PretrainConfig(),
+    model_config: ModelConfig | None = None,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> PretrainResult:
+    """Pretrain the spot encoder on the tissue around the spots of ``sections``; write its
+    weights (a ResNet-18 state dict) to ``out`` atomically.
+
+    Exactly one of ``steps`` and ``minutes`` bounds the run. ``model_config`` gives the patch
+    geometry and width (default: the released architecture). Raises :class:`Cancelled` when
+    ``should_stop()`` turns true; nothing is written then.
+    """
+    if (steps is None) == (minutes is None):
+        raise ConfigError("give the pretraining budget as steps or as minutes (one of them)")
+    if (steps is not None and steps < 1) or (minutes is not None and not minutes > 0):
+        raise ConfigError(f"the pretraining budget must be positive, got "
+                          f"{'steps=' + str(steps) if steps is not None else f'minutes={minutes}'}")
+    config = model_config or ModelConfig(genes=["placeholder"])
+    pretrain.check(config.spot_px)
+    adatas = [s if isinstance(s, ad.AnnData) else read_section(s) for s in sections]
+    if not adatas:
+        raise ConfigError("pretraining needs at least one section")
+    n_spots = sum(a.n_obs for a in adatas)
+    if n_spots < pretrain.batch_size:
+        raise SectionError(
+            f"the sections {', '.join(section_name(a) for a in adatas)} have {n_spots} spots, "
+            f"fewer than one batch of {pretrain.batch_size} windows; lower the batch size"
+        )
+    windows = torch.from_numpy(tissue_windows(adatas, config, pretrain.windows_per_spot))
+    dev = resolve_device(device)
+    dtype = autocast_dtype(dev, precision, training=True)
+    seed_everything(pretrain.seed)
+    gen = torch.Generator().manual_seed(pretrain.seed)
+    net = ContrastiveEncoder(config.width).to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=pretrain.lr, weight_decay=pretrain.weight_decay)
+    start, losses = time.perf_counter(), []
+    while True:
+        done = _fraction_done(len(losses), steps, time.perf_counter() - start, minutes)
+        if done >= 1:
+            break
+        if should_stop is not None and should_stop():
+            raise Cancelled("pretraining stopped; no weights were written")
+        warmup = min(1.0, (len(losses) + 1) / max(pretrain.warmup_steps, 1))
+        for group in opt.param_groups:
+            group["lr"] = pretrain.lr * warmup * 0.5 * (1 + math.cos(math.pi * done))
+        losses.append(_step(net, opt, windows, pretrain, gen, dev, dtype))
+        if progress is not None:  # in per cent of the budget: a time budget has no step count
+            done = _fraction_done(len(losses), steps, time.perf_counter() - start, minutes)
+            progress(min(100, int(100 * done)), 100, f"step {len(losses)}: loss {losses[-1]:.3f}")
+    with atomic_path(out) as tmp:
+        torch.save(net.trunk.state_dict(), tmp)
+    return PretrainResult(Path(out), len(losses), time.perf_counter() - start, losses)
+
+
+def _fraction_done(step: int, steps: int | None, seconds: float, minutes: float | None) -> float:
+    return step / steps if steps is not None else seconds / (60 * minutes)
+
+
+def _step(net: ContrastiveEncoder, opt: torch.optim.Optimizer, windows: Tensor,
+          pretrain: PretrainConfig, gen: torch.Generator, device: torch.device,
+          dtype: torch.dtype | None) -> float:
+    # without replacement: a window drawn twice would make its own views negatives
+    idx = torch.randperm(len(windows), generator=gen)[:pretrain.batch_size]
+    first, second = crop_pairs(windows[idx], pretrain.crop_px, gen)
+    views = [augment_views(v, gen).to(device) for v in (first, second)]
+    with autocast(device, dtype):
+        loss = nt_xent(net(views[0]), net(views[1]), pretrain.temperature)
+    if not torch.isfinite(loss):
+        raise ConfigError("pretraining diverged (the loss is not finite); lower the learning rate")
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def describe(result: PretrainResult, pretrain: PretrainConfig, sections: Sequence[str]) -> dict[str, Any]:
+    """What a pretraining run did, for a JSON beside the weights."""
+    return {"weights": str(result.path), "sections": list(sections), "steps": result.steps,
+            "seconds": round(result.seconds, 1), "settings": pretrain.__dict__,
+            "loss_first": result.losses[0], "loss_last": result.losses[-1]}
+
+
+__all__ = ["PretrainConfig", "PretrainResult", "pretrain_spot_encoder", "tissue_windows",
+           "crop_pairs", "augment_views", "nt_xent", "ContrastiveEncoder"]
