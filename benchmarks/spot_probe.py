@@ -19,7 +19,7 @@ standardises by the channel mean and std of all spot patches of the patch's sect
 ``--pcc-weight λ`` adds a correlation term to the loss: λ·(1 − mean per-gene PCC in the batch).
 ``--rank k`` projects the predictions onto the top k principal axes of the training targets.
 ``--adapt-bn`` re-estimates the BatchNorm statistics on each test section before predicting (AdaBN).
-``--init TRUNK.pt`` starts the trunk from self-supervised weights (``ssl_pretrain.py``).
+``--init TRUNK.pt`` starts the trunk from self-supervised weights (``hifusion pretrain``).
 ``--smooth σ`` trains on labels averaged over neighbouring training spots (σ in spot pitches,
 ``expression.smooth_targets``). ``--holdout`` drops the spatial validation blocks the trainer
 would hold out, to train on the same spots as ``accuracy_her2st.py``.
@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--adapt-bn", action="store_true",
                    help="re-estimate BatchNorm statistics on each test section before predicting")
     p.add_argument("--init", type=Path, metavar="TRUNK.pt",
-                   help="start the trunk from these weights (ssl_pretrain.py --out)")
+                   help="start the trunk from these weights (hifusion pretrain --out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

@@ -84,12 +84,15 @@ def test_pretraining_is_reproducible_for_a_step_budget(section: Path, trunk: Pat
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
 
 
-def test_training_starts_from_the_pretrained_encoder(section: Path, trunk: Path, tmp_path: Path):
+def test_training_starts_from_the_pretrained_encoder(section: Path, trunk: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture):
     recipe = tiny_recipe(epochs=1)
     out = tmp_path / "m.pt"
     train([section], out, recipe=recipe, model_config=tiny_config(), genes=4,
           spot_encoder_init=trunk, device="cpu")
     assert load_checkpoint(out).card["spot_encoder_init"] == str(trunk)
+    assert main(["info", str(out)]) == 0
+    assert f"started from the weights in {trunk}" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="start a new run"):
         train([section], out, recipe=recipe, init=out, spot_encoder_init=trunk, device="cpu")
     with pytest.raises(CheckpointError, match="no such weights file"):

@@ -126,6 +126,12 @@ def _refit_lines(refit: dict[str, Any] | None) -> list[tuple[str, str]]:
                       f"selection run chose on {refit.get('selection_validation_split', '?')}")]
 
 
+def _encoder_lines(path: str | None) -> list[tuple[str, str]]:
+    if not path:
+        return []
+    return [("Spot encoder", f"started from the weights in {path}")]
+
+
 def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
     """The human-readable card: one labelled line per fact."""
     c, card = ckpt.config, ckpt.card
@@ -146,6 +152,7 @@ def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
         ("Network", f"{n_parameters:,} parameters; levels {'/'.join(map(str, c.levels))}, "
                     f"width {c.width}, {c.heads} heads"),
         ("Trained on", _as_text(card.get("data"))),
+        *_encoder_lines(card.get("spot_encoder_init")),
         ("Command", _as_text(card.get("command"))),
         ("Date", _as_text(card.get("date"))),
         *_refit_lines(card.get("refit")),
