@@ -20,7 +20,6 @@ from hifusion_model.metrics import evaluate_predictions
 from hifusion_model.model import HiFusion
 
 
-
 @pytest.fixture(scope="module")
 def work(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("cli")

@@ -18,6 +18,7 @@ trunk's weights then start ``train(..., spot_encoder_init=...)``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -231,12 +232,21 @@ def _step(net: ContrastiveEncoder, opt: torch.optim.Optimizer, windows: Tensor,
     return loss.item()
 
 
-def describe(result: PretrainResult, pretrain: PretrainConfig, sections: Sequence[str]) -> dict[str, Any]:
+def describe(result: PretrainResult, pretrain: PretrainConfig,
+             sections: Sequence[str]) -> dict[str, Any]:
     """What a pretraining run did, for a JSON beside the weights."""
     return {"weights": str(result.path), "sections": list(sections), "steps": result.steps,
-            "seconds": round(result.seconds, 1), "settings": pretrain.__dict__,
+            "seconds": round(result.seconds, 1), "settings": dataclasses.asdict(pretrain),
             "loss_first": result.losses[0], "loss_last": result.losses[-1]}
 
 
-__all__ = ["PretrainConfig", "PretrainResult", "pretrain_spot_encoder", "tissue_windows",
-           "crop_pairs", "augment_views", "nt_xent", "ContrastiveEncoder"]
+__all__ = [
+    "ContrastiveEncoder",
+    "PretrainConfig",
+    "PretrainResult",
+    "augment_views",
+    "crop_pairs",
+    "nt_xent",
+    "pretrain_spot_encoder",
+    "tissue_windows",
+]

@@ -13,6 +13,13 @@ from ..recipes import DEFAULT_RECIPE, PRECISIONS, RECIPES, TrainConfig, get_reci
 DEVICE_HELP = "auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps"
 
 
+def add_command(subparsers: Any, name: str, help: str, description: str,
+                epilog: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``epilog`` is shown as written (examples, tables)."""
+    return subparsers.add_parser(name, help=help, description=description, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_recipe_options(p: argparse.ArgumentParser) -> None:
     """``--recipe``, ``--epochs``, ``--batch-size`` and ``--model-config`` for training."""
     p.add_argument(

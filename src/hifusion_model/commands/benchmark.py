@@ -19,7 +19,7 @@ from typing import Any
 from ..io_utils import atomic_path
 from ..protocols import PROTOCOLS, import_sections, plan_protocol, run_protocol, scan_her2st
 from ..training import format_epoch
-from ._options import add_device_options, add_recipe_options, recipe_from_args
+from ._options import add_command, add_device_options, add_recipe_options, recipe_from_args
 from .evaluate import format_table
 from .train import load_model_config
 
@@ -55,13 +55,12 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     )
     datasets = p.add_subparsers(dest="dataset", metavar="DATASET")
     datasets.required = True
-    h = datasets.add_parser(
-        "her2st",
+    h = add_command(
+        datasets, "her2st",
         help="HER2ST: 3-D (per patient) or 2-D (cross-patient) protocol",
         description="Train and test HiFusion on a HER2ST folder (counts/, spots/, images/) "
         "following the paper's 3-D or 2-D protocol, as far as its images allow.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     h.add_argument("folder", type=Path, metavar="DIR", help="HER2ST folder")
     h.add_argument("--protocol", choices=PROTOCOLS, default="3d", help="default: 3d")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..pretraining import PretrainConfig, describe, pretrain_spot_encoder
-from ._options import add_device_options
+from ._options import add_command, add_device_options
 from .train import load_model_config
 
 EPILOG = """\
@@ -27,12 +27,11 @@ held-out sections by about 0.02.
 
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        name,
+    p = add_command(
+        subparsers, name,
         help="pretrain the spot encoder on the tissue of sections (no labels needed)",
         description="Self-supervised pretraining of HiFusion's spot encoder (SimCLR).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("sections", nargs="+", type=Path, metavar="SECTION.h5ad",
                    help="sections whose tissue around the spots is used")

@@ -16,7 +16,7 @@ from typing import Any
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..training import companion_paths, format_epoch, read_gene_list, train
-from ._options import add_device_options, add_recipe_options, recipe_from_args
+from ._options import add_command, add_device_options, add_recipe_options, recipe_from_args
 
 EPILOG = """\
 recipes:
@@ -47,12 +47,11 @@ chosen and the output heads are re-initialised.
 
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        name,
+    p = add_command(
+        subparsers, name,
         help="train a model on sections with measured expression",
         description="Train HiFusion on one or more section .h5ad files.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "sections", nargs="+", type=Path, metavar="SECTION.h5ad", help="training sections"
