@@ -229,6 +229,9 @@ def test_invalid_inputs_notify_instead_of_raising(app, qtbot, errors, tmp_path) 
     widget.export.layer_combo.setCurrentText("synthetic measured")
     widget.export.save_h5ad(tmp_path / "wrong.csv")
     assert "must end in .h5ad" in errors[-1]
+    widget.train.encoder.setText(str(tmp_path / "missing-encoder.pt"))
+    assert widget.train.train() is None
+    assert "spot encoder weights" in errors[-1] and "not found" in errors[-1]
     viewer.layers.clear()
     widget.train.train()
     assert "no training section" in errors[-1]

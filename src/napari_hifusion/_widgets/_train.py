@@ -3,7 +3,8 @@
 Training sections are the measured points layers (spots as they are now, with their counts) on
 their slides. Validation is either a spatially blocked split of the training spots or one open
 section held out. The best epoch is saved and becomes the active model; with "refit" ticked the
-model is then retrained on every spot up to that epoch (twice the time, more data).
+model is then retrained on every spot up to that epoch (twice the time, more data). The spot
+encoder starts from random weights, or from a file written by ``hifusion pretrain``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from hifusion_model.errors import ConfigError, SectionError
+from hifusion_model.errors import CheckpointError, ConfigError, SectionError
 from hifusion_model.recipes import get_recipe
 
 from .._jobs import JobContext, JobRunner, guarded
@@ -63,6 +64,10 @@ class TrainPanel(QWidget):
         self.refit.setChecked(default.refit)
         self.refit.setToolTip("after validation chooses the epoch, train again on all spots "
                               "(validation spots included) and save that model")
+        self.encoder = QLineEdit()
+        self.encoder.setPlaceholderText("random weights")
+        self.encoder.setToolTip("start the spot encoder from these weights, e.g. from "
+                                "`hifusion pretrain` (self-supervised on the slides' tissue)")
         self.out = QLineEdit(str(Path.home() / "hifusion_model.pt"))
         self.table = QLabel("no run yet")
         self.table.setTextFormat(Qt.RichText)
@@ -87,6 +92,7 @@ class TrainPanel(QWidget):
             ("genes", self.n_genes),
             ("batch size", self.batch_size),
             ("refit", self.refit),
+            ("spot encoder", buttons(self.encoder, button("…", self._browse_encoder))),
             ("save to", buttons(self.out, button("…", self._browse))),
             buttons(button("Train", self.train), self.cancel_button),
             self.curve, self.table, self.status,
@@ -123,6 +129,23 @@ class TrainPanel(QWidget):
         if path:
             self.out.setText(path)
 
+    def _browse_encoder(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Spot encoder weights", self.encoder.text(),
+                                              "Weights (*.pt *.pth)")
+        if path:
+            self.encoder.setText(path)
+
+    def encoder_weights(self) -> Path | None:
+        """The chosen spot-encoder weights, or ``None`` for a random start."""
+        text = self.encoder.text().strip()
+        if not text:
+            return None
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"spot encoder weights {path} not found; choose the file "
+                                  "`hifusion pretrain --out` wrote, or clear the field")
+        return path
+
     def model_config(self, genes: list[str]) -> Any:
         from hifusion_model.config import ModelConfig, tiny_config
 
@@ -152,12 +175,14 @@ class TrainPanel(QWidget):
                             min_lr=min(1e-6, float(self.lr.value())))
         n_genes = int(self.n_genes.value())
         template = self.model_config(["placeholder"])
+        encoder = self.encoder_weights()
 
         def job(ctx: JobContext) -> Any:
             from hifusion_model.checkpoint import load_checkpoint
 
             result = train(sections, out, recipe=recipe, model_config=template, genes=n_genes,
-                           val_sections=val, device="auto", command=["napari-hifusion", "Train panel"],
+                           val_sections=val, spot_encoder_init=encoder, device="auto",
+                           command=["napari-hifusion", "Train panel"],
                            progress=ctx.progress, should_stop=ctx.should_stop, on_epoch=ctx.emit)
             return result, load_checkpoint(result.checkpoint)
 
