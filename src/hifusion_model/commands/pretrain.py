@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from ..pretraining import PretrainConfig, describe, pretrain_spot_encoder
 from ._options import add_command, add_device_options
-from .train import load_model_config
+from .train import Reporter, load_model_config
 
 EPILOG = """\
 Two overlapping crops of the same place must find each other among the crops of every other
@@ -56,20 +55,17 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    reporter = Reporter(unit="%")
     settings = PretrainConfig(crop_px=args.crop_px, batch_size=args.batch_size, lr=args.lr,
                               seed=args.seed)
     result = pretrain_spot_encoder(
         args.sections, args.out, steps=args.steps, minutes=args.minutes, pretrain=settings,
         model_config=load_model_config(args.model_config) if args.model_config else None,
-        device=args.device, precision=args.precision, progress=_report,
+        device=args.device, precision=args.precision, progress=reporter.progress,
     )
-    print(file=sys.stderr)
+    reporter.close()
     record = describe(result, settings, [str(s) for s in args.sections])
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     print(f"{result.steps} steps in {result.seconds:.0f} s, loss {result.losses[0]:.3f} -> "
           f"{result.losses[-1]:.3f}; encoder weights: {args.out}")
     return 0
-
-
-def _report(done: int, total: int, message: str) -> None:
-    print(f"\r{done:3d}% {message}", end="", file=sys.stderr, flush=True)

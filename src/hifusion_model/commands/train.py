@@ -123,18 +123,19 @@ def _genes(value: str | None) -> int | list[str] | None:
     return int(value) if value.isdigit() else read_gene_list(value)
 
 
-class _Reporter:
-    """tqdm bar over all steps plus one line per epoch; created on the first report."""
+class Reporter:
+    """tqdm bar over all steps (or per cent of a budget) plus one line per epoch; created on the
+    first report."""
 
-    def __init__(self) -> None:
-        self.bar = None
+    def __init__(self, unit: str = "step") -> None:
+        self.bar, self.unit = None, unit
 
     def progress(self, done: int, total: int, message: str) -> None:
         if self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
-            self.bar.update(done - 1)
+            self.bar = tqdm(total=total, unit=self.unit, dynamic_ncols=True, file=sys.stderr)
+            self.bar.update(max(done - 1, 0))
         self.bar.set_description_str(message, refresh=False)
         self.bar.update(done - self.bar.n)
 
@@ -149,7 +150,7 @@ class _Reporter:
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                               seed=args.seed, precision=args.precision)
-    reporter = _Reporter()
+    reporter = Reporter()
     try:
         result = train(
             args.sections,
