@@ -46,7 +46,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
                    help=f"view size in px at the model's resolution (default: {defaults.crop_px})")
     p.add_argument("--lr", type=float, default=defaults.lr,
                    help=f"peak learning rate (default: {defaults.lr})")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: 0)")
     p.add_argument("--model-config", type=Path, metavar="FILE.json",
                    help="architecture (patch sizes, width) of the model to be trained")
     add_device_options(p, "autocast precision (default auto: bf16/fp16 on CUDA, fp32 elsewhere)",
