@@ -88,9 +88,10 @@ def test_training_starts_from_the_pretrained_encoder(section: Path, trunk: Path,
                                                      capsys: pytest.CaptureFixture):
     recipe = tiny_recipe(epochs=1)
     out = tmp_path / "m.pt"
-    train([section], out, recipe=recipe, model_config=tiny_config(), genes=4,
-          spot_encoder_init=trunk, device="cpu")
-    assert load_checkpoint(out).card["spot_encoder_init"] == str(trunk)
+    train([section], out, recipe=recipe.replace(refit=True), model_config=tiny_config(),
+          genes=4, spot_encoder_init=trunk, device="cpu")
+    for stage in (out, out.with_suffix(".selection.pt")):  # the refit starts from it again
+        assert load_checkpoint(stage).card["spot_encoder_init"] == str(trunk)
     assert main(["info", str(out)]) == 0
     assert f"started from the weights in {trunk}" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="start a new run"):

@@ -17,6 +17,9 @@
   predicted in shards and gathered on rank 0, and only rank 0 writes files.
 * **Fresh heads start at the training mean** (their biases), so the first step already predicts
   the constant baseline and training learns the deviations from it.
+* **A pretrained spot encoder.** ``spot_encoder_init`` starts the spot encoder from a ResNet-18
+  state dict (``hifusion pretrain``'s self-supervised weights) instead of random weights; the
+  card records the file and a refit starts from it again.
 * **Fine-tuning.** ``init`` starts from a checkpoint's weights and architecture. When a different
   gene list is asked for, every gene-dependent weight (the output heads) is re-initialised and
   the rest is kept.
