@@ -85,7 +85,8 @@ def tissue_windows(sections: Sequence[ad.AnnData], config: ModelConfig,
             size = size_um / slide.require_mpp()  # in the slide's full-resolution pixels
             for x, y in np.asarray(section.obsm["spatial"], np.float64):
                 windows.append(slide.read_region_px((x, y), size, size_px))
-    return np.stack(windows).transpose(0, 3, 1, 2)
+    # channels first, contiguous once here rather than a strided copy at every step
+    return np.ascontiguousarray(np.stack(windows).transpose(0, 3, 1, 2))
 
 
 def crop_pairs(windows: Tensor, crop: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -171,9 +172,9 @@ def pretrain_spot_encoder(
     """
     if (steps is None) == (minutes is None):
         raise ConfigError("give the pretraining budget as steps or as minutes (one of them)")
+    budget = f"steps={steps}" if steps is not None else f"minutes={minutes}"
     if (steps is not None and steps < 1) or (minutes is not None and not minutes > 0):
-        raise ConfigError(f"the pretraining budget must be positive, got "
-                          f"{'steps=' + str(steps) if steps is not None else f'minutes={minutes}'}")
+        raise ConfigError(f"the pretraining budget must be positive, got {budget}")
     config = model_config or ModelConfig(genes=["placeholder"])
     pretrain.check(config.spot_px)
     adatas = [s if isinstance(s, ad.AnnData) else read_section(s) for s in sections]
