@@ -112,6 +112,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spot-encoder-init", type=Path, metavar="TRUNK.pt",
                    help="start the spot encoder of a and c from these weights "
                    "(self-supervised: hifusion pretrain)")
+    p.add_argument("--region-encoder-init", type=Path, metavar="TRUNK.pt",
+                   help="start the region encoder of a and b from these weights "
+                   "(hifusion pretrain --encoder region; c has no region encoder)")
     p.add_argument("--n-genes", type=int, default=250, help="genes predicted (default: 250)")
     p.add_argument("--out", type=Path, default=Path("accuracy_her2st.json"),
                    help="results JSON, merged into when it exists (default: %(default)s)")
@@ -155,7 +158,9 @@ def fit_variant(
     if variant in NETWORKS:
         config = spot_only_config(template) if variant == "c" else template
         return fit_network(train, genes, out / "model.pt", recipe=recipe, model_config=config,
-                           spot_encoder_init=args.spot_encoder_init, device=args.device,
+                           spot_encoder_init=args.spot_encoder_init,
+                           region_encoder_init=None if variant == "c" else args.region_encoder_init,
+                           device=args.device,
                            workers=args.workers, on_epoch=_epoch_line)
     if variant == "d":
         return fit_ridge(train, genes, template.replace(genes=genes), recipe=recipe)

@@ -1,4 +1,4 @@
-"""Self-supervised pretraining of the spot encoder, and training from its weights."""
+"""Self-supervised pretraining of the encoders, and training from their weights."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from test_training import her2st_crop, tiny_recipe
 
 from hifusion_model.backbones import load_torchvision_resnet18
+from hifusion_model.baselines import spot_only_config
 from hifusion_model.checkpoint import load_checkpoint
 from hifusion_model.cli import main
 from hifusion_model.config import tiny_config
@@ -21,7 +22,7 @@ from hifusion_model.pretraining import (
     augment_views,
     crop_pairs,
     nt_xent,
-    pretrain_spot_encoder,
+    pretrain_encoder,
 )
 from hifusion_model.training import train
 
@@ -36,7 +37,7 @@ def section(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trunk(section: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("trunk") / "trunk.pt"
-    result = pretrain_spot_encoder([section], out, steps=3, pretrain=TINY,
+    result = pretrain_encoder([section], out, steps=3, pretrain=TINY,
                                    model_config=tiny_config(), device="cpu")
     assert result.steps == 3 and len(result.losses) == 3
     assert all(math.isfinite(v) for v in result.losses)
@@ -77,7 +78,7 @@ def test_pretrained_weights_load_into_the_spot_encoder(trunk: Path):
 
 
 def test_pretraining_is_reproducible_for_a_step_budget(section: Path, trunk: Path, tmp_path: Path):
-    again = pretrain_spot_encoder([section], tmp_path / "again.pt", steps=3, pretrain=TINY,
+    again = pretrain_encoder([section], tmp_path / "again.pt", steps=3, pretrain=TINY,
                                   model_config=tiny_config(), device="cpu")
     first, second = torch.load(trunk, weights_only=True), torch.load(again.path, weights_only=True)
     for key in first:
@@ -107,18 +108,45 @@ def test_training_starts_from_the_pretrained_encoder(section: Path, trunk: Path,
     assert not (tmp_path / "n.pt").exists()
 
 
+def test_the_region_encoder_pretrains_and_starts_a_run(section: Path, trunk: Path,
+                                                      tmp_path: Path, capsys):
+    region = tmp_path / "region.pt"
+    pretrain_encoder([section], region, encoder="region", steps=2, pretrain=TINY,
+                     model_config=tiny_config(), device="cpu")
+    saved = torch.load(region, weights_only=True)
+    assert "layer1.1.conv1.weight" not in saved  # one block per stage: the ResNet-10
+    out = tmp_path / "m.pt"
+    train([section], out, recipe=tiny_recipe(epochs=1), model_config=tiny_config(), genes=4,
+          spot_encoder_init=trunk, region_encoder_init=region, device="cpu")
+    card = load_checkpoint(out).card
+    assert (card["spot_encoder_init"], card["region_encoder_init"]) == (str(trunk), str(region))
+    assert main(["info", str(out)]) == 0
+    assert f"Region encoder  started from the weights in {region}" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="48 unexpected tensors"):  # a ResNet-18 into the ResNet-10
+        train([section], tmp_path / "n.pt", recipe=tiny_recipe(epochs=1),
+              model_config=tiny_config(), genes=4, region_encoder_init=trunk, device="cpu")
+    with pytest.raises(ConfigError, match="no region encoder"):
+        train([section], tmp_path / "n.pt", recipe=tiny_recipe(epochs=1),
+              model_config=spot_only_config(tiny_config()), genes=4,
+              region_encoder_init=region, device="cpu")
+    with pytest.raises(ConfigError, match="no encoder 'head'"):
+        pretrain_encoder([section], tmp_path / "h.pt", encoder="head", steps=1, pretrain=TINY,
+                         model_config=tiny_config())
+    assert not (tmp_path / "n.pt").exists() and not (tmp_path / "h.pt").exists()
+
+
 def test_bad_budgets_and_settings_are_refused(section: Path, tmp_path: Path):
     out = tmp_path / "t.pt"
     for kwargs, match in [({}, "steps or as minutes"), ({"steps": 2, "minutes": 1.0}, "one of"),
                           ({"steps": 0}, "must be positive")]:
         with pytest.raises(ConfigError, match=match):
-            pretrain_spot_encoder([section], out, pretrain=TINY, model_config=tiny_config(),
+            pretrain_encoder([section], out, pretrain=TINY, model_config=tiny_config(),
                                   **kwargs)
     with pytest.raises(ConfigError, match="crop_px"):
-        pretrain_spot_encoder([section], out, steps=1, pretrain=PretrainConfig(crop_px=500),
+        pretrain_encoder([section], out, steps=1, pretrain=PretrainConfig(crop_px=500),
                               model_config=tiny_config())
     with pytest.raises(SectionError, match="fewer than one batch"):
-        pretrain_spot_encoder([section], out, steps=1, pretrain=PretrainConfig(crop_px=16),
+        pretrain_encoder([section], out, steps=1, pretrain=PretrainConfig(crop_px=16),
                               model_config=tiny_config())
     assert not out.exists()
 
@@ -133,6 +161,7 @@ def test_cli_pretrain_writes_weights_and_a_record(section: Path, tmp_path: Path,
     assert main([*args, "--batch-size", "4"]) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["steps"] == 2 and record["settings"]["crop_px"] == 16
+    assert record["encoder"] == "spot"
     assert "encoder weights" in capsys.readouterr().out
     assert main([*args, "--batch-size", "1000"]) == 2
     assert "fewer than one batch" in capsys.readouterr().err

@@ -213,6 +213,10 @@ def resnet10_trunk(width: int = 64, norm_levels: int = 1) -> ResNetTrunk:
 
 
 # -- torchvision weights ---------------------------------------------------------------------
+#: HiFusion's encoders that can start from pretrained weights: the spot patch's ResNet-18 and
+#: the region's ResNet-10 (``model.spot_encoder``, ``model.region_encoder``).
+ENCODERS = ("spot", "region")
+
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """Load a tensor-only state dict, unwrapping ``{"state_dict": ...}`` / ``{"model": ...}``."""
     if not path.is_file():
@@ -245,7 +249,8 @@ def _strip_wrapper_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_torchvision_resnet18(trunk: ResNetTrunk, path: str | Path) -> ResNetTrunk:
-    """Copy a torchvision-format ResNet-18 state dict from ``path`` into ``trunk``, in place.
+    """Copy a torchvision-format ResNet-18 state dict from ``path`` into ``trunk``, in place
+    (or a ResNet-10's into a ResNet-10 trunk, such as ``hifusion pretrain --encoder region``'s).
 
     The classifier (``fc.*``) is ignored; every trunk tensor must be present with the right
     shape (old checkpoints without BatchNorm ``num_batches_tracked`` are accepted). Raises
@@ -278,7 +283,7 @@ def load_torchvision_resnet18(trunk: ResNetTrunk, path: str | Path) -> ResNetTru
         problems.append(f"{len(wrong)} with the wrong shape (e.g. {'; '.join(wrong[:2])})")
     if problems:
         raise CheckpointError(
-            f"{path}: not a torchvision ResNet-18 for this trunk "
+            f"{path}: not torchvision-format ResNet weights for this trunk "
             f"({sum(trunk.blocks) * 2 + 2}-layer, width {trunk.width}): {'; '.join(problems)}"
         )
     trunk.load_state_dict(state, strict=False)
@@ -295,6 +300,7 @@ def _is_level_buffer(key: str) -> bool:
 
 
 __all__ = [
+    "ENCODERS",
     "LevelBatchNorm2d",
     "use_level",
     "BasicBlock",

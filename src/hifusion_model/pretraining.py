@@ -1,14 +1,16 @@
-"""Self-supervised pretraining of the spot encoder on the unlabelled tissue of slides (SimCLR).
+"""Self-supervised pretraining of HiFusion's encoders on the unlabelled tissue of slides (SimCLR).
 
-A HER2ST section has ~200 labelled spots: far too few to teach a ResNet-18 what tissue looks
-like from random weights. The slide around and between the spots costs no labels, so the
-encoder first learns to tell tissue apart: two overlapping crops of the same place must find
-each other among the crops of every other place in the batch (SimCLR's NT-Xent loss). The
-trunk's weights then start ``train(..., spot_encoder_init=...)``.
+A HER2ST section has ~200 labelled spots: far too few to teach a ResNet what tissue looks like
+from random weights. The slide around and between the spots costs no labels, so an encoder
+first learns to tell tissue apart: two overlapping crops of the same place must find each other
+among the crops of every other place in the batch (SimCLR's NT-Xent loss). The trunk's weights
+then start ``train(..., spot_encoder_init=...)`` (the spot patch's ResNet-18) or
+``region_encoder_init=...`` (the neighbourhood's ResNet-10).
 
-* **Physical units.** Windows of three spot patches are read around every spot, resampled to
-  the µm/px of the model's spot patch (``ModelConfig.spot_um / spot_px``), so the crops show
-  tissue at the scale the network will see in training and prediction.
+* **Physical units.** Windows three spot patches wide are read around every spot, resampled to
+  the µm/px at which the encoder sees tissue (``spot_um / spot_px`` or ``region_um /
+  region_px``), so the crops show tissue at the scale the network will see in training and
+  prediction.
 * **Colour changes the model cannot undo.** The model standardises each image per channel,
   which removes any per-channel gain and bias; the views therefore differ by a random colour
   mixing near the identity, per-channel gamma and occasional greyscale.
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import resnet18_trunk
+from .backbones import ENCODERS, ResNetTrunk, resnet10_trunk, resnet18_trunk
 from .config import ModelConfig
 from .devices import autocast, autocast_dtype, resolve_device
 from .errors import Cancelled, ConfigError, SectionError
@@ -58,10 +60,10 @@ class PretrainConfig:
     warmup_steps: int = 20
     seed: int = 0
 
-    def check(self, spot_px: int) -> None:
+    def check(self, patch_px: int) -> None:
         problems = []
-        if not 8 <= self.crop_px <= spot_px:
-            problems.append(f"crop_px must be between 8 and the spot patch's {spot_px} px, "
+        if not 8 <= self.crop_px <= patch_px:
+            problems.append(f"crop_px must be between 8 and the encoder's {patch_px} px patch, "
                             f"got {self.crop_px}")
         if self.windows_per_spot < 2:
             problems.append(f"windows_per_spot must be >= 2, got {self.windows_per_spot}")
@@ -74,11 +76,26 @@ class PretrainConfig:
             raise ConfigError("pretraining: " + "; ".join(problems))
 
 
-def tissue_windows(sections: Sequence[ad.AnnData], config: ModelConfig,
-                   windows_per_spot: int = 3) -> np.ndarray:
-    """``(N, 3, S, S)`` uint8 windows centred on every spot, at the model's µm/px."""
-    size_px = windows_per_spot * config.spot_px
-    size_um = windows_per_spot * config.spot_um
+def encoder_patch(config: ModelConfig, encoder: str) -> tuple[int, float]:
+    """The ``encoder``'s input side in px and the µm it covers."""
+    if encoder not in ENCODERS:
+        raise ConfigError(f"no encoder {encoder!r} to pretrain; choose from {', '.join(ENCODERS)}")
+    if encoder == "region":
+        return config.region_px, config.region_um
+    return config.spot_px, config.spot_um
+
+
+def encoder_trunk(config: ModelConfig, encoder: str) -> ResNetTrunk:
+    """A fresh trunk shaped like ``config``'s spot (ResNet-18) or region (ResNet-10) encoder."""
+    encoder_patch(config, encoder)  # a known name
+    if encoder == "region":
+        return resnet10_trunk(config.region_width or config.width)
+    return resnet18_trunk(config.width)
+
+
+def tissue_windows(sections: Sequence[ad.AnnData], mpp: float, size_px: int) -> np.ndarray:
+    """``(N, 3, S, S)`` uint8 windows of ``size_px`` centred on every spot, at ``mpp`` µm/px."""
+    size_um = size_px * mpp
     windows = []
     for section in sections:
         with section_slide(section) as slide:
@@ -129,12 +146,12 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
 
 
 class ContrastiveEncoder(nn.Module):
-    """The spot trunk (as in HiFusion: per-image standardisation first) with SimCLR's projector."""
+    """A trunk (as in HiFusion: per-image standardisation first) with SimCLR's projector."""
 
-    def __init__(self, width: int = 64) -> None:
+    def __init__(self, trunk: ResNetTrunk) -> None:
         super().__init__()
-        self.trunk = resnet18_trunk(width)
-        self.projector = nn.Sequential(nn.Linear(8 * width, 512), nn.ReLU(inplace=True),
+        self.trunk = trunk
+        self.projector = nn.Sequential(nn.Linear(8 * trunk.width, 512), nn.ReLU(inplace=True),
                                        nn.Linear(512, 128))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -150,10 +167,11 @@ class PretrainResult:
     losses: list[float]  #: one per step
 
 
-def pretrain_spot_encoder(
+def pretrain_encoder(
     sections: Sequence[str | os.PathLike | ad.AnnData],
     out: str | os.PathLike,
     *,
+    encoder: str = "spot",
     steps: int | None = None,
     minutes: float | None = None,
     pretrain: PretrainConfig = PretrainConfig(),
@@ -163,8 +181,8 @@ def pretrain_spot_encoder(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> PretrainResult:
-    """Pretrain the spot encoder on the tissue around the spots of ``sections``; write its
-    weights (a ResNet-18 state dict) to ``out`` atomically.
+    """Pretrain an ``encoder`` (``spot`` or ``region``) on the tissue around the spots of
+    ``sections``; write the trunk's state dict to ``out`` atomically.
 
     Exactly one of ``steps`` and ``minutes`` bounds the run. ``model_config`` gives the patch
     geometry and width (default: the released architecture). Raises :class:`Cancelled` when
@@ -176,7 +194,8 @@ def pretrain_spot_encoder(
     if (steps is not None and steps < 1) or (minutes is not None and not minutes > 0):
         raise ConfigError(f"the pretraining budget must be positive, got {budget}")
     config = model_config or ModelConfig(genes=["placeholder"])
-    pretrain.check(config.spot_px)
+    patch_px, patch_um = encoder_patch(config, encoder)
+    pretrain.check(patch_px)
     adatas = [s if isinstance(s, ad.AnnData) else read_section(s) for s in sections]
     if not adatas:
         raise ConfigError("pretraining needs at least one section")
@@ -186,12 +205,13 @@ def pretrain_spot_encoder(
             f"the sections {', '.join(section_name(a) for a in adatas)} have {n_spots} spots, "
             f"fewer than one batch of {pretrain.batch_size} windows; lower the batch size"
         )
-    windows = torch.from_numpy(tissue_windows(adatas, config, pretrain.windows_per_spot))
+    windows = torch.from_numpy(tissue_windows(
+        adatas, patch_um / patch_px, pretrain.windows_per_spot * config.spot_px))
     dev = resolve_device(device)
     dtype = autocast_dtype(dev, precision, training=True)
     seed_everything(pretrain.seed)
     gen = torch.Generator().manual_seed(pretrain.seed)
-    net = ContrastiveEncoder(config.width).to(dev)
+    net = ContrastiveEncoder(encoder_trunk(config, encoder)).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=pretrain.lr, weight_decay=pretrain.weight_decay)
     start, losses = time.perf_counter(), []
     while True:
@@ -233,10 +253,11 @@ def _step(net: ContrastiveEncoder, opt: torch.optim.Optimizer, windows: Tensor,
     return loss.item()
 
 
-def describe(result: PretrainResult, pretrain: PretrainConfig,
-             sections: Sequence[str]) -> dict[str, Any]:
+def describe(result: PretrainResult, pretrain: PretrainConfig, sections: Sequence[str],
+             encoder: str = "spot") -> dict[str, Any]:
     """What a pretraining run did, for a JSON beside the weights."""
-    return {"weights": str(result.path), "sections": list(sections), "steps": result.steps,
+    return {"weights": str(result.path), "encoder": encoder, "sections": list(sections),
+            "steps": result.steps,
             "seconds": round(result.seconds, 1), "settings": dataclasses.asdict(pretrain),
             "loss_first": result.losses[0], "loss_last": result.losses[-1]}
 
@@ -248,6 +269,8 @@ __all__ = [
     "augment_views",
     "crop_pairs",
     "nt_xent",
-    "pretrain_spot_encoder",
+    "encoder_patch",
+    "encoder_trunk",
+    "pretrain_encoder",
     "tissue_windows",
 ]

@@ -349,6 +349,7 @@ def fit_network(
     recipe: TrainConfig,
     model_config: ModelConfig | None = None,
     spot_encoder_init: str | os.PathLike | None = None,
+    region_encoder_init: str | os.PathLike | None = None,
     device: str = "auto",
     workers: int = 2,
     progress: Progress | None = None,
@@ -358,7 +359,8 @@ def fit_network(
     """Train with :func:`~.training.train` (validation: spatial blocks) and load the best epoch."""
     result = train(
         list(train_sections), out, recipe=recipe, model_config=model_config, genes=list(genes),
-        spot_encoder_init=spot_encoder_init, device=device, workers=workers, progress=progress,
+        spot_encoder_init=spot_encoder_init, region_encoder_init=region_encoder_init,
+        device=device, workers=workers, progress=progress,
         should_stop=should_stop, on_epoch=on_epoch,
     )
     model, ckpt = load_model(result.checkpoint, device="cpu")

@@ -17,9 +17,10 @@
   predicted in shards and gathered on rank 0, and only rank 0 writes files.
 * **Fresh heads start at the training mean** (their biases), so the first step already predicts
   the constant baseline and training learns the deviations from it.
-* **A pretrained spot encoder.** ``spot_encoder_init`` starts the spot encoder from a ResNet-18
-  state dict (``hifusion pretrain``'s self-supervised weights) instead of random weights; the
-  card records the file and a refit starts from it again.
+* **Pretrained encoders.** ``spot_encoder_init`` / ``region_encoder_init`` start the spot
+  encoder (ResNet-18) / region encoder (ResNet-10) from a trunk state dict (``hifusion
+  pretrain``'s self-supervised weights) instead of random weights; the card records the files
+  and a refit starts from them again.
 * **Fine-tuning.** ``init`` starts from a checkpoint's weights and architecture. When a different
   gene list is asked for, every gene-dependent weight (the output heads) is re-initialised and
   the rest is kept.
@@ -40,7 +41,7 @@ import random
 import shlex
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from . import __version__
-from .backbones import load_torchvision_resnet18
+from .backbones import ENCODERS, load_torchvision_resnet18
 from .checkpoint import Checkpoint, bundled_model_path, load_checkpoint, save_checkpoint
 from .config import ModelConfig
 from .dataset import Augment, SpotDataset
@@ -614,7 +615,7 @@ class _Trainer:
         should_stop: Callable[[], bool] | None,
         on_epoch: Callable[[dict], None] | None,
         refit: Refit | None = None,
-        spot_encoder_init: Path | None = None,
+        encoder_init: Mapping[str, Path] | None = None,
     ) -> None:
         self.data, self.config, self.recipe, self.out = data, config, recipe, out
         self.refit = refit
@@ -626,8 +627,8 @@ class _Trainer:
 
         seed_everything(recipe.seed)  # identical initial weights on every rank
         model = build_model(config)
-        if spot_encoder_init is not None:
-            load_torchvision_resnet18(model.spot_encoder, spot_encoder_init)
+        for encoder, path in (encoder_init or {}).items():
+            load_torchvision_resnet18(_encoder_trunk(model, encoder), path)
         self.reinitialised = _apply_init(model, init) if init is not None else []
         fresh = self.reinitialised if init is not None else gene_dependent_keys(config)
         start_heads_at_mean(model, fresh, data.train_mean)
@@ -950,7 +951,7 @@ def _base_card(
     command: Sequence[str] | None,
     info: DistInfo,
     device: torch.device,
-    spot_encoder_init: Path | None = None,
+    encoder_init: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
     return {
         "data": [s["name"] for s in data.sections],
@@ -972,16 +973,26 @@ def _base_card(
         "region_px": config.region_px,
         "mpp": config.mpp,
         "init": str(init.path) if init is not None else None,
-        "spot_encoder_init": str(spot_encoder_init) if spot_encoder_init is not None else None,
+        **{f"{encoder}_encoder_init": str(path) if (path := (encoder_init or {}).get(encoder))
+           else None for encoder in ENCODERS},
         "device": str(device),
         "world_size": info.world,
     }
 
 
-def _stored_encoder_init(card: dict[str, Any]) -> Path | None:
-    """The spot-encoder weights a stored run started from (a refit starts from them again)."""
-    value = card.get("spot_encoder_init")
-    return Path(value) if value else None
+def _stored_encoder_init(card: dict[str, Any]) -> dict[str, Path]:
+    """The encoder weights a stored run started from (a refit starts from them again)."""
+    return {encoder: Path(value) for encoder in ENCODERS
+            if (value := card.get(f"{encoder}_encoder_init"))}
+
+
+def _encoder_trunk(model: nn.Module, encoder: str) -> nn.Module:
+    """The network's ``spot`` or ``region`` encoder, for pretrained weights to go into."""
+    trunk = getattr(model, f"{encoder}_encoder", None)
+    if trunk is None:
+        raise ConfigError(f"the {type(model).__name__} network has no {encoder} encoder to "
+                          "start from pretrained weights")
+    return trunk
 
 
 def _read_resume(path: Path) -> dict[str, Any]:
@@ -1050,7 +1061,8 @@ class _Session:
     progress: Progress | None
     should_stop: Callable[[], bool] | None
     on_epoch: Callable[[dict[str, Any]], None] | None
-    spot_encoder_init: Path | None = None  #: starting weights of the spot encoder (a fresh run)
+    #: starting weights of the encoders, by ``ENCODERS`` name (a fresh run)
+    encoder_init: dict[str, Path] = field(default_factory=dict)
 
     @property
     def every_source(self) -> list[_Source]:
@@ -1093,7 +1105,7 @@ class _Session:
             sources = self.every_source if refit else self.train_sources
             _check_same_sections(paths["resume"], list(state["sections"]), sources)
             recipe, config = _stored_setup(state)
-            self.spot_encoder_init = _stored_encoder_init(state["card"])
+            self.encoder_init = _stored_encoder_init(state["card"])
             if refit:
                 return self.refit(config, recipe, None, Refit(**refit), state)
             return self.start(config, recipe, None, state)
@@ -1101,13 +1113,13 @@ class _Session:
             state = _read_resume(companion_paths(selection)["resume"])
             _check_same_sections(selection, list(state["sections"]), self.train_sources)
             recipe, config = _stored_setup(state)
-            self.spot_encoder_init = _stored_encoder_init(state["card"])
+            self.encoder_init = _stored_encoder_init(state["card"])
             return self.start(config, recipe, None, state)
         if selection.is_file() and not _is_refit(self.out):  # selected; the refit never began
             ckpt = load_checkpoint(selection)
             _check_same_sections(selection, list(ckpt.card["data"]), self.train_sources)
             card = ckpt.card
-            self.spot_encoder_init = _stored_encoder_init(card)
+            self.encoder_init = _stored_encoder_init(card)
             refit = Refit(card["epoch"], card["validation"], str(selection),
                           card["validation_split"], card.get("command"))
             recipe = TrainConfig.from_dict(card["recipe"]).replace(refit=True)
@@ -1120,7 +1132,7 @@ class _Session:
     def _card(self, recipe: TrainConfig, config: ModelConfig, data: _Data,
               init: Checkpoint | None) -> dict[str, Any]:
         return _base_card(recipe, config, data, init, self.command, self.info, self.device,
-                          self.spot_encoder_init)
+                          self.encoder_init)
 
     def _fit(self, data: _Data, config: ModelConfig, recipe: TrainConfig, out: Path,
              card: dict[str, Any], init: Checkpoint | None, state: dict[str, Any] | None,
@@ -1129,7 +1141,7 @@ class _Session:
             data=data, config=config, recipe=recipe, out=out, device=self.device, info=self.info,
             workers=self.workers, card=card, init=init, progress=self.progress,
             should_stop=self.should_stop, on_epoch=self.on_epoch, refit=refit,
-            spot_encoder_init=None if state else self.spot_encoder_init,
+            encoder_init=None if state else self.encoder_init,
         )
         if state:
             trainer.load_state(state)
@@ -1146,6 +1158,7 @@ def train(
     val_sections: Sequence[str | os.PathLike | ad.AnnData] | None = None,
     init: str | os.PathLike | None = None,
     spot_encoder_init: str | os.PathLike | None = None,
+    region_encoder_init: str | os.PathLike | None = None,
     resume: bool = False,
     device: str | torch.device = "auto",
     workers: int = 0,
@@ -1160,7 +1173,8 @@ def train(
     ``genes`` is a count of top genes, a list, or ``None`` (the recipe's ``n_genes``, or the
     ``init`` model's genes). ``spot_encoder_init`` starts the spot encoder from a ResNet-18
     state dict (self-supervised weights from ``hifusion pretrain``, or torchvision's) instead of
-    random weights. With ``recipe.refit`` the validated run goes to
+    random weights; ``region_encoder_init`` the region encoder from a ResNet-10 state dict
+    (``hifusion pretrain --encoder region``). With ``recipe.refit`` the validated run goes to
     ``OUT.selection.pt`` and ``out`` is then retrained on every spot (``val_sections``
     included) up to the epoch that run chose. ``resume`` continues from the resume state of
     whichever stage was stopped, with the recipe and model configuration stored there. Raises
@@ -1173,9 +1187,12 @@ def train(
             "give either an init checkpoint or a model configuration: fine-tuning keeps the "
             "checkpoint's architecture"
         )
-    if spot_encoder_init is not None and (init is not None or resume):
+    encoder_init = {encoder: Path(path) for encoder, path in
+                    (("spot", spot_encoder_init), ("region", region_encoder_init))
+                    if path is not None}
+    if encoder_init and (init is not None or resume):
         raise ConfigError(
-            "spot-encoder weights start a new run: with an init checkpoint the checkpoint's "
+            "encoder weights start a new run: with an init checkpoint the checkpoint's "
             "encoder is used, and a resumed run continues with the weights it started from"
         )
     with distributed(str(device)) as info:
@@ -1187,7 +1204,7 @@ def train(
             device=resolve_device(device, local_rank=info.local_rank), info=info,
             workers=workers, command=command, progress=progress, should_stop=should_stop,
             on_epoch=on_epoch,
-            spot_encoder_init=Path(spot_encoder_init) if spot_encoder_init is not None else None,
+            encoder_init=encoder_init,
         )
         if resume:
             return session.resume()

@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from ..backbones import ENCODERS
 from ..checkpoint import FORMAT, Checkpoint, load_model
 from ..metrics import MARKER_GENES, top_genes
 from ..model import count_parameters
@@ -126,10 +127,9 @@ def _refit_lines(refit: dict[str, Any] | None) -> list[tuple[str, str]]:
                       f"selection run chose on {refit.get('selection_validation_split', '?')}")]
 
 
-def _encoder_lines(path: str | None) -> list[tuple[str, str]]:
-    if not path:
-        return []
-    return [("Spot encoder", f"started from the weights in {path}")]
+def _encoder_lines(card: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(f"{encoder.capitalize()} encoder", f"started from the weights in {path}")
+            for encoder in ENCODERS if (path := card.get(f"{encoder}_encoder_init"))]
 
 
 def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
@@ -152,7 +152,7 @@ def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
         ("Network", f"{n_parameters:,} parameters; levels {'/'.join(map(str, c.levels))}, "
                     f"width {c.width}, {c.heads} heads"),
         ("Trained on", _as_text(card.get("data"))),
-        *_encoder_lines(card.get("spot_encoder_init")),
+        *_encoder_lines(card),
         ("Command", _as_text(card.get("command"))),
         ("Date", _as_text(card.get("date"))),
         *_refit_lines(card.get("refit")),

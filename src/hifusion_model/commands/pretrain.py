@@ -1,8 +1,9 @@
-"""``hifusion pretrain SECTION.h5ad … --out TRUNK.pt``: self-supervised spot-encoder weights.
+"""``hifusion pretrain SECTION.h5ad … --out TRUNK.pt``: self-supervised encoder weights.
 
 The encoder learns from the tissue around the spots (no expression is read), so a training
 run on a few hundred labelled spots starts from an encoder that already tells tissue apart:
-``hifusion train … --spot-encoder-init TRUNK.pt``.
+``hifusion train … --spot-encoder-init TRUNK.pt`` (or ``--region-encoder-init`` for weights
+pretrained with ``--encoder region``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..pretraining import PretrainConfig, describe, pretrain_spot_encoder
+from ..backbones import ENCODERS
+from ..pretraining import PretrainConfig, describe, pretrain_encoder
 from ._options import add_command, add_device_options
 from .train import Reporter, load_model_config
 
@@ -28,14 +30,16 @@ held-out sections by about 0.02.
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = add_command(
         subparsers, name,
-        help="pretrain the spot encoder on the tissue of sections (no labels needed)",
-        description="Self-supervised pretraining of HiFusion's spot encoder (SimCLR).",
+        help="pretrain an encoder on the tissue of sections (no labels needed)",
+        description="Self-supervised pretraining of HiFusion's spot or region encoder (SimCLR).",
         epilog=EPILOG,
     )
     p.add_argument("sections", nargs="+", type=Path, metavar="SECTION.h5ad",
                    help="sections whose tissue around the spots is used")
     p.add_argument("--out", required=True, type=Path, metavar="TRUNK.pt",
-                   help="encoder weights to write (a ResNet-18 state dict)")
+                   help="encoder weights to write (the trunk's state dict)")
+    p.add_argument("--encoder", choices=ENCODERS, default="spot",
+                   help="the spot patch's ResNet-18 (default) or the region's ResNet-10")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--minutes", type=float, help="train for this long")
     budget.add_argument("--steps", type=int, help="train for this many steps")
@@ -58,13 +62,13 @@ def run(args: argparse.Namespace) -> int:
     reporter = Reporter(unit="%")
     settings = PretrainConfig(crop_px=args.crop_px, batch_size=args.batch_size, lr=args.lr,
                               seed=args.seed)
-    result = pretrain_spot_encoder(
-        args.sections, args.out, steps=args.steps, minutes=args.minutes, pretrain=settings,
+    result = pretrain_encoder(
+        args.sections, args.out, encoder=args.encoder, steps=args.steps, minutes=args.minutes, pretrain=settings,
         model_config=load_model_config(args.model_config) if args.model_config else None,
         device=args.device, precision=args.precision, progress=reporter.progress,
     )
     reporter.close()
-    record = describe(result, settings, [str(s) for s in args.sections])
+    record = describe(result, settings, [str(s) for s in args.sections], args.encoder)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     print(f"{result.steps} steps in {result.seconds:.0f} s, loss {result.losses[0]:.3f} -> "
           f"{result.losses[-1]:.3f}; encoder weights: {args.out}")

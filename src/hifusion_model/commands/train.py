@@ -84,6 +84,13 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         "a torchvision state dict) instead of random ones",
     )
     p.add_argument(
+        "--region-encoder-init",
+        type=Path,
+        metavar="TRUNK.pt",
+        help="start the region encoder from these ResNet-10 weights (from hifusion pretrain "
+        "--encoder region) instead of random ones",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue the stopped run of --out (its stored recipe and genes are used)",
@@ -161,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
             val_sections=args.val,
             init=args.init,
             spot_encoder_init=args.spot_encoder_init,
+            region_encoder_init=args.region_encoder_init,
             resume=args.resume,
             device=args.device,
             workers=args.workers,
