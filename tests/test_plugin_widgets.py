@@ -229,9 +229,13 @@ def test_invalid_inputs_notify_instead_of_raising(app, qtbot, errors, tmp_path) 
     widget.export.layer_combo.setCurrentText("synthetic measured")
     widget.export.save_h5ad(tmp_path / "wrong.csv")
     assert "must end in .h5ad" in errors[-1]
-    widget.train.encoder.setText(str(tmp_path / "missing-encoder.pt"))
+    widget.train.encoders["region"].setText(str(tmp_path / "missing-encoder.pt"))
     assert widget.train.train() is None
-    assert "spot encoder weights" in errors[-1] and "not found" in errors[-1]
+    assert "region encoder weights" in errors[-1] and "not found" in errors[-1]
+    weights = tmp_path / "region.pt"
+    weights.write_bytes(b"checked by train(), not by the panel")
+    widget.train.encoders["region"].setText(str(weights))
+    assert widget.train.encoder_weights() == {"region_encoder_init": weights}
     viewer.layers.clear()
     widget.train.train()
     assert "no training section" in errors[-1]

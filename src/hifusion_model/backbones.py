@@ -213,10 +213,6 @@ def resnet10_trunk(width: int = 64, norm_levels: int = 1) -> ResNetTrunk:
 
 
 # -- torchvision weights ---------------------------------------------------------------------
-#: HiFusion's encoders that can start from pretrained weights: the spot patch's ResNet-18 and
-#: the region's ResNet-10 (``model.spot_encoder``, ``model.region_encoder``).
-ENCODERS = ("spot", "region")
-
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """Load a tensor-only state dict, unwrapping ``{"state_dict": ...}`` / ``{"model": ...}``."""
     if not path.is_file():
@@ -300,7 +296,6 @@ def _is_level_buffer(key: str) -> bool:
 
 
 __all__ = [
-    "ENCODERS",
     "LevelBatchNorm2d",
     "use_level",
     "BasicBlock",

@@ -27,6 +27,9 @@ ARCHS = ("hifusion", "spot_resnet18")
 # HER2ST (patients B-H) is scanned at ~0.69 µm/px; the released model sees 224 px spots and
 # 448 px regions of the raw image, i.e. ~154 µm and ~308 µm of tissue.
 HER2ST_MPP = 0.6875
+#: The encoders that can start from pretrained weights: the spot patch's ResNet-18 and the
+#: region's ResNet-10 (``model.spot_encoder``, ``model.region_encoder``).
+ENCODERS = ("spot", "region")
 
 
 @dataclass
@@ -140,5 +143,5 @@ def tiny_config(genes: list[str] | int = 8, **overrides: Any) -> ModelConfig:
 
 __all__ = [
     "ModelConfig", "tiny_config", "NORMALIZATIONS", "INPUT_NORMS", "LEVEL_NORMS", "ARCHS",
-    "HER2ST_MPP",
+    "HER2ST_MPP", "ENCODERS",
 ]

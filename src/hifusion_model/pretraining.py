@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import ENCODERS, ResNetTrunk, resnet10_trunk, resnet18_trunk
-from .config import ModelConfig
+from .backbones import ResNetTrunk, resnet10_trunk, resnet18_trunk
+from .config import ENCODERS, ModelConfig
 from .devices import autocast, autocast_dtype, resolve_device
 from .errors import Cancelled, ConfigError, SectionError
 from .io_utils import atomic_path
@@ -268,9 +268,9 @@ __all__ = [
     "PretrainResult",
     "augment_views",
     "crop_pairs",
-    "nt_xent",
     "encoder_patch",
     "encoder_trunk",
+    "nt_xent",
     "pretrain_encoder",
     "tissue_windows",
 ]

@@ -55,9 +55,9 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from . import __version__
-from .backbones import ENCODERS, load_torchvision_resnet18
+from .backbones import load_torchvision_resnet18
 from .checkpoint import Checkpoint, bundled_model_path, load_checkpoint, save_checkpoint
-from .config import ModelConfig
+from .config import ENCODERS, ModelConfig
 from .dataset import Augment, SpotDataset
 from .devices import autocast, autocast_dtype, resolve_device
 from .errors import Cancelled, CheckpointError, ConfigError, HiFusionError, SectionError

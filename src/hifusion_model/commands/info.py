@@ -10,8 +10,8 @@ import argparse
 import json
 from typing import Any
 
-from ..backbones import ENCODERS
 from ..checkpoint import FORMAT, Checkpoint, load_model
+from ..config import ENCODERS
 from ..metrics import MARKER_GENES, top_genes
 from ..model import count_parameters
 

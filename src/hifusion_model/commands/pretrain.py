@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..backbones import ENCODERS
+from ..config import ENCODERS
 from ..pretraining import PretrainConfig, describe, pretrain_encoder
 from ._options import add_command, add_device_options
 from .train import Reporter, load_model_config

@@ -4,7 +4,7 @@ Training sections are the measured points layers (spots as they are now, with th
 their slides. Validation is either a spatially blocked split of the training spots or one open
 section held out. The best epoch is saved and becomes the active model; with "refit" ticked the
 model is then retrained on every spot up to that epoch (twice the time, more data). The spot
-encoder starts from random weights, or from a file written by ``hifusion pretrain``.
+and region encoders start from random weights, or from files written by ``hifusion pretrain``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from hifusion_model.config import ENCODERS
 from hifusion_model.errors import CheckpointError, ConfigError, SectionError
 from hifusion_model.recipes import get_recipe
 
@@ -64,10 +65,7 @@ class TrainPanel(QWidget):
         self.refit.setChecked(default.refit)
         self.refit.setToolTip("after validation chooses the epoch, train again on all spots "
                               "(validation spots included) and save that model")
-        self.encoder = QLineEdit()
-        self.encoder.setPlaceholderText("random weights")
-        self.encoder.setToolTip("start the spot encoder from these weights, e.g. from "
-                                "`hifusion pretrain` (self-supervised on the slides' tissue)")
+        self.encoders = {name: self._weights_field(name) for name in ENCODERS}
         self.out = QLineEdit(str(Path.home() / "hifusion_model.pt"))
         self.table = QLabel("no run yet")
         self.table.setTextFormat(Qt.RichText)
@@ -92,7 +90,9 @@ class TrainPanel(QWidget):
             ("genes", self.n_genes),
             ("batch size", self.batch_size),
             ("refit", self.refit),
-            ("spot encoder", buttons(self.encoder, button("…", self._browse_encoder))),
+            *((f"{name} encoder", buttons(field, button("…", lambda *_, n=name:
+                                                         self._browse_encoder(n))))
+              for name, field in self.encoders.items()),
             ("save to", buttons(self.out, button("…", self._browse))),
             buttons(button("Train", self.train), self.cancel_button),
             self.curve, self.table, self.status,
@@ -129,22 +129,34 @@ class TrainPanel(QWidget):
         if path:
             self.out.setText(path)
 
-    def _browse_encoder(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Spot encoder weights", self.encoder.text(),
-                                              "Weights (*.pt *.pth)")
-        if path:
-            self.encoder.setText(path)
+    @staticmethod
+    def _weights_field(name: str) -> QLineEdit:
+        field = QLineEdit()
+        field.setPlaceholderText("random weights")
+        flag = "" if name == "spot" else f" --encoder {name}"
+        field.setToolTip(f"start the {name} encoder from these weights, e.g. from `hifusion "
+                         f"pretrain{flag}` (self-supervised on the slides' tissue)")
+        return field
 
-    def encoder_weights(self) -> Path | None:
-        """The chosen spot-encoder weights, or ``None`` for a random start."""
-        text = self.encoder.text().strip()
-        if not text:
-            return None
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"spot encoder weights {path} not found; choose the file "
-                                  "`hifusion pretrain --out` wrote, or clear the field")
-        return path
+    def _browse_encoder(self, name: str) -> None:
+        field = self.encoders[name]
+        path, _ = QFileDialog.getOpenFileName(self, f"{name.capitalize()} encoder weights",
+                                              field.text(), "Weights (*.pt *.pth)")
+        if path:
+            field.setText(path)
+
+    def encoder_weights(self) -> dict[str, Path]:
+        """The chosen weights of each encoder (``train``'s ``*_encoder_init``); none: random."""
+        chosen = {}
+        for name, field in self.encoders.items():
+            if not (text := field.text().strip()):
+                continue
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise CheckpointError(f"{name} encoder weights {path} not found; choose the file "
+                                      "`hifusion pretrain --out` wrote, or clear the field")
+            chosen[f"{name}_encoder_init"] = path
+        return chosen
 
     def model_config(self, genes: list[str]) -> Any:
         from hifusion_model.config import ModelConfig, tiny_config
@@ -175,13 +187,13 @@ class TrainPanel(QWidget):
                             min_lr=min(1e-6, float(self.lr.value())))
         n_genes = int(self.n_genes.value())
         template = self.model_config(["placeholder"])
-        encoder = self.encoder_weights()
+        encoders = self.encoder_weights()
 
         def job(ctx: JobContext) -> Any:
             from hifusion_model.checkpoint import load_checkpoint
 
             result = train(sections, out, recipe=recipe, model_config=template, genes=n_genes,
-                           val_sections=val, spot_encoder_init=encoder, device="auto",
+                           val_sections=val, **encoders, device="auto",
                            command=["napari-hifusion", "Train panel"],
                            progress=ctx.progress, should_stop=ctx.should_stop, on_epoch=ctx.emit)
             return result, load_checkpoint(result.checkpoint)
