@@ -257,8 +257,8 @@ def describe(result: PretrainResult, pretrain: PretrainConfig, sections: Sequenc
              encoder: str = "spot") -> dict[str, Any]:
     """What a pretraining run did, for a JSON beside the weights."""
     return {"weights": str(result.path), "encoder": encoder, "sections": list(sections),
-            "steps": result.steps,
-            "seconds": round(result.seconds, 1), "settings": dataclasses.asdict(pretrain),
+            "steps": result.steps, "seconds": round(result.seconds, 1),
+            "settings": dataclasses.asdict(pretrain),
             "loss_first": result.losses[0], "loss_last": result.losses[-1]}
 
 
