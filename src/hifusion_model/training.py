@@ -953,6 +953,7 @@ def _base_card(
     device: torch.device,
     encoder_init: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
+    encoder_init = encoder_init or {}
     return {
         "data": [s["name"] for s in data.sections],
         "sections": data.sections,  # name, path, spot counts (total, training, validation)
@@ -973,7 +974,7 @@ def _base_card(
         "region_px": config.region_px,
         "mpp": config.mpp,
         "init": str(init.path) if init is not None else None,
-        **{f"{encoder}_encoder_init": str(path) if (path := (encoder_init or {}).get(encoder))
+        **{f"{encoder}_encoder_init": str(encoder_init[encoder]) if encoder in encoder_init
            else None for encoder in ENCODERS},
         "device": str(device),
         "world_size": info.world,

@@ -24,7 +24,7 @@ place in a batch (SimCLR). The budget is --minutes or --steps; the learning rate
 cosine over it. A JSON beside the weights (TRUNK.json) records what ran. Measured on HER2ST C2
 (BENCHMARKS.md): 30 minutes on 2 CPU cores raised a spot-only network's gene PCC on the
 held-out sections by about 0.02; the region encoder pretrained too (--encoder region, 800 steps)
-added about 0.01 to HiFusion's.
+added about 0.01 to HiFusion's (one seed).
 """
 
 
@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     settings = PretrainConfig(crop_px=args.crop_px, batch_size=args.batch_size, lr=args.lr,
                               seed=args.seed)
     result = pretrain_encoder(
-        args.sections, args.out, encoder=args.encoder, steps=args.steps, minutes=args.minutes, pretrain=settings,
+        args.sections, args.out, encoder=args.encoder, steps=args.steps, minutes=args.minutes,
+        pretrain=settings,
         model_config=load_model_config(args.model_config) if args.model_config else None,
         device=args.device, precision=args.precision, progress=reporter.progress,
     )
