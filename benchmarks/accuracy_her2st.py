@@ -24,6 +24,12 @@ far. For example::
     python benchmarks/accuracy_her2st.py --variants d,e
     python benchmarks/accuracy_her2st.py --variants a --device cuda --bf16
     python benchmarks/accuracy_her2st.py --variants b --released-epochs 20
+
+The encoders can start from self-supervised weights: ``--pretrain-spot`` / ``--pretrain-region``
+pretrain them first on the tissue of each experiment's own training sections (never a test
+section's), as ``hifusion pretrain`` does; the weights are kept in the work folder and reused::
+
+    python benchmarks/accuracy_her2st.py --variants a,c --bf16 --pretrain-spot 1500 --pretrain-region 800
 """
 
 from __future__ import annotations
@@ -34,16 +40,17 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from hifusion_model.baselines import fit_constant, fit_ridge, spot_only_config
 from hifusion_model.commands._options import add_set_option
 from hifusion_model.commands.train import load_model_config
-from hifusion_model.config import ModelConfig
+from hifusion_model.config import ENCODERS, ModelConfig
 from hifusion_model.errors import ConfigError, HiFusionError
 from hifusion_model.io_utils import atomic_path
+from hifusion_model.pretraining import PretrainConfig, describe, encoder_patch, pretrain_encoder
 from hifusion_model.protocols import (
     Predictor,
     fit_network,
@@ -109,12 +116,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-config", type=Path, metavar="FILE.json",
                    help="architecture template for a, b, c and the patch sizes of d "
                    "(default: the released architecture)")
-    p.add_argument("--spot-encoder-init", type=Path, metavar="TRUNK.pt",
-                   help="start the spot encoder of a and c from these weights "
-                   "(self-supervised: hifusion pretrain)")
-    p.add_argument("--region-encoder-init", type=Path, metavar="TRUNK.pt",
-                   help="start the region encoder of a and b from these weights "
-                   "(hifusion pretrain --encoder region; c has no region encoder)")
+    for encoder, users in (("spot", "a, b and c"), ("region", "a and b; c has none")):
+        start = p.add_mutually_exclusive_group()
+        start.add_argument(f"--{encoder}-encoder-init", type=Path, metavar="TRUNK.pt",
+                           help=f"start the {encoder} encoder of {users} from these weights "
+                           f"(hifusion pretrain --encoder {encoder})")
+        start.add_argument(f"--pretrain-{encoder}", type=int, metavar="STEPS",
+                           help=f"first pretrain the {encoder} encoder of {users} for STEPS "
+                           "steps on the tissue of each experiment's training sections "
+                           "(self-supervised, as hifusion pretrain; kept in WORK/EXPERIMENT/"
+                           "pretrain and reused)")
+    p.add_argument("--pretrain-batch-size", type=int, default=PretrainConfig.batch_size,
+                   help="pairs of views per pretraining step (default: %(default)s); the views "
+                   "are half the encoder's patch, at most 112 px")
     p.add_argument("--n-genes", type=int, default=250, help="genes predicted (default: 250)")
     p.add_argument("--out", type=Path, default=Path("accuracy_her2st.json"),
                    help="results JSON, merged into when it exists (default: %(default)s)")
@@ -153,18 +167,53 @@ def fit_variant(
     template: ModelConfig,
     out: Path,
     args: argparse.Namespace,
+    inits: dict[str, Path | None],
 ) -> Predictor:
     recipe = recipe_for(variant, args)
     if variant in NETWORKS:
         config = spot_only_config(template) if variant == "c" else template
+        starts = {f"{e}_encoder_init": p for e, p in used_encoders(variant, inits).items()}
         return fit_network(train, genes, out / "model.pt", recipe=recipe, model_config=config,
-                           spot_encoder_init=args.spot_encoder_init,
-                           region_encoder_init=None if variant == "c" else args.region_encoder_init,
-                           device=args.device,
-                           workers=args.workers, on_epoch=_epoch_line)
+                           device=args.device, workers=args.workers, on_epoch=_epoch_line,
+                           **starts)
     if variant == "d":
         return fit_ridge(train, genes, template.replace(genes=genes), recipe=recipe)
     return fit_constant(train, genes, normalization=template.normalization, recipe=recipe)
+
+
+def used_encoders(variant: str, per_encoder: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``per_encoder`` that ``variant`` has an encoder for (c: no region)."""
+    if variant not in NETWORKS:
+        return {}
+    return {e: v for e, v in per_encoder.items() if variant != "c" or e == "spot"}
+
+
+def encoder_inits(names: Sequence[str], train: list[Any], template: ModelConfig, work: Path,
+                  args: argparse.Namespace) -> tuple[dict[str, Path | None], dict[str, Any]]:
+    """The weights each encoder starts from (``--*-encoder-init``, or pretrained here on the
+    tissue of ``train`` for ``--pretrain-*`` steps), and a record of the pretraining. Only the
+    encoders that the variants to run have are pretrained."""
+    inits = {e: getattr(args, f"{e}_encoder_init") for e in ENCODERS}
+    record = {}
+    used = {e for v in args.variants for e in used_encoders(v, inits)}
+    for encoder in sorted(used):
+        steps = getattr(args, f"pretrain_{encoder}")
+        if steps is None:
+            continue
+        inits[encoder] = out = work / "pretrain" / f"{encoder}_{steps}.pt"
+        log = out.with_suffix(".json")
+        if not log.is_file():
+            _log(f"pretraining the {encoder} encoder for {steps} steps -> {out}")
+            crop = min(PretrainConfig.crop_px, encoder_patch(template, encoder)[0] // 2)
+            settings = PretrainConfig(crop_px=crop, batch_size=args.pretrain_batch_size)
+            result = pretrain_encoder(train, out, encoder=encoder, steps=steps,
+                                      pretrain=settings, model_config=template,
+                                      device=args.device, progress=_tenths(encoder),
+                                      precision="bf16" if args.bf16 else "auto")
+            with atomic_path(log) as tmp:
+                tmp.write_text(json.dumps(describe(result, settings, names, encoder), indent=1))
+        record[encoder] = json.loads(log.read_text())
+    return inits, record
 
 
 # -- results file -----------------------------------------------------------------------------
@@ -236,6 +285,18 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _tenths(what: str) -> Callable[[int, int, str], None]:
+    """A progress callback that logs each tenth of the way."""
+    logged = set()
+
+    def report(done: int, total: int, text: str) -> None:
+        tenth = 10 * done // total
+        if tenth not in logged:
+            logged.add(tenth)
+            _log(f"  {what}: {done}/{total} ({text})")
+    return report
+
+
 def _epoch_line(r: dict[str, Any]) -> None:
     _log("  " + format_epoch(r))
 
@@ -251,11 +312,12 @@ def run_experiment(name: str, files: dict, template: ModelConfig, args: argparse
     experiment = {"name": name, "description": description, "train": list(train_names),
                   "test": list(test_names), "genes": genes, "max_spots": args.max_spots,
                   "normalization": template.normalization}
+    inits, pretraining = encoder_inits(train_names, train, template, args.work / name, args)
     results: dict[str, Any] = {}
     for v in args.variants:
         _log(f"{name} / {v} ({VARIANTS[v]}): fitting on {', '.join(train_names)}")
         start = time.perf_counter()
-        predictor = fit_variant(v, train, genes, template, args.work / name / v, args)
+        predictor = fit_variant(v, train, genes, template, args.work / name / v, args, inits)
         fitted = time.perf_counter()
         metrics = predict_and_score(predictor, test, normalization=template.normalization)
         done = time.perf_counter()
@@ -268,6 +330,7 @@ def run_experiment(name: str, files: dict, template: ModelConfig, args: argparse
             + ("lowest validation MSE epoch" if v in NETWORKS else
                "ridge alpha" if v == "d" else "none"),
             "info": predictor.info,
+            "pretraining": used_encoders(v, pretraining),
             "seconds": {"fit": fitted - start, "predict": done - fitted, "total": done - start},
             "metrics": metrics,
             "device": args.device,

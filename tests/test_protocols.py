@@ -277,3 +277,28 @@ def test_accuracy_script_runs_in_pieces_and_merges(her2st_dir, work, tiny_json, 
     # another data cut would make the merged table compare unlike things: refused
     common[common.index("--max-spots") + 1] = str(N_SPOTS - 1)
     assert script.main(["--variants", "e", *common]) == 2
+
+
+def test_accuracy_script_pretrains_the_encoders_a_variant_has_once(her2st_dir, work, tiny_json,
+                                                                   tmp_path):
+    script, out = load_benchmark("accuracy_her2st"), tmp_path / "acc.json"
+    common = ["--experiments", "3d-C", "--her2st", str(her2st_dir), "--work", str(work),
+              "--model-config", str(tiny_json), "--max-spots", str(N_SPOTS), "--out", str(out),
+              "--n-genes", "8", "--device", "cpu", "--workers", "0", "--epochs", "1",
+              "--pretrain-spot", "2", "--pretrain-region", "1", "--pretrain-batch-size", "8"]
+    trunks = work / "3d-C" / "pretrain"
+    assert script.main(["--variants", "c", *common]) == 0
+    assert [p.name for p in trunks.glob("*.pt")] == ["spot_2.pt"]  # c has no region encoder
+    spot_written = (trunks / "spot_2.pt").stat().st_mtime_ns
+    assert script.main(["--variants", "a", *common]) == 0
+    assert (trunks / "spot_2.pt").stat().st_mtime_ns == spot_written  # reused
+    variants = json.loads(out.read_text())["experiments"]["3d-C"]["variants"]
+    assert set(variants["c"]["pretraining"]) == {"spot"}
+    record = variants["a"]["pretraining"]
+    assert (record["spot"]["steps"], record["region"]["steps"]) == (2, 1)
+    assert record["region"]["sections"] == ["C2"] and record["region"]["encoder"] == "region"
+    card = load_checkpoint(work / "3d-C" / "a" / "model.pt").card
+    assert card["region_encoder_init"] == str(trunks / "region_1.pt")
+    # weights given and weights to pretrain for the same encoder: refused
+    with pytest.raises(SystemExit):
+        script.main(["--variants", "a", *common, "--spot-encoder-init", str(trunks / "spot_2.pt")])
