@@ -279,26 +279,51 @@ def test_accuracy_script_runs_in_pieces_and_merges(her2st_dir, work, tiny_json, 
     assert script.main(["--variants", "e", *common]) == 2
 
 
-def test_accuracy_script_pretrains_the_encoders_a_variant_has_once(her2st_dir, work, tiny_json,
-                                                                   tmp_path):
-    script, out = load_benchmark("accuracy_her2st"), tmp_path / "acc.json"
-    common = ["--experiments", "3d-C", "--her2st", str(her2st_dir), "--work", str(work),
-              "--model-config", str(tiny_json), "--max-spots", str(N_SPOTS), "--out", str(out),
-              "--n-genes", "8", "--device", "cpu", "--workers", "0", "--epochs", "1",
-              "--pretrain-spot", "2", "--pretrain-region", "1", "--pretrain-batch-size", "8"]
+@pytest.fixture(scope="module")
+def pretrained_runs(her2st_dir, work, tiny_json, tmp_path_factory) -> dict:
+    """The accuracy script run for c, then for a, both pretraining their encoders first."""
+    script, out = load_benchmark("accuracy_her2st"), tmp_path_factory.mktemp("acc") / "acc.json"
+    argv = ["--experiments", "3d-C", "--her2st", str(her2st_dir), "--work", str(work),
+            "--model-config", str(tiny_json), "--max-spots", str(N_SPOTS), "--out", str(out),
+            "--n-genes", "8", "--device", "cpu", "--workers", "0", "--epochs", "1",
+            "--pretrain-spot", "2", "--pretrain-region", "1", "--pretrain-batch-size", "8"]
     trunks = work / "3d-C" / "pretrain"
-    assert script.main(["--variants", "c", *common]) == 0
-    assert [p.name for p in trunks.glob("*.pt")] == ["spot_2.pt"]  # c has no region encoder
+    assert script.main(["--variants", "c", *argv]) == 0
+    after_c = sorted(p.name for p in trunks.glob("*.pt"))
     spot_written = (trunks / "spot_2.pt").stat().st_mtime_ns
-    assert script.main(["--variants", "a", *common]) == 0
-    assert (trunks / "spot_2.pt").stat().st_mtime_ns == spot_written  # reused
-    variants = json.loads(out.read_text())["experiments"]["3d-C"]["variants"]
-    assert set(variants["c"]["pretraining"]) == {"spot"}
-    record = variants["a"]["pretraining"]
+    assert script.main(["--variants", "a", *argv]) == 0
+    return {"script": script, "argv": argv, "trunks": trunks, "after_c": after_c,
+            "spot_rewritten": (trunks / "spot_2.pt").stat().st_mtime_ns != spot_written,
+            "variants": json.loads(out.read_text())["experiments"]["3d-C"]["variants"],
+            "models": [work / "3d-C" / v / "model.pt" for v in ("a", "c")]}
+
+
+def test_accuracy_script_pretrains_the_encoders_a_variant_has_once(pretrained_runs):
+    runs, trunks = pretrained_runs, pretrained_runs["trunks"]
+    assert runs["after_c"] == ["spot_2.pt"]  # c has no region encoder
+    assert not runs["spot_rewritten"]  # a reused the spot encoder c had pretrained
+    assert set(runs["variants"]["c"]["pretraining"]) == {"spot"}
+    record = runs["variants"]["a"]["pretraining"]
     assert (record["spot"]["steps"], record["region"]["steps"]) == (2, 1)
     assert record["region"]["sections"] == ["C2"] and record["region"]["encoder"] == "region"
-    card = load_checkpoint(work / "3d-C" / "a" / "model.pt").card
+    card = load_checkpoint(runs["models"][0]).card
     assert card["region_encoder_init"] == str(trunks / "region_1.pt")
     # weights given and weights to pretrain for the same encoder: refused
     with pytest.raises(SystemExit):
-        script.main(["--variants", "a", *common, "--spot-encoder-init", str(trunks / "spot_2.pt")])
+        runs["script"].main(["--variants", "a", *runs["argv"],
+                             "--spot-encoder-init", str(trunks / "spot_2.pt")])
+
+
+def test_ensemble_script_scores_the_mean_of_models_trained_on_the_same_genes(
+        pretrained_runs, work, tmp_path):
+    # a and c of 3d-C: same genes and training mean
+    script, out = load_benchmark("ensemble_her2st"), tmp_path / "ens.json"
+    models = [str(m) for m in pretrained_runs["models"]]
+    common = ["--sections", str(work / "sections"), "--json", str(out)]
+    assert script.main([*models, *common]) == 0
+    scores = json.loads(out.read_text())["scores"]
+    for s in ("C3", "C4"):  # the MSE of a mean is at most the mean of the MSEs (convexity)
+        singles = [scores[m]["per_section"][s]["mse"] for m in models]
+        assert scores["ensemble"]["per_section"][s]["mse"] <= np.mean(singles) + 1e-9
+        assert scores["ensemble"]["per_section"][s]["mse"] != singles[0]
+    assert script.main([*models, *common, "--test", "C9"]) == 2
