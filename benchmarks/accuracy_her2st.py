@@ -35,6 +35,7 @@ section's), as ``hifusion pretrain`` does; the weights are kept in the work fold
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import shlex
@@ -198,22 +199,36 @@ def encoder_inits(names: Sequence[str], train: list[Any], template: ModelConfig,
     used = {e for v in args.variants for e in used_encoders(v, inits)}
     for encoder in sorted(used):
         steps = getattr(args, f"pretrain_{encoder}")
-        if steps is None:
-            continue
-        inits[encoder] = out = work / "pretrain" / f"{encoder}_{steps}.pt"
-        log = out.with_suffix(".json")
-        if not log.is_file():
-            _log(f"pretraining the {encoder} encoder for {steps} steps -> {out}")
-            crop = min(PretrainConfig.crop_px, encoder_patch(template, encoder)[0] // 2)
-            settings = PretrainConfig(crop_px=crop, batch_size=args.pretrain_batch_size)
-            result = pretrain_encoder(train, out, encoder=encoder, steps=steps,
-                                      pretrain=settings, model_config=template,
-                                      device=args.device, progress=_tenths(encoder),
-                                      precision="bf16" if args.bf16 else "auto")
-            with atomic_path(log) as tmp:
-                tmp.write_text(json.dumps(describe(result, settings, names, encoder), indent=1))
-        record[encoder] = json.loads(log.read_text())
+        if steps is not None:
+            inits[encoder] = work / "pretrain" / f"{encoder}_{steps}.pt"
+            record[encoder] = pretrained_trunk(inits[encoder], encoder, steps, names, train,
+                                               template, args)
     return inits, record
+
+
+def pretrained_trunk(out: Path, encoder: str, steps: int, names: Sequence[str], train: list[Any],
+                     template: ModelConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """Pretrain ``encoder`` into ``out`` unless a run with the same sections, data cut, steps
+    and settings already did; its record (``hifusion pretrain``'s JSON)."""
+    crop = min(PretrainConfig.crop_px, encoder_patch(template, encoder)[0] // 2)
+    settings = PretrainConfig(crop_px=crop, batch_size=args.pretrain_batch_size)
+    wanted = {"sections": list(names), "max_spots": args.max_spots, "steps": steps,
+              "settings": dataclasses.asdict(settings)}
+    log = out.with_suffix(".json")
+    if log.is_file() and out.is_file():
+        done = json.loads(log.read_text())
+        if all(done.get(k) == v for k, v in wanted.items()):
+            _log(f"the {encoder} encoder was pretrained before: {out}")
+            return done
+    _log(f"pretraining the {encoder} encoder for {steps} steps -> {out}")
+    result = pretrain_encoder(train, out, encoder=encoder, steps=steps, pretrain=settings,
+                              model_config=template, device=args.device,
+                              precision="bf16" if args.bf16 else "auto",
+                              progress=_tenths(encoder))
+    done = describe(result, settings, names, encoder) | {"max_spots": args.max_spots}
+    with atomic_path(log) as tmp:
+        tmp.write_text(json.dumps(done, indent=1))
+    return done
 
 
 # -- results file -----------------------------------------------------------------------------

@@ -308,6 +308,11 @@ def test_accuracy_script_pretrains_the_encoders_a_variant_has_once(pretrained_ru
     assert record["region"]["sections"] == ["C2"] and record["region"]["encoder"] == "region"
     card = load_checkpoint(runs["models"][0]).card
     assert card["region_encoder_init"] == str(trunks / "region_1.pt")
+    # other pretraining settings: pretrained again, not reused
+    before = (trunks / "spot_2.pt").stat().st_mtime_ns
+    assert runs["script"].main(["--variants", "c", *runs["argv"], "--pretrain-batch-size", "4"]) == 0
+    assert (trunks / "spot_2.pt").stat().st_mtime_ns != before
+    assert json.loads((trunks / "spot_2.json").read_text())["settings"]["batch_size"] == 4
     # weights given and weights to pretrain for the same encoder: refused
     with pytest.raises(SystemExit):
         runs["script"].main(["--variants", "a", *runs["argv"],
