@@ -29,7 +29,8 @@ The encoders can start from self-supervised weights: ``--pretrain-spot`` / ``--p
 pretrain them first on the tissue of each experiment's own training sections (never a test
 section's), as ``hifusion pretrain`` does; the weights are kept in the work folder and reused::
 
-    python benchmarks/accuracy_her2st.py --variants a,c --bf16 --pretrain-spot 1500 --pretrain-region 800
+    python benchmarks/accuracy_her2st.py --variants a,c --bf16 \\
+        --pretrain-spot 1500 --pretrain-region 800
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 # Rebuild the bundled HER2ST model from the public data: import the sections that have images,
 # pretrain the spot and region encoders on the tissue of B4, C2 and C3 (self-supervised, no
 # labels), train on them (validation: spatial blocks of those sections), test on C4 (never
-# seen), and package fp16 weights into src/hifusion_model/weights/. Measured wall time: see BENCHMARKS.md.
+# seen), and package fp16 weights into src/hifusion_model/weights/. Measured wall time: see
+# BENCHMARKS.md.
 #   bash scripts/build_bundled_model.sh [HER2ST_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,8 @@ for s in B4 C2 C3 C4; do
     --counts "$D/counts/$s.tsv.gz" --spots "$D/spots/${s}_selection.tsv" --out runs/her2st/$s.h5ad
 done
 TRAIN="runs/her2st/B4.h5ad runs/her2st/C2.h5ad runs/her2st/C3.h5ad"
-[ -f $W/spot_encoder.pt ] || .venv/bin/hifusion pretrain $TRAIN --steps 600 --bf16 --out $W/spot_encoder.pt
+[ -f $W/spot_encoder.pt ] || .venv/bin/hifusion pretrain $TRAIN --steps 600 --bf16 \
+  --out $W/spot_encoder.pt
 [ -f $W/region_encoder.pt ] || .venv/bin/hifusion pretrain $TRAIN --encoder region --steps 800 \
   --bf16 --out $W/region_encoder.pt
 .venv/bin/hifusion train $TRAIN --out $W/her2st_hifusion.pt --bf16 --workers 1 \

@@ -310,7 +310,8 @@ def test_accuracy_script_pretrains_the_encoders_a_variant_has_once(pretrained_ru
     assert card["region_encoder_init"] == str(trunks / "region_1.pt")
     # other pretraining settings: pretrained again, not reused
     before = (trunks / "spot_2.pt").stat().st_mtime_ns
-    assert runs["script"].main(["--variants", "c", *runs["argv"], "--pretrain-batch-size", "4"]) == 0
+    again = ["--variants", "c", *runs["argv"], "--pretrain-batch-size", "4"]
+    assert runs["script"].main(again) == 0
     assert (trunks / "spot_2.pt").stat().st_mtime_ns != before
     assert json.loads((trunks / "spot_2.json").read_text())["settings"]["batch_size"] == 4
     # weights given and weights to pretrain for the same encoder: refused
