@@ -25,6 +25,7 @@ from hifusion_model.checkpoint import load_model
 from hifusion_model.errors import HiFusionError
 from hifusion_model.io_utils import atomic_path
 from hifusion_model.protocols import NetworkPredictor, score
+from hifusion_model.sections import read_section
 
 COLUMNS = ("mse", "mae", "spot_pcc", "gene_pcc")
 MARKERS = ("ERBB2", "KRT19", "CD74")
@@ -43,10 +44,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def read_tests(folder: Path, names: Sequence[str]) -> dict[str, ad.AnnData]:
-    missing = [n for n in names if not (folder / f"{n}.h5ad").is_file()]
-    if missing:
-        raise HiFusionError(f"no {', '.join(missing)} in {folder} (import them first)")
-    return {n: ad.read_h5ad(folder / f"{n}.h5ad") for n in names}
+    return {n: read_section(folder / f"{n}.h5ad") for n in names}
 
 
 def load_predictors(paths: Sequence[Path], precision: str) -> list[NetworkPredictor]:
