@@ -106,10 +106,11 @@ def tissue_windows(sections: Sequence[ad.AnnData], mpp: float, size_px: int) -> 
     return np.ascontiguousarray(np.stack(windows).transpose(0, 3, 1, 2))
 
 
-def crop_pairs(windows: Tensor, crop: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Two overlapping ``crop``-px crops of each window: the second is shifted from the first by
-    up to half a crop, so a pair shares tissue without being the same pixels."""
-    n, _, size, _ = windows.shape
+def crop_pairs(windows: Tensor | Sequence[Tensor], crop: int,
+               gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Two overlapping ``crop``-px crops of each ``(3, S, S)`` window: the second is shifted from
+    the first by up to half a crop, so a pair shares tissue without being the same pixels."""
+    n, size = len(windows), windows[0].shape[-1]
     margin = size // 6  # the central two thirds, mostly tissue near the spot
     first = torch.randint(margin, size - margin - crop + 1, (n, 2), generator=gen)
     shift = torch.randint(-(crop // 2), crop // 2 + 1, (n, 2), generator=gen)
@@ -122,16 +123,22 @@ def crop_pairs(windows: Tensor, crop: int, gen: torch.Generator) -> tuple[Tensor
 
 
 def augment_views(views: Tensor, gen: torch.Generator) -> Tensor:
-    """Flip, quarter turn and colour changes of uint8 views, as float in [0, 1]."""
-    n = len(views)
-    views = views.float() / 255
-    if torch.rand((), generator=gen) < 0.5:
-        views = views.flip(-1)
-    views = torch.rot90(views, int(torch.randint(4, (), generator=gen)), (-2, -1))
+    """Flip, quarter turn and colour changes of uint8 views, as float in [0, 1]. The draws come
+    from ``gen`` on the CPU (the same on every device); the arithmetic runs where ``views`` are,
+    so a GPU is not left waiting for the CPU."""
+    n, device = len(views), views.device
+    flip = bool(torch.rand((), generator=gen) < 0.5)
+    turns = int(torch.randint(4, (), generator=gen))
     mixing = torch.eye(3) + 0.08 * torch.randn(n, 3, 3, generator=gen)
-    views = torch.einsum("nij,njhw->nihw", mixing, views).clamp(1e-4, 1)
-    views = views ** torch.exp(0.15 * torch.randn(n, 3, 1, 1, generator=gen))
+    gamma = torch.exp(0.15 * torch.randn(n, 3, 1, 1, generator=gen))
     grey = torch.rand(n, 1, 1, 1, generator=gen) < 0.15
+    views = views.float() / 255
+    if flip:
+        views = views.flip(-1)
+    views = torch.rot90(views, turns, (-2, -1))
+    views = torch.einsum("nij,njhw->nihw", mixing.to(device), views).clamp(1e-4, 1)
+    views = views ** gamma.to(device)
+    grey = grey.to(device)
     return torch.where(grey, views.mean(1, keepdim=True).expand_as(views), views)
 
 
@@ -241,8 +248,9 @@ def _step(net: ContrastiveEncoder, opt: torch.optim.Optimizer, windows: Tensor,
           dtype: torch.dtype | None) -> float:
     # without replacement: a window drawn twice would make its own views negatives
     idx = torch.randperm(len(windows), generator=gen)[:pretrain.batch_size]
-    first, second = crop_pairs(windows[idx], pretrain.crop_px, gen)
-    views = [augment_views(v, gen).to(device) for v in (first, second)]
+    # views of the chosen windows: gathering whole windows first would copy ~1 MB each
+    first, second = crop_pairs([windows[i] for i in idx.tolist()], pretrain.crop_px, gen)
+    views = [augment_views(v.to(device, non_blocking=True), gen) for v in (first, second)]
     with autocast(device, dtype):
         loss = nt_xent(net(views[0]), net(views[1]), pretrain.temperature)
     if not torch.isfinite(loss):
