@@ -8,6 +8,10 @@ same :func:`hifusion_model.protocols.score` as the accuracy table::
 
     python benchmarks/ensemble_her2st.py runs/s0/3d-C/a/model.pt runs/s1/3d-C/a/model.pt \\
         --sections runs/s0/sections --test C3,C4 --bf16 --json runs/ensemble_a.json
+
+``--soup SOUP.pt`` also averages the models' weights (:mod:`hifusion_model.soups`; runs that
+differ only in ``data_seed``), measures that one model on the validation spots the runs held
+out, and scores it beside the ensemble.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from hifusion_model.checkpoint import load_model
+from hifusion_model.checkpoint import load_checkpoint, load_model
 from hifusion_model.errors import HiFusionError
 from hifusion_model.io_utils import atomic_path
 from hifusion_model.protocols import NetworkPredictor, score
 from hifusion_model.sections import read_section
+from hifusion_model.soups import save_soup
 
 COLUMNS = ("mse", "mae", "spot_pcc", "gene_pcc")
 MARKERS = ("ERBB2", "KRT19", "CD74")
@@ -39,6 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="folder of imported sections (accuracy_her2st.py's WORK/sections)")
     p.add_argument("--test", default="C3,C4", help="test sections (default: %(default)s)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in inference")
+    p.add_argument("--soup", type=Path, metavar="SOUP.pt",
+                   help="also write the weight average of the models here and score it")
     p.add_argument("--json", type=Path, help="write every score here")
     return p.parse_args(argv)
 
@@ -75,16 +82,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [n for n in args.test.split(",") if n]
     try:
         tests = read_tests(args.sections, names)
-        predictors = load_predictors(args.models, "bf16" if args.bf16 else "auto")
+        soup = make_soup(args) if args.soup else None
+        predictors = load_predictors([*args.models, *([args.soup] if soup else [])],
+                                     "bf16" if args.bf16 else "auto")
     except HiFusionError as e:
         print(f"ensemble_her2st: error: {e}", file=sys.stderr)
         return 2
     # the constant compared with: the training mean over every model's training spots
-    genes, mean = predictors[0].genes, np.mean([p.train_mean for p in predictors], axis=0)
+    singles = predictors[:len(args.models)]
+    genes, mean = predictors[0].genes, np.mean([p.train_mean for p in singles], axis=0)
     predictions = [{n: p.predict(s) for n, s in tests.items()} for p in predictors]
-    averaged = {n: np.mean([pr[n] for pr in predictions], axis=0) for n in tests}
+    averaged = {n: np.mean([pr[n] for pr in predictions[:len(singles)]], axis=0) for n in tests}
     scores = {str(m): score(pr, tests, genes, mean) for m, pr in zip(args.models, predictions)}
     scores["ensemble"] = score(averaged, tests, genes, mean)
+    if soup:
+        scores["soup"] = score(predictions[-1], tests, genes, mean)
     print("| model | " + " | ".join(f"{s} {k}" for s in names for k in (*COLUMNS, *MARKERS))
           + " |")
     for name, result in scores.items():
@@ -92,8 +104,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps({"models": [str(m) for m in args.models],
-                                       "test": names, "scores": scores}, indent=1))
+                                       "test": names, "scores": scores,
+                                       "soup_validation": soup}, indent=1))
     return 0
+
+
+def make_soup(args: argparse.Namespace) -> dict:
+    """Write the weight average to ``args.soup``; its validation beside each model's."""
+    trained_on = [s["name"] for s in load_checkpoint(args.models[0]).card["sections"]]
+    _, validation = save_soup(args.models, args.soup, half=False, device="auto",
+                              sections=[args.sections / f"{n}.h5ad" for n in trained_on])
+    models = {str(m): load_checkpoint(m).card.get("validation") for m in args.models}
+    for name, v in [*models.items(), ("soup", validation)]:
+        print(f"validation of {name}: MSE {v['mse']:.4f}, gene PCC {v['gene_pcc']:.3f}")
+    return {"soup": validation, **models}
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ COMMANDS = {
     "train": "train",
     "predict": "predict",
     "evaluate": "evaluate",
+    "soup": "soup",
     "info": "info",
     "benchmark": "benchmark",
     "demo": "demo",

@@ -83,7 +83,8 @@ class TrainConfig(JsonDataclass):
     n_genes: int = 250
     val_fraction: float = 0.15  # share of training spots held out in spatial blocks (no --val)
     val_grid: int = 4  # each section is cut into val_grid × val_grid spatial blocks
-    seed: int = 0
+    seed: int = 0  # initial weights and the validation split (and, by default, the data order)
+    data_seed: int | None = None  # data order, augmentation and dropout; None: seed
     precision: str = "auto"
     grad_clip: float | None = None
     gene_weights: str = "uniform"
@@ -94,6 +95,13 @@ class TrainConfig(JsonDataclass):
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         self.validate()
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of what changes from step to step. Runs that share ``seed`` but not
+        ``data_seed`` start from the same weights and hold out the same spots, so their weights
+        can be averaged (:func:`~hifusion_model.soups.average_models`)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def validate(self) -> None:
         problems = []
@@ -140,6 +148,11 @@ class TrainConfig(JsonDataclass):
             problems.append(f"gene_weights must be one of {GENE_WEIGHTS}, got {self.gene_weights!r}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool)
+                    or value is None and name == "data_seed"):
+                problems.append(f"{name} must be a whole number, got {value!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             problems.append(f"grad_clip must be positive, got {self.grad_clip}")
         if problems:

@@ -372,7 +372,7 @@ def _prepare_data(
     train: Dataset = ConcatDataset(train_parts)
     train_targets = np.concatenate(targets)
     return _Data(
-        train=EpochAugmented(train, augment, recipe.seed) if augment else train,
+        train=EpochAugmented(train, augment, recipe.order_seed) if augment else train,
         val=ConcatDataset(val_parts) if val_parts else None,
         val_labels=np.concatenate(val_labels) if val_labels else np.array([], str),
         train_mean=train_targets.mean(axis=0),
@@ -645,9 +645,8 @@ class _Trainer:
 
         self.loader_generator = torch.Generator()
         self.sampler = _SkipSampler(
-            DistributedSampler(
-                data.train, num_replicas=info.world, rank=info.rank, shuffle=True, seed=recipe.seed
-            )
+            DistributedSampler(data.train, num_replicas=info.world, rank=info.rank, shuffle=True,
+                               seed=recipe.order_seed)
         )
         per_rank = len(self.sampler.base)
         if per_rank < recipe.batch_size:
@@ -734,8 +733,9 @@ class _Trainer:
     def _run_epoch(self) -> None:
         start = time.perf_counter()
         if self.step == 0:
-            seed_everything(mixed_seed(self.recipe.seed, self.epoch, self.info.rank))
-            self.loader_generator.manual_seed(mixed_seed(self.recipe.seed, self.epoch, 1_000_003))
+            seed_everything(mixed_seed(self.recipe.order_seed, self.epoch, self.info.rank))
+            self.loader_generator.manual_seed(mixed_seed(self.recipe.order_seed, self.epoch,
+                                                         1_000_003))
             self._loss_sum, self._loss_parts = 0.0, np.zeros(3)
         self.sampler.base.set_epoch(self.epoch)
         if isinstance(self.data.train, EpochAugmented):
