@@ -102,5 +102,7 @@ def test_soup_command_writes_and_reports_or_fails_cleanly(runs, tmp_path: Path, 
     assert cli(["soup", str(runs["d0"]), str(runs["d1"]), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "the average: validation MSE" in printed and out.is_file()
+    card = load_checkpoint(out).card  # the soup's command; each run keeps its own
+    assert card["command"] is None and [c["command"] for c in card["soup"]] == [None, None]
     assert cli(["soup", str(runs["d0"]), str(runs["s1"]), "--out", str(tmp_path / "x.pt")]) == 2
     assert "trained on other spots" in capsys.readouterr().err

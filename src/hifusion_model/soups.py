@@ -12,6 +12,7 @@ permuted against each other) and are refused.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,23 +65,26 @@ def average_state(states: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
     }
 
 
-def soup_card(ckpts: Sequence[Checkpoint], validation: dict[str, Any] | None) -> dict[str, Any]:
-    """The first model's card with the soup's own ``validation`` (None: not measured) and the
-    ingredients, each with the epoch and validation of its run."""
+def soup_card(ckpts: Sequence[Checkpoint], validation: dict[str, Any] | None,
+              command: Sequence[str] | None = None) -> dict[str, Any]:
+    """The first model's card with the soup's own ``validation`` (None: not measured) and
+    ``command``, and the ingredients, each with its training command, epoch and validation."""
     card = {k: v for k, v in ckpts[0].card.items() if k not in ("validation", "date", "epoch")}
     card["soup"] = [
         {"model": str(c.path), "data_seed": (c.card.get("recipe") or {}).get("data_seed"),
-         "epoch": c.card.get("epoch"), "validation": c.card.get("validation")}
+         "command": c.card.get("command"), "epoch": c.card.get("epoch"),
+         "validation": c.card.get("validation")}
         for c in ckpts
     ]
+    card["command"] = shlex.join(command) if command else None
     card["validation"] = validation
     return card
 
 
 def save_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *,
               sections: Sequence[str | os.PathLike | ad.AnnData] | None = None,
-              validate_on_held_out: bool = True, half: bool = False,
-              device: str = "auto") -> tuple[Path, dict[str, Any] | None]:
+              validate_on_held_out: bool = True, half: bool = False, device: str = "auto",
+              command: Sequence[str] | None = None) -> tuple[Path, dict[str, Any] | None]:
     """Average the checkpoints ``models`` into ``out`` (written atomically, never over one of
     them) and measure the average on the validation spots its ingredients held out, drawn
     again from their card (``sections`` stand in for files the card does not name). Returns
@@ -99,7 +103,7 @@ def save_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *,
         held = held_out_sections(ckpts[0].card, sections)
         validation = validate(model, ckpts[0], held, device=device)
     path = save_checkpoint(out, model.cpu(), train_mean=ckpts[0].train_mean,
-                           card=soup_card(ckpts, validation), half=half)
+                           card=soup_card(ckpts, validation, command), half=half)
     return path, validation
 
 

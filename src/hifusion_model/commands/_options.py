@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,11 @@ def add_device_options(p: argparse.ArgumentParser, precision_help: str, *,
         dest="precision",
         help="same as --precision bf16 (fast on CPUs with AVX-512 BF16 or AMX)",
     )
+
+
+def command_line(name: str) -> list[str] | None:
+    """``sys.argv`` shown as ``hifusion NAME …``; None when ``main`` was called from Python."""
+    argv = sys.argv
+    if name not in argv[1:]:
+        return None
+    return ["hifusion", *argv[argv.index(name):]]

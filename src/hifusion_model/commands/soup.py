@@ -15,6 +15,7 @@ from typing import Any
 
 from ..checkpoint import load_checkpoint
 from ..soups import save_soup
+from ._options import command_line
 
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
@@ -40,7 +41,8 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     path, v = save_soup(args.models, args.out, sections=args.sections, half=args.half,
-                        validate_on_held_out=not args.no_validation, device=args.device)
+                        validate_on_held_out=not args.no_validation, device=args.device,
+                        command=command_line("soup"))
     print(f"wrote {path}: the mean of {len(args.models)} models' weights")
     for c in load_checkpoint(path).card["soup"]:
         print(f"  {c['model']}: epoch {c['epoch']}, " + _scores(c["validation"]))

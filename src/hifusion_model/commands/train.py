@@ -16,7 +16,13 @@ from typing import Any
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..training import companion_paths, format_epoch, read_gene_list, train
-from ._options import add_command, add_device_options, add_recipe_options, recipe_from_args
+from ._options import (
+    add_command,
+    add_device_options,
+    add_recipe_options,
+    command_line,
+    recipe_from_args,
+)
 
 EPILOG = """\
 recipes:
@@ -116,14 +122,6 @@ def load_model_config(path: Path) -> ModelConfig:
         raise ConfigError(f"{path}: {e}") from e
 
 
-def command_line() -> list[str] | None:
-    """``sys.argv`` shown as ``hifusion train …``; None when ``main`` was called from Python."""
-    argv = sys.argv
-    if "train" not in argv[1:]:
-        return None
-    return ["hifusion", *argv[argv.index("train") :]]
-
-
 def _genes(value: str | None) -> int | list[str] | None:
     if value is None:
         return None
@@ -172,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             device=args.device,
             workers=args.workers,
-            command=command_line(),
+            command=command_line("train"),
             progress=reporter.progress,
             on_epoch=reporter.epoch,
         )
