@@ -343,7 +343,7 @@ def run_experiment(name: str, files: dict, template: ModelConfig, args: argparse
             "recipe": recipe.to_dict() if v in NETWORKS else None,
             "epochs": recipe.epochs if v in NETWORKS else None,
             "selection": "spatial blocks of the training sections: "
-            + ("lowest validation MSE epoch" if v in NETWORKS else
+            + (f"the epoch of the best validation {recipe.select_on}" if v in NETWORKS else
                "ridge alpha" if v == "d" else "none"),
             "info": predictor.info,
             "pretraining": used_encoders(v, pretraining),

@@ -219,6 +219,21 @@ def test_train_writes_best_model_curves_and_card(full_run) -> None:
     assert not companion_paths(result.checkpoint)["resume"].exists()  # finished: nothing to resume
 
 
+def test_select_on_gene_pcc_keeps_the_epoch_of_the_best_validation_gene_pcc(
+    section: Path, tmp_path: Path
+) -> None:
+    epochs: list[dict] = []
+    result = _train(section, tmp_path / "g.pt", on_epoch=epochs.append,
+                    recipe=tiny_recipe(epochs=4, select_on="gene_pcc"))
+    best = max(epochs, key=lambda e: e["val_gene_pcc"])
+    ckpt = load_checkpoint(result.checkpoint)
+    assert result.best_epoch == best["epoch"] == ckpt.card["epoch"]
+    assert ckpt.card["validation"]["gene_pcc"] == pytest.approx(best["val_gene_pcc"])
+    assert [e["best"] for e in epochs].count(True) >= 1
+    with pytest.raises(ConfigError, match="select_on"):
+        tiny_recipe(select_on="spot_pcc")
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(
     section: Path, tmp_path: Path, full_run
 ) -> None:

@@ -665,7 +665,7 @@ class _Trainer:
 
         self.epoch, self.step = 0, 0
         self.curves: list[dict[str, Any]] = []
-        self.best: dict[str, Any] = {"epoch": 0, "val_mse": math.inf}
+        self.best: dict[str, Any] = {"epoch": 0, "val_mse": math.inf, "val_gene_pcc": -math.inf}
         self.best_written = refit is not None  # a refit starts from a copy of the selection model
         self._loss_sum = 0.0
         self._loss_parts = np.zeros(3)
@@ -834,6 +834,7 @@ class _Trainer:
                 self.best = {
                     "epoch": self.epoch + 1,
                     "val_mse": record["val_mse"],
+                    "val_gene_pcc": record["val_gene_pcc"],
                     "validation": self.refit.validation if self.refit else metrics,
                 }
                 self._save_model()
@@ -845,9 +846,12 @@ class _Trainer:
             self.on_epoch(dict(record))
 
     def _is_best(self, record: dict[str, Any]) -> bool:
-        """The lowest validation MSE so far; in a refit, the epoch the selection run chose."""
+        """The best validation so far (the recipe's ``select_on``: lowest MSE or highest gene
+        PCC); in a refit, the epoch the selection run chose."""
         if self.refit:
             return record["epoch"] == self.last_epoch
+        if self.recipe.select_on == "gene_pcc":
+            return record["val_gene_pcc"] > self.best.get("val_gene_pcc", -math.inf)
         return record["val_mse"] < self.best["val_mse"]
 
     def _stop_here(self) -> None:

@@ -35,7 +35,8 @@ recipes:
 
 validation: --val sections, else 4x4 spatial blocks per training section with >= 15 % of the
 spots held out (neighbouring spots share tissue, so a random split would leak). MODEL.pt is the
-epoch with the lowest validation MSE; MODEL.curves.json/.csv hold per-epoch curves;
+epoch with the lowest validation MSE (--set select_on=gene_pcc: the highest mean per-gene PCC);
+MODEL.curves.json/.csv hold per-epoch curves;
 MODEL.resume.pt lets --resume continue a stopped run (Ctrl-C is safe).
 With --set refit=true the validated run is written to MODEL.selection.pt, then MODEL.pt is
 retrained on every spot (validation spots and --val sections included) for the same schedule,
