@@ -65,9 +65,10 @@ def test_soup_of_two_data_seeds_is_their_mean_and_is_validated(runs, tmp_path: P
     torch.testing.assert_close(soup.state_dict[key], expected, atol=2e-3, rtol=1e-3)  # fp16
     assert [c["data_seed"] for c in soup.card["soup"]] == [None, 1]
     assert soup.card["soup"][1]["validation"] == parts[1].card["validation"]
-    model, ckpt = load_model(path)
+    model, ckpt = load_model(path)  # measured in fp32, stored in fp16: close, not equal
     again = validate(model, ckpt, held_out_sections(ckpt.card))
-    assert again["mse"] == pytest.approx(validation["mse"], rel=1e-3)
+    assert again["mse"] == pytest.approx(validation["mse"], rel=1e-2)
+    assert again["n_spots"] == validation["n_spots"] == parts[0].card["validation"]["n_spots"]
 
 
 def test_soups_refuse_what_has_no_common_start(runs, tmp_path: Path) -> None:

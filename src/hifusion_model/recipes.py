@@ -201,6 +201,7 @@ RECIPES: dict[str, TrainConfig] = {
         rotations=True,
         color_jitter=0.05,
         ema_decay=0.98,
+        select_on="gene_pcc",
     ),
 }
 DEFAULT_RECIPE = "hifusion"

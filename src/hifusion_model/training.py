@@ -2,7 +2,8 @@
 
 * **Validation never sees test data.** Either given sections (``val_sections``) or a spatially
   blocked split of the training spots: neighbouring spots share tissue, so a random split would
-  leak and flatter the model. The kept checkpoint is the epoch with the lowest validation MSE.
+  leak and flatter the model. The kept checkpoint is the epoch with the best validation (the
+  recipe's ``select_on``: highest mean per-gene PCC, or lowest MSE).
 * **Refit** (``recipe.refit``): on a small section the held-out spots are data the model never
   learns from, so the validated run becomes ``OUT.selection.pt`` and ``OUT`` is retrained on
   every spot, on the same schedule, up to the epoch that run chose (twice the time).

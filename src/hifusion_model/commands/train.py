@@ -28,14 +28,16 @@ EPILOG = """\
 recipes:
   hifusion   ours (default): AdamW 3e-4, weight decay 1e-2, head dropout 0.2, mild colour
              jitter, 1-epoch warm-up + cosine, 20 epochs, batch 16, per-level BatchNorm,
-             no level-alignment loss, a 0.98 moving average of the weights is saved
+             no level-alignment loss, a 0.98 moving average of the weights is saved,
+             the epoch is chosen on validation gene PCC
   released   the paper's: Adam 1e-3, weight decay 1e-5, cosine to 1e-6 per epoch, 50 epochs,
              batch 32, flips and rotations only
   FILE.json  a recipe written by TrainConfig.to_json (e.g. from a checkpoint's card)
 
 validation: --val sections, else 4x4 spatial blocks per training section with >= 15 % of the
 spots held out (neighbouring spots share tissue, so a random split would leak). MODEL.pt is the
-epoch with the lowest validation MSE (--set select_on=gene_pcc: the highest mean per-gene PCC);
+epoch with the highest mean per-gene validation PCC (recipe released, or --set select_on=mse: the
+lowest validation MSE);
 MODEL.curves.json/.csv hold per-epoch curves;
 MODEL.resume.pt lets --resume continue a stopped run (Ctrl-C is safe).
 With --set refit=true the validated run is written to MODEL.selection.pt, then MODEL.pt is
