@@ -4,9 +4,11 @@ ICML 2022).
 Runs that share the recipe's ``seed`` start from the same weights and hold out the same
 validation spots; a different ``data_seed`` only changes the order, augmentation and dropout
 they see. Fine-tuned from one start, such runs stay in one basin of the loss, so the mean of
-their weights predicts about as well as the mean of their predictions (an ensemble) at one
-model's size and speed. Models from different starts have no such relation (their units are
-permuted against each other) and are refused.
+their weights is a working model of one model's size and speed, where an ensemble costs the
+sum. Models from different starts have no such relation (their units are permuted against each
+other) and are refused. How much it gains depends on how much the runs differ: on HER2ST's
+3-D protocol three data orders differed little and their average scored like one of them
+(BENCHMARKS.md, session 9).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """``hifusion soup MODEL MODEL … --out SOUP.pt``: average the weights of runs from one start.
 
 Train the runs with the same recipe ``seed`` and encoder weights and another ``data_seed``
-each (``hifusion train … --set data_seed=1``); their average is one model, as fast as each,
-that predicts about like their ensemble. The average is measured on the validation spots
-its ingredients held out (drawn again from their card), so it is judged as each run was; its
-card lists that, and each ingredient with its own validation.
+each (``hifusion train … --set data_seed=1``); their average is one model, as fast as each.
+It is measured on the validation spots its ingredients held out (drawn again from their card),
+so it is judged as each run was, and kept only if that says so: its card lists that
+validation, and each ingredient with its own.
 """
 
 from __future__ import annotations
