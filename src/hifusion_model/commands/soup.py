@@ -3,8 +3,8 @@
 Train the runs with the same recipe ``seed`` and encoder weights and another ``data_seed``
 each (``hifusion train … --set data_seed=1``); their average is one model, as fast as each.
 It is measured on the validation spots its ingredients held out (drawn again from their card),
-so it is judged as each run was, and kept only if that says so: its card lists that
-validation, and each ingredient with its own.
+so it is judged as each run was: the command prints that validation beside each run's, and the
+card keeps both.
 """
 
 from __future__ import annotations
