@@ -36,10 +36,10 @@ recipes:
 
 validation: --val sections, else 4x4 spatial blocks per training section with >= 15 % of the
 spots held out (neighbouring spots share tissue, so a random split would leak). MODEL.pt is the
-epoch with the highest mean per-gene validation PCC (recipe released, or --set select_on=mse: the
-lowest validation MSE);
-MODEL.curves.json/.csv hold per-epoch curves;
-MODEL.resume.pt lets --resume continue a stopped run (Ctrl-C is safe).
+epoch with the highest mean per-gene validation PCC (recipe released, or --set select_on=mse:
+the lowest validation MSE); MODEL.curves.json/.csv hold per-epoch curves; MODEL.resume.pt lets
+--resume continue a stopped run (Ctrl-C is safe). --set data_seed=N changes only the data order,
+augmentation and dropout (same start and split), for runs that `hifusion soup` can average.
 With --set refit=true the validated run is written to MODEL.selection.pt, then MODEL.pt is
 retrained on every spot (validation spots and --val sections included) for the same schedule,
 up to the epoch the selection run chose; its card keeps the selection run's validation.
