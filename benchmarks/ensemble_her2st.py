@@ -112,9 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def make_soup(args: argparse.Namespace) -> dict:
     """Write the weight average to ``args.soup``; its validation beside each model's."""
     trained_on = [s["name"] for s in load_checkpoint(args.models[0]).card["sections"]]
-    _, validation = save_soup(args.models, args.soup, half=False, device="auto",
-                              sections=[args.sections / f"{n}.h5ad" for n in trained_on])
-    models = {str(m): load_checkpoint(m).card.get("validation") for m in args.models}
+    path, validation = save_soup(args.models, args.soup, half=False, device="auto",
+                                 sections=[args.sections / f"{n}.h5ad" for n in trained_on])
+    models = {run["model"]: run["validation"] for run in load_checkpoint(path).card["soup"]}
     for name, v in [*models.items(), ("soup", validation)]:
         print(f"validation of {name}: MSE {v['mse']:.4f}, gene PCC {v['gene_pcc']:.3f}")
     return {"soup": validation, **models}

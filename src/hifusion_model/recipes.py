@@ -55,7 +55,7 @@ LR_STEPS = ("epoch", "step")
 #: mean per-gene PCC).
 GENE_WEIGHTS = ("uniform", "inverse_variance")
 #: What picks the epoch that is kept: the lowest validation MSE, or the highest mean per-gene
-#: PCC (the field's metric; its curve is smoother on a few dozen held-out spots).
+#: PCC (the field's metric). Both are noisy on a few dozen held-out spots (BENCHMARKS.md).
 SELECT_ON = ("mse", "gene_pcc")
 
 
@@ -104,7 +104,7 @@ class TrainConfig(JsonDataclass):
     def order_seed(self) -> int:
         """The seed of what changes from step to step. Runs that share ``seed`` but not
         ``data_seed`` start from the same weights and hold out the same spots, so their weights
-        can be averaged (:func:`~hifusion_model.soups.average_models`)."""
+        can be averaged (:func:`~hifusion_model.soups.save_soup`)."""
         return self.seed if self.data_seed is None else self.data_seed
 
     def validate(self) -> None:
@@ -154,10 +154,9 @@ class TrainConfig(JsonDataclass):
             problems.append(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        for name in ("seed", "data_seed"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool)
-                    or value is None and name == "data_seed"):
+        for name, value in (("seed", self.seed), ("data_seed", self.data_seed)):
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            if not whole and not (name == "data_seed" and value is None):
                 problems.append(f"{name} must be a whole number, got {value!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             problems.append(f"grad_clip must be positive, got {self.grad_clip}")
