@@ -24,7 +24,7 @@ from hifusion_model.pretraining import (
     nt_xent,
     pretrain_encoder,
 )
-from hifusion_model.training import train
+from hifusion_model.training import build_optimizer, pretrained_encoders, train
 
 TINY = PretrainConfig(crop_px=16, batch_size=4)
 
@@ -106,6 +106,38 @@ def test_training_starts_from_the_pretrained_encoder(section: Path, trunk: Path,
         train([section], tmp_path / "n.pt", recipe=recipe, model_config=tiny_config(), genes=4,
               spot_encoder_init=wrong_width, device="cpu")
     assert not (tmp_path / "n.pt").exists()
+
+
+def test_pretrained_encoders_learn_at_their_own_rate():
+    model = build_model(tiny_config())
+    recipe = tiny_recipe(pretrained_lr=0.1)
+    prefixes = pretrained_encoders({"spot_encoder_init": "ssl.pt", "init": None}, model)
+    assert prefixes == ["spot_encoder."]
+    rate = {id(p): (g["lr"], g["weight_decay"]) for g in build_optimizer(model, recipe, prefixes)
+            .param_groups for p in g["params"]}
+    assert len(rate) == len(list(model.parameters()))  # each parameter in exactly one group
+    for name, p in model.named_parameters():
+        lr = recipe.lr * (0.1 if name.startswith("spot_encoder.") else 1.0)
+        assert rate[id(p)] == (lr, recipe.weight_decay if p.ndim > 1 else 0.0), name
+    assert pretrained_encoders({"init": "bundled.pt"}, model) == ["spot_encoder.", "region_encoder."]
+    spot_only = build_model(spot_only_config(tiny_config()))
+    assert pretrained_encoders({"init": "c.pt"}, spot_only) == ["spot_encoder."]
+    assert pretrained_encoders({"init": None}, model) == []
+    with pytest.raises(ConfigError, match="pretrained_lr"):
+        tiny_recipe(pretrained_lr=0.0)
+
+
+def test_a_lower_pretrained_rate_keeps_the_encoder_near_its_weights(section: Path, trunk: Path,
+                                                                     tmp_path: Path):
+    start = torch.load(trunk, weights_only=True)["conv1.weight"]
+    moved = {}
+    for scale in (1.0, 1e-3):
+        out = tmp_path / f"m{scale}.pt"
+        train([section], out, recipe=tiny_recipe(epochs=1, ema_decay=0.0, pretrained_lr=scale),
+              model_config=tiny_config(), genes=4, spot_encoder_init=trunk, device="cpu")
+        weights = load_checkpoint(out).state_dict["spot_encoder.conv1.weight"]
+        moved[scale] = (weights.float() - start).abs().max().item()
+    assert 0 < moved[1e-3] < moved[1.0] / 100
 
 
 def test_the_region_encoder_pretrains_and_starts_a_run(section: Path, trunk: Path,

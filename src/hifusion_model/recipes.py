@@ -95,6 +95,7 @@ class TrainConfig(JsonDataclass):
     target_smoothing: float = 0.0  # train on labels averaged over neighbours, σ in spot pitches
     refit: bool = False  # after choosing the epoch on validation, retrain on every spot to it
     select_on: str = "mse"  # the validation metric that chooses the epoch: mse or gene_pcc
+    pretrained_lr: float = 1.0  # lr multiplier of encoders that start from trained weights
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -152,6 +153,8 @@ class TrainConfig(JsonDataclass):
             problems.append(f"gene_weights must be one of {GENE_WEIGHTS}, got {self.gene_weights!r}")
         if self.select_on not in SELECT_ON:
             problems.append(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
+        if not 0 < self.pretrained_lr <= 1:
+            problems.append(f"pretrained_lr must be in (0, 1], got {self.pretrained_lr}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         for name, value in (("seed", self.seed), ("data_seed", self.data_seed)):

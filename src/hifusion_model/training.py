@@ -462,20 +462,38 @@ def start_heads_at_mean(model: nn.Module, keys: Iterable[str], train_mean: np.nd
                 state[k].copy_(mean)
 
 
-def build_optimizer(model: nn.Module, recipe: TrainConfig) -> torch.optim.Optimizer:
-    """Adam on everything (as released), or AdamW sparing biases, norms and fusion logits."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if recipe.optimizer == "adam":
-        return torch.optim.Adam(
-            params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
-        )
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": recipe.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas)
+def build_optimizer(model: nn.Module, recipe: TrainConfig,
+                    pretrained: Iterable[str] = ()) -> torch.optim.Optimizer:
+    """Adam on everything (as released), or AdamW sparing biases, norms and fusion logits.
+
+    Parameters under the ``pretrained`` module prefixes (e.g. ``"spot_encoder."``) learn at
+    ``recipe.pretrained_lr`` times the rate: a few hundred steps on one small section at the
+    full rate can wash out what those weights learned before.
+    """
+    prefixes = tuple(pretrained)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    fresh = [p for n, p in named if not n.startswith(prefixes)]
+    kept = [p for n, p in named if n.startswith(prefixes)]
+    groups = [*_param_groups(fresh, recipe.lr, recipe),
+              *_param_groups(kept, recipe.lr * recipe.pretrained_lr, recipe)]
+    optimizer = torch.optim.Adam if recipe.optimizer == "adam" else torch.optim.AdamW
+    return optimizer([g for g in groups if g["params"]], lr=recipe.lr, betas=recipe.betas)
+
+
+def _param_groups(params: list[nn.Parameter], lr: float, recipe: TrainConfig) -> list[dict]:
+    if recipe.optimizer == "adam":  # as released: decay on everything
+        return [{"params": params, "lr": lr, "weight_decay": recipe.weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "lr": lr,
+             "weight_decay": recipe.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0}]
+
+
+def pretrained_encoders(card: dict[str, Any], model: nn.Module) -> list[str]:
+    """Module prefixes of the encoders a run started from trained weights: those given as
+    encoder weights, or every encoder of a fine-tuned checkpoint. Read from the card, so a
+    resumed run rebuilds the same optimiser groups."""
+    names = ENCODERS if card.get("init") else _stored_encoder_init(card)
+    return [f"{name}_encoder." for name in names if hasattr(model, f"{name}_encoder")]
 
 
 def lr_factor(recipe: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -658,7 +676,7 @@ class _Trainer:
         self.steps_per_epoch = (
             per_rank // recipe.batch_size
         )  # drop_last: batch norm hates 1-spot batches
-        self.optimizer = build_optimizer(self.model, recipe)
+        self.optimizer = build_optimizer(self.model, recipe, pretrained_encoders(card, model))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(recipe, self.steps_per_epoch)
         )
