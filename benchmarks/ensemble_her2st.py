@@ -27,6 +27,7 @@ import numpy as np
 
 from hifusion_model.checkpoint import load_checkpoint, load_model
 from hifusion_model.errors import HiFusionError
+from hifusion_model.inference import check_tta
 from hifusion_model.io_utils import atomic_path
 from hifusion_model.protocols import NetworkPredictor, score
 from hifusion_model.sections import read_section
@@ -44,6 +45,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="folder of imported sections (accuracy_her2st.py's WORK/sections)")
     p.add_argument("--test", default="C3,C4", help="test sections (default: %(default)s)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in inference")
+    p.add_argument("--tta", type=int, default=1, metavar="N",
+                   help="test-time views averaged per spot (1-8, as `hifusion predict --tta`)")
     p.add_argument("--soup", type=Path, metavar="SOUP.pt",
                    help="also write the weight average of the models here and score it")
     p.add_argument("--json", type=Path, help="write every score here")
@@ -54,12 +57,14 @@ def read_tests(folder: Path, names: Sequence[str]) -> dict[str, ad.AnnData]:
     return {n: read_section(folder / f"{n}.h5ad") for n in names}
 
 
-def load_predictors(paths: Sequence[Path], precision: str) -> list[NetworkPredictor]:
+def load_predictors(paths: Sequence[Path], precision: str,
+                    tta: int = 1) -> list[NetworkPredictor]:
     """The models, refused unless they predict the same genes in the same order."""
+    check_tta(tta)
     predictors = []
     for path in paths:
         model, ckpt = load_model(path, device="cpu")
-        predictors.append(NetworkPredictor(model, ckpt, "auto", precision, workers=1))
+        predictors.append(NetworkPredictor(model, ckpt, "auto", precision, workers=1, tta=tta))
     first = predictors[0]
     for path, p in zip(paths[1:], predictors[1:]):
         if p.genes != first.genes:
@@ -84,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tests = read_tests(args.sections, names)
         soup = make_soup(args) if args.soup else None
         predictors = load_predictors([*args.models, *([args.soup] if soup else [])],
-                                     "bf16" if args.bf16 else "auto")
+                                     "bf16" if args.bf16 else "auto", args.tta)
     except HiFusionError as e:
         print(f"ensemble_her2st: error: {e}", file=sys.stderr)
         return 2
@@ -104,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps({"models": [str(m) for m in args.models],
-                                       "test": names, "scores": scores,
+                                       "test": names, "tta": args.tta, "scores": scores,
                                        "soup_validation": soup}, indent=1))
     return 0
 

@@ -333,3 +333,7 @@ def test_ensemble_script_scores_the_mean_of_models_trained_on_the_same_genes(
         assert scores["ensemble"]["per_section"][s]["mse"] <= np.mean(singles) + 1e-9
         assert scores["ensemble"]["per_section"][s]["mse"] != singles[0]
     assert script.main([*models, *common, "--test", "C9"]) == 2
+    assert script.main([*models, *common, "--tta", "2"]) == 0
+    two_views = json.loads(out.read_text())
+    assert two_views["tta"] == 2 and two_views["scores"][models[0]] != scores[models[0]]
+    assert script.main([*models, *common, "--tta", "9"]) == 2

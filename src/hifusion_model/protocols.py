@@ -321,6 +321,7 @@ class NetworkPredictor:
     precision: str = "auto"
     workers: int = 2
     info: dict[str, Any] = field(default_factory=dict)
+    tta: int = 1  # test-time views averaged per spot
 
     @property
     def genes(self) -> list[str]:
@@ -335,7 +336,7 @@ class NetworkPredictor:
         try:
             return predict_section(
                 self.model, self.checkpoint, section, slide, device=self.device,
-                precision=self.precision, workers=self.workers,
+                precision=self.precision, workers=self.workers, tta=self.tta,
             )
         finally:
             slide.close()
