@@ -65,7 +65,7 @@ def fake_her2st(folder: Path, imaged: tuple[str, ...] = IMAGED) -> Path:
 
 
 def tiny_recipe(**overrides):
-    return get_recipe("hifusion", epochs=1, batch_size=8, **overrides)
+    return get_recipe("hifusion", **{"epochs": 1, "batch_size": 8, "refit": False, **overrides})
 
 
 # -- plans ------------------------------------------------------------------------------------

@@ -20,7 +20,12 @@ Two named recipes ship:
     cheapest to satisfy by making every map nearly constant; the level heads then predicted the
     training mean (gene PCC 0.01-0.04), and dropping the term raised the validation gene PCC of
     3d-C from 0.224 to 0.254 (0.230 with a weight of 0.05);
-  - an exponential moving average of the weights (decay 0.98) is validated and saved.
+  - an exponential moving average of the weights (decay 0.98) is validated and saved;
+  - a refit: once the validation blocks have chosen the epoch, the model is trained again on
+    every spot up to that epoch. On one small section the 15 % held out cost more than the
+    choice gains: on 3d-C (both encoders pretrained, three seeds) the refits scored +0.006 to
+    +0.027 gene PCC over their own selection runs, with a lower MSE every time. It doubles the
+    training time; ``--set refit=false`` keeps the validated run.
 
   Stain (HED) jitter, a spot shift and spatially smoothed training labels are available
   (``hed_jitter``, ``shift_um``, ``target_smoothing``) but off.
@@ -204,6 +209,7 @@ RECIPES: dict[str, TrainConfig] = {
         color_jitter=0.05,
         ema_decay=0.98,
         select_on="gene_pcc",
+        refit=True,
     ),
 }
 DEFAULT_RECIPE = "hifusion"

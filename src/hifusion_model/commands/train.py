@@ -29,7 +29,8 @@ recipes:
   hifusion   ours (default): AdamW 3e-4, weight decay 1e-2, head dropout 0.2, mild colour
              jitter, 1-epoch warm-up + cosine, 20 epochs, batch 16, per-level BatchNorm,
              no level-alignment loss, a 0.98 moving average of the weights is saved,
-             the epoch is chosen on validation gene PCC
+             the epoch is chosen on validation gene PCC, then the model is
+             retrained on every spot up to it (refit; twice the time)
   released   the paper's: Adam 1e-3, weight decay 1e-5, cosine to 1e-6 per epoch, 50 epochs,
              batch 32, flips and rotations only
   FILE.json  a recipe written by TrainConfig.to_json (e.g. from a checkpoint's card)
@@ -40,9 +41,10 @@ epoch with the highest mean per-gene validation PCC (recipe released, or --set s
 the lowest validation MSE); MODEL.curves.json/.csv hold per-epoch curves; MODEL.resume.pt lets
 --resume continue a stopped run (Ctrl-C is safe). --set data_seed=N changes only the data order,
 augmentation and dropout (same start and split), for runs that `hifusion soup` can average.
-With --set refit=true the validated run is written to MODEL.selection.pt, then MODEL.pt is
-retrained on every spot (validation spots and --val sections included) for the same schedule,
-up to the epoch the selection run chose; its card keeps the selection run's validation.
+With refit (recipe hifusion; --set refit=false turns it off) the validated run is written to
+MODEL.selection.pt, then MODEL.pt is retrained on every spot (validation spots and --val
+sections included) for the same schedule, up to the epoch the selection run chose; its card
+keeps the selection run's validation.
 
 --set KEY=VALUE changes any other recipe field (repeatable), e.g. --set ema_decay=0.98
 (validate and save a moving average of the weights), --set shift_um=16 (move the spot
