@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild the bundled HER2ST model from the public data: import the sections that have images,
 # pretrain the spot and region encoders on the tissue of B4, C2 and C3 (self-supervised, no
-# labels), train on them (validation: spatial blocks of those sections), test on C4 (never
-# seen), and package fp16 weights into src/hifusion_model/weights/. Measured wall time: see
-# BENCHMARKS.md.
+# labels), train on them (validation on spatial blocks of those sections chooses the epoch,
+# then the recipe's refit trains every spot up to it), test on C4 (never seen), and package
+# fp16 weights into src/hifusion_model/weights/. Measured wall time: see BENCHMARKS.md.
 #   bash scripts/build_bundled_model.sh [HER2ST_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

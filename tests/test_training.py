@@ -7,8 +7,10 @@ section cut to 40 neighbouring spots, with the image cropped around them so read
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -451,6 +453,9 @@ def test_refit_retrains_on_every_spot_to_the_chosen_epoch(refit_run) -> None:
     assert not companion_paths(paths["selection"])["resume"].exists()
     shown = format_card(refit, 0)
     assert f"retrained on every spot to epoch {chosen}" in shown
+    assert "Selection run" not in shown  # the same command as the refit's
+    resumed = dataclasses.replace(refit, card={**refit.card, "command": "hifusion train --resume"})
+    assert re.search(r"^Selection run +hifusion train$", format_card(resumed, 0), re.M)
     assert "Validation (of the selection run)" in shown
     assert "refit on every spot" in format_epoch(epochs[-1])
 

@@ -120,11 +120,15 @@ def _validation_lines(v: dict[str, Any], title: str = "Validation") -> list[tupl
     return lines
 
 
-def _refit_lines(refit: dict[str, Any] | None) -> list[tuple[str, str]]:
+def _refit_lines(refit: dict[str, Any] | None, command: str | None) -> list[tuple[str, str]]:
     if not refit:
         return []
-    return [("Refit", f"retrained on every spot to epoch {refit.get('epoch', '?')}, the epoch a "
-                      f"selection run chose on {refit.get('selection_validation_split', '?')}")]
+    lines = [("Refit", f"retrained on every spot to epoch {refit.get('epoch', '?')}, the epoch a "
+                       f"selection run chose on {refit.get('selection_validation_split', '?')}")]
+    selection = refit.get("selection_command")
+    if selection and selection != command:  # e.g. a refit resumed with its own command
+        lines.append(("Selection run", selection))
+    return lines
 
 
 def _encoder_lines(card: dict[str, Any]) -> list[tuple[str, str]]:
@@ -163,7 +167,7 @@ def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
         *_encoder_lines(card),
         ("Command", _as_text(card.get("command"))),
         ("Date", _as_text(card.get("date"))),
-        *_refit_lines(card.get("refit")),
+        *_refit_lines(card.get("refit"), card.get("command")),
         *_soup_lines(card.get("soup")),
         *_validation_lines(_validation(ckpt), "Validation (of the selection run)"
                            if card.get("refit") else "Validation"),
