@@ -27,8 +27,9 @@ Two named recipes ship:
     +0.027 gene PCC over their own selection runs, with a lower MSE every time. It doubles the
     training time; ``--set refit=false`` keeps the validated run.
 
-  Stain (HED) jitter, a spot shift and spatially smoothed training labels are available
-  (``hed_jitter``, ``shift_um``, ``target_smoothing``) but off.
+  Stain (HED) jitter, a spot shift, spatially smoothed training labels and a lower learning
+  rate for pretrained encoders are available (``hed_jitter``, ``shift_um``,
+  ``target_smoothing``, ``pretrained_lr``) but off: none helped on HER2ST.
 
   Note on the colour jitter: the model standardises each image per channel (``input_norm``
   ``"image"``), which undoes a per-channel gain and bias exactly except where pixels clip, so
