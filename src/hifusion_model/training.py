@@ -468,9 +468,10 @@ def build_optimizer(model: nn.Module, recipe: TrainConfig,
 
     Parameters under the ``pretrained`` module prefixes (e.g. ``"spot_encoder."``) learn at
     ``recipe.pretrained_lr`` times the rate: a few hundred steps on one small section at the
-    full rate can wash out what those weights learned before.
+    full rate can wash out what those weights learned before. At the full rate the groups stay
+    as they were, so resume states written before this option still load.
     """
-    prefixes = tuple(pretrained)
+    prefixes = tuple(pretrained) if recipe.pretrained_lr != 1 else ()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     fresh = [p for n, p in named if not n.startswith(prefixes)]
     kept = [p for n, p in named if n.startswith(prefixes)]
