@@ -483,6 +483,24 @@ def test_refit_resumes_in_either_stage(section: Path, tmp_path: Path, refit_run)
         _train(section, out, resume=True)
 
 
+def test_no_validation_trains_every_spot_to_the_end(section: Path, tmp_path: Path) -> None:
+    """``val_fraction=0``: one run on every spot, the last epoch kept, even with refit on."""
+    epochs: list[dict] = []
+    out = tmp_path / "m.pt"
+    result = _train(section, out, recipe=tiny_recipe(val_fraction=0.0, refit=True),
+                    on_epoch=epochs.append)
+    card = load_checkpoint(out).card
+    assert not companion_paths(out)["selection"].exists() and "refit" not in card
+    assert card["sections"][0]["n_train"] == 40 and card["sections"][0]["n_val"] == 0
+    assert result.best_epoch == card["epoch"] == 2 and result.validation == {}
+    assert card["validation"] is None and card["validation_split"].startswith("none")
+    assert [e["best"] for e in epochs] == [False, True]
+    assert all(e["val_mse"] is None and not e["refit"] for e in epochs)
+    assert "every spot trains, no validation" in format_epoch(epochs[-1])
+    assert re.search(r"^Validation +none: every spot trains for the whole schedule",
+                     format_card(load_checkpoint(out), 0), re.M)
+
+
 def test_resume_refits_a_finished_plain_run(section: Path, tmp_path: Path, full_run) -> None:
     """A validated checkpoint placed as ``OUT.selection.pt`` is refitted by ``--resume``."""
     plain, _ = full_run

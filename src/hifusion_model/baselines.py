@@ -103,7 +103,10 @@ class SpotOnly(nn.Module):
 
 
 def validation_masks(sections: Sequence[ad.AnnData], recipe: TrainConfig) -> list[np.ndarray]:
-    """Held-out spots of each training section, exactly as :func:`~.training.train` draws them."""
+    """Held-out spots of each training section, exactly as :func:`~.training.train` draws them
+    (none when the recipe's ``val_fraction`` is 0)."""
+    if recipe.val_fraction == 0:
+        return [np.zeros(s.n_obs, bool) for s in sections]
     return [
         spatial_block_split(
             s.obsm["spatial"],

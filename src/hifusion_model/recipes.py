@@ -90,7 +90,8 @@ class TrainConfig(JsonDataclass):
     hed_jitter: float = 0.0  # stain jitter: H, E, DAB scaled by 1 ± s and shifted by ± s; 0 = off
     shift_um: float = 0.0  # the spot window moves by up to ± shift_um µm (region stays); 0 = off
     n_genes: int = 250
-    val_fraction: float = 0.15  # share of training spots held out in spatial blocks (no --val)
+    val_fraction: float = 0.15  # share of training spots held out in spatial blocks (no --val);
+    # 0: none held out, every spot trains for the whole schedule and the last epoch is kept
     val_grid: int = 4  # each section is cut into val_grid × val_grid spatial blocks
     seed: int = 0  # initial weights and the validation split (and, by default, the data order)
     data_seed: int | None = None  # data order, augmentation and dropout; None: seed
@@ -151,8 +152,8 @@ class TrainConfig(JsonDataclass):
                 problems.append(f"{f.name} must be true or false, got {getattr(self, f.name)!r}")
         if self.n_genes < 1:
             problems.append(f"n_genes must be >= 1, got {self.n_genes}")
-        if not 0 < self.val_fraction < 1 or self.val_grid < 2:
-            problems.append("val_fraction must be in (0, 1) and val_grid >= 2")
+        if not 0 <= self.val_fraction < 1 or self.val_grid < 2:
+            problems.append("val_fraction must be in [0, 1) and val_grid >= 2")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.gene_weights not in GENE_WEIGHTS:

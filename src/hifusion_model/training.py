@@ -3,7 +3,8 @@
 * **Validation never sees test data.** Either given sections (``val_sections``) or a spatially
   blocked split of the training spots: neighbouring spots share tissue, so a random split would
   leak and flatter the model. The kept checkpoint is the epoch with the best validation (the
-  recipe's ``select_on``: highest mean per-gene PCC, or lowest MSE).
+  recipe's ``select_on``: highest mean per-gene PCC, or lowest MSE). With ``val_fraction`` 0
+  (and no validation sections) nothing is held out and the last epoch is kept.
 * **Refit** (``recipe.refit``): on a small section the held-out spots are data the model never
   learns from, so the validated run becomes ``OUT.selection.pt`` and ``OUT`` is retrained on
   every spot, on the same schedule, up to the epoch that run chose (twice the time).
@@ -248,7 +249,7 @@ def _check_disjoint(train: list[_Source], val: list[_Source]) -> None:
 @dataclass
 class _Data:
     train: torch.utils.data.Dataset
-    val: torch.utils.data.Dataset | None  #: None when every spot trains (a refit)
+    val: torch.utils.data.Dataset | None  #: None when every spot trains (a refit, val_fraction 0)
     val_labels: np.ndarray  #: section label of every validation spot, in dataset order
     train_mean: np.ndarray  #: (G,) mean normalised target over the training spots
     train_var: np.ndarray  #: (G,) its variance
@@ -322,9 +323,11 @@ def _prepare_data(
     config: ModelConfig,
     recipe: TrainConfig,
     *,
-    hold_out: bool = True,
+    refit: bool = False,
 ) -> _Data:
-    """Datasets of a run; ``hold_out=False`` (a refit) trains on every spot and validates on none."""
+    """Datasets of a run. A refit, or a recipe with ``val_fraction`` 0 and no validation
+    sections, trains on every spot and validates on none."""
+    hold_out = not refit and recipe.val_fraction > 0
     train_parts, val_parts, val_labels, targets, info = [], [], [], [], []
     for s in train_sources:
         n = s.adata.n_obs
@@ -367,8 +370,10 @@ def _prepare_data(
     elif hold_out:
         validation = (f"spatial blocks: {recipe.val_grid}x{recipe.val_grid} per section, "
                       f">= {recipe.val_fraction:.0%} of spots held out")
-    else:
+    elif refit:
         validation = "none: every spot trains (refit to the epoch a selection run chose)"
+    else:
+        validation = "none: every spot trains for the whole schedule (val_fraction 0)"
     augment = _augment(recipe, config)
     train: Dataset = ConcatDataset(train_parts)
     train_targets = np.concatenate(targets)
@@ -608,6 +613,8 @@ def format_epoch(record: dict[str, Any]) -> str:
     """One log line for an ``on_epoch`` record (a refit epoch has no validation to show)."""
     if record.get("refit"):
         scores = "refit on every spot, no validation"
+    elif record.get("val_mse") is None:
+        scores = "every spot trains, no validation"
     else:
         scores = (f"val MSE {record['val_mse']:.4f} (mean {record['val_baseline_mse']:.4f})  "
                   f"gene PCC {record['val_gene_pcc']:.3f}  spot PCC {record['val_spot_pcc']:.3f}")
@@ -640,6 +647,8 @@ class _Trainer:
         self.data, self.config, self.recipe, self.out = data, config, recipe, out
         self.refit = refit
         self.last_epoch = refit.epoch if refit else recipe.epochs
+        #: whether epochs are validated (not in a refit, nor when no spot is held out)
+        self.validates = refit is None and data.val is not None
         self.device, self.info, self.workers, self.card = device, info, workers, card
         self.progress, self.should_stop, self.on_epoch = progress, should_stop, on_epoch
         self.paths = companion_paths(out)
@@ -833,7 +842,7 @@ class _Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         if self.recipe.lr_step == "epoch":
             self.scheduler.step()
-        metrics = None if self.refit else self.validate()
+        metrics = self.validate() if self.validates else None
         n = max(self.step, 1)
         record = None
         if self.info.is_main:
@@ -867,8 +876,8 @@ class _Trainer:
 
     def _is_best(self, record: dict[str, Any]) -> bool:
         """The best validation so far (the recipe's ``select_on``: lowest MSE or highest gene
-        PCC); in a refit, the epoch the selection run chose."""
-        if self.refit:
+        PCC); in a refit, the epoch the selection run chose; without validation, the last."""
+        if not self.validates:
             return record["epoch"] == self.last_epoch
         if self.recipe.select_on == "gene_pcc":
             return record["val_gene_pcc"] > self.best.get("val_gene_pcc", -math.inf)
@@ -949,8 +958,9 @@ class _Trainer:
                              "selection_command": self.refit.selection_command}
         if stopped:
             card["notes"] = (
-                f"stopped during epoch {self.epoch + 1} before any validation; "
-                "these are the weights at that moment"
+                f"stopped during epoch {self.epoch + 1}"
+                + (" before any validation" if self.validates else "")
+                + "; these are the weights at that moment"
             )
         save_checkpoint(self.out, self.shipped_model, train_mean=self.data.train_mean, card=card)
         self.best_written = True
@@ -1095,20 +1105,24 @@ class _Session:
 
     def start(self, config: ModelConfig, recipe: TrainConfig, init: Checkpoint | None,
               state: dict[str, Any] | None = None) -> TrainResult:
-        """Train with validation (a refit recipe writes it to ``OUT.selection.pt``), then refit."""
-        target = companion_paths(self.out)["selection"] if recipe.refit else self.out
+        """Train with validation (a refit recipe writes it to ``OUT.selection.pt``), then refit.
+
+        Without validation (``val_fraction`` 0, no ``--val``) there is no epoch to choose and
+        nothing held out to refit on: one run trains every spot to the end of the schedule."""
+        refit = recipe.refit and (bool(self.val_sources) or recipe.val_fraction > 0)
+        target = companion_paths(self.out)["selection"] if refit else self.out
         data = _prepare_data(self.train_sources, self.val_sources, config, recipe)
         card = state["card"] if state else self._card(recipe, config, data, init)
         result = self._fit(data, config, recipe, target, card, init, state)
-        if not recipe.refit:
+        if not refit:
             return result
         if init is None and card.get("init"):  # a resumed selection run: reload the init weights
             init = _load_init(card["init"])
         chosen = [result.best_epoch, result.validation]
         if self.info.active:  # only rank 0 validated: every rank must stop at its epoch
             dist.broadcast_object_list(chosen, src=0)
-        refit = Refit(*chosen, str(target), data.validation, card.get("command"))
-        return self.refit(config, recipe, init, refit)
+        stage = Refit(*chosen, str(target), data.validation, card.get("command"))
+        return self.refit(config, recipe, init, stage)
 
     def refit(self, config: ModelConfig, recipe: TrainConfig, init: Checkpoint | None,
               refit: Refit, state: dict[str, Any] | None = None) -> TrainResult:
@@ -1116,7 +1130,7 @@ class _Session:
         if state is None and self.info.is_main:
             with atomic_path(self.out) as tmp:
                 shutil.copyfile(refit.selection, tmp)
-        data = _prepare_data(self.every_source, None, config, recipe, hold_out=False)
+        data = _prepare_data(self.every_source, None, config, recipe, refit=True)
         card = state["card"] if state else self._card(recipe, config, data, init)
         return self._fit(data, config, recipe, self.out, card, init, state, refit)
 

@@ -97,9 +97,11 @@ def _test(ckpt: Checkpoint) -> tuple[str, dict[str, Any]]:
     return f"Test ({t.get('section', '?')}, never seen)", t["metrics"]
 
 
-def _validation_lines(v: dict[str, Any], title: str = "Validation") -> list[tuple[str, str]]:
+def _validation_lines(v: dict[str, Any], title: str = "Validation",
+                      missing: str | None = None) -> list[tuple[str, str]]:
+    """``missing`` says why there are no metrics (e.g. the card's "none: every spot trains")."""
     if not v:
-        return [(title, "not recorded")]
+        return [(title, missing or "not recorded")]
     base = v.get("baseline") or {}
     scope = f"{v.get('n_spots', '?')} spots, {v.get('n_sections', '?')} section(s)"
     lines = [
@@ -118,6 +120,12 @@ def _validation_lines(v: dict[str, Any], title: str = "Validation") -> list[tupl
         best = top_genes({g: r for g, r in pccs.items() if isinstance(r, (int, float))}, 5)
         lines.append(("  top genes", "  ".join(f"{g} {_num(r)}" for g, r in best)))
     return lines
+
+
+def _unvalidated(card: dict[str, Any]) -> str | None:
+    """Why a run has no validation metrics, when it held no spot out on purpose."""
+    split = str(card.get("validation_split") or "")
+    return split if split.startswith("none") else None
 
 
 def _refit_lines(refit: dict[str, Any] | None, command: str | None) -> list[tuple[str, str]]:
@@ -170,7 +178,7 @@ def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
         *_refit_lines(card.get("refit"), card.get("command")),
         *_soup_lines(card.get("soup")),
         *_validation_lines(_validation(ckpt), "Validation (of the selection run)"
-                           if card.get("refit") else "Validation"),
+                           if card.get("refit") else "Validation", _unvalidated(card)),
     ]
     title, test = _test(ckpt)
     if test:
