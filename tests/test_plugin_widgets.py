@@ -202,6 +202,28 @@ def test_training_writes_a_loadable_active_checkpoint(app, qtbot, tmp_path) -> N
     assert widget.genes.gene_list.count() == 4
 
 
+def test_training_without_validation_keeps_the_last_epoch(app, qtbot, tmp_path) -> None:
+    from hifusion_model.checkpoint import load_checkpoint
+    from napari_hifusion._widgets._train import NO_VALIDATION
+
+    viewer, widget = app
+    panel = widget.train
+    panel.architecture.setCurrentIndex(1)  # tiny
+    panel.epochs.setValue(2)
+    panel.n_genes.setValue(4)
+    panel.batch_size.setValue(16)
+    panel.refit.setChecked(True)  # nothing held out: nothing to refit
+    panel.validation.setCurrentText(NO_VALIDATION)
+    panel.out.setText(str(tmp_path / "all_spots.pt"))
+    assert panel.train() is not None
+    wait_done(qtbot, panel.jobs)
+    card = load_checkpoint(tmp_path / "all_spots.pt").card
+    assert card["epoch"] == 2 and card["validation"] is None and "refit" not in card
+    assert [r["best"] for r in panel.records] == [False, True]
+    assert "–" in panel.table.text()
+    assert "epoch 2, every spot trained, no validation" in panel.status.text()
+
+
 def test_cancel_stops_a_prediction(app, qtbot, model_path, monkeypatch) -> None:
     viewer, widget = app
     infos: list[str] = []

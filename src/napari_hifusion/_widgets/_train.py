@@ -2,7 +2,8 @@
 
 Training sections are the measured points layers (spots as they are now, with their counts) on
 their slides. Validation is either a spatially blocked split of the training spots or one open
-section held out. The best epoch is saved and becomes the active model; with "refit" ticked the
+section held out, or none: every spot then trains for all epochs and the last is kept (half the
+time of a refit). The best epoch is saved and becomes the active model; with "refit" ticked the
 model is then retrained on every spot up to that epoch (twice the time, more data). The spot
 and region encoders start from random weights, or from files written by ``hifusion pretrain``.
 """
@@ -35,6 +36,7 @@ from ._common import ModelState, button, buttons, group, spin
 from ._plot import Sparkline
 
 SPATIAL_SPLIT = "spatial blocks of the training spots (15%)"
+NO_VALIDATION = "none: train every spot for all epochs"
 ARCHITECTURES = ("HiFusion (as released)", "tiny (quick trial)")
 
 
@@ -111,7 +113,7 @@ class TrainPanel(QWidget):
             self.sections.addItem(item)
         current = self.validation.currentText()
         self.validation.clear()
-        self.validation.addItems([SPATIAL_SPLIT, *names])
+        self.validation.addItems([SPATIAL_SPLIT, NO_VALIDATION, *names])
         if current in names:
             self.validation.setCurrentText(current)
 
@@ -177,14 +179,15 @@ class TrainPanel(QWidget):
             raise SectionError("no training section: open a section with counts and tick it "
                                "(the held-out validation section does not count)")
         sections = [section_from_points(self.viewer.layers[n], counts=True) for n in names]
-        val = (None if held_out == SPATIAL_SPLIT
+        val = (None if held_out in (SPATIAL_SPLIT, NO_VALIDATION)
                else [section_from_points(self.viewer.layers[held_out], counts=True)])
         out = Path(self.out.text().strip()).expanduser()
         if out.suffix != ".pt" or out.is_dir():
             raise ConfigError(f"save to {out}: give a file name ending in .pt")
         recipe = get_recipe(epochs=int(self.epochs.value()), lr=float(self.lr.value()),
                             batch_size=int(self.batch_size.value()), refit=self.refit.isChecked(),
-                            min_lr=min(1e-6, float(self.lr.value())))
+                            min_lr=min(1e-6, float(self.lr.value())),
+                            val_fraction=0.0 if held_out == NO_VALIDATION else None)
         n_genes = int(self.n_genes.value())
         template = self.model_config(["placeholder"])
         encoders = self.encoder_weights()
@@ -223,14 +226,25 @@ class TrainPanel(QWidget):
         result, checkpoint = outcome
         self.result = result
         self.state.set_source(result.checkpoint, checkpoint)
-        how = "refit on every spot to epoch" if "refit" in checkpoint.card else "best epoch"
-        self.status.setText(f"saved {result.checkpoint} ({how} {result.best_epoch}, val gene "
-                            f"PCC {result.validation['gene_pcc']:+.3f}); it is now the active model")
+        self.status.setText(f"saved {result.checkpoint} ({_how(result, checkpoint.card)}); "
+                            "it is now the active model")
+
+
+def _how(result: Any, card: dict[str, Any]) -> str:
+    """Which epoch was kept, and why."""
+    if not result.validation:
+        return f"epoch {result.best_epoch}, every spot trained, no validation"
+    how = "refit on every spot to epoch" if "refit" in card else "best epoch"
+    return f"{how} {result.best_epoch}, val gene PCC {result.validation['gene_pcc']:+.3f}"
 
 
 def _table_row(r: dict[str, Any]) -> str:
-    """One epoch of the live table; a refit epoch (every spot trains) has no validation."""
-    refit = r.get("refit")
-    val = ("refit", "–") if refit else (f"{r['val_mse']:.4f}", f"{r['val_gene_pcc']:+.3f}")
+    """One epoch of the live table; when every spot trains (a refit) there is no validation."""
+    if r.get("refit"):
+        val = ("refit", "–")
+    elif r.get("val_mse") is None:
+        val = ("–", "–")
+    else:
+        val = (f"{r['val_mse']:.4f}", f"{r['val_gene_pcc']:+.3f}")
     return (f"<tr><td>{r['epoch']}</td><td>{r['train_loss']:.4f}</td><td>{val[0]}</td>"
             f"<td>{val[1]}</td><td>{'★' if r.get('best') else ''}</td></tr>")
