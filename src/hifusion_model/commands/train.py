@@ -44,7 +44,9 @@ augmentation and dropout (same start and split), for runs that `hifusion soup` c
 With refit (recipe hifusion; --set refit=false turns it off) the validated run is written to
 MODEL.selection.pt, then MODEL.pt is retrained on every spot (validation spots and --val
 sections included) for the same schedule, up to the epoch the selection run chose; its card
-keeps the selection run's validation.
+keeps the selection run's validation. --set val_fraction=0 (without --val) holds nothing out:
+one run trains every spot for the whole schedule and keeps the last epoch (half the time of a
+refit; the card then has no validation metrics).
 
 --set KEY=VALUE changes any other recipe field (repeatable), e.g. --set ema_decay=0.98
 (validate and save a moving average of the weights), --set shift_um=16 (move the spot
