@@ -483,7 +483,8 @@ def test_refit_resumes_in_either_stage(section: Path, tmp_path: Path, refit_run)
         _train(section, out, resume=True)
 
 
-def test_no_validation_trains_every_spot_to_the_end(section: Path, tmp_path: Path) -> None:
+def test_no_validation_trains_every_spot_to_the_end(section: Path, tmp_path: Path,
+                                                    full_run) -> None:
     """``val_fraction=0``: one run on every spot, the last epoch kept, even with refit on."""
     epochs: list[dict] = []
     out = tmp_path / "m.pt"
@@ -499,6 +500,15 @@ def test_no_validation_trains_every_spot_to_the_end(section: Path, tmp_path: Pat
     assert "every spot trains, no validation" in format_epoch(epochs[-1])
     assert re.search(r"^Validation +none: every spot trains for the whole schedule",
                      format_card(load_checkpoint(out), 0), re.M)
+    # the same weights as a refit of a selection run told to go to the end of the schedule
+    selection = tmp_path / "refit" / "m.selection.pt"
+    selection.parent.mkdir()
+    payload = torch.load(full_run[0].checkpoint, weights_only=True)
+    payload["card"]["epoch"] = 2
+    torch.save(payload, selection)
+    refit = load_checkpoint(_train(section, selection.parent / "m.pt", resume=True).checkpoint)
+    for k, v in load_checkpoint(out).state_dict.items():
+        torch.testing.assert_close(refit.state_dict[k], v, atol=1e-6, rtol=0, msg=k)
 
 
 def test_resume_refits_a_finished_plain_run(section: Path, tmp_path: Path, full_run) -> None:
