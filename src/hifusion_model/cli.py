@@ -21,6 +21,7 @@ COMMANDS = {
     "pretrain": "pretrain",
     "train": "train",
     "predict": "predict",
+    "pseudolabel": "pseudolabel",
     "evaluate": "evaluate",
     "soup": "soup",
     "info": "info",

@@ -133,6 +133,11 @@ def _in_polygon(xy: np.ndarray, polygon: np.ndarray) -> np.ndarray:
     return measure.points_in_poly(xy, polygon)
 
 
+def on_tissue(xy: np.ndarray, slide: Slide) -> np.ndarray:
+    """Which points ``(n, 2)`` (x, y full-resolution px) lie on the slide's tissue mask."""
+    return _on_mask(np.asarray(xy, dtype=np.float64), *tissue_mask(slide))
+
+
 def tissue_mask(slide: Slide, max_px: int = 2048) -> tuple[np.ndarray, float]:
     """Boolean tissue mask of a thumbnail, and its downsample relative to level 0.
 

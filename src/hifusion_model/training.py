@@ -68,6 +68,7 @@ from .io_utils import atomic_path
 from .losses import hifusion_loss
 from .metrics import evaluate_predictions
 from .model import HiFusion, build_model
+from .pseudo_labels import PseudoLabels, read_pseudo_labels
 from .recipes import DEFAULT_RECIPE, TrainConfig, get_recipe
 from .sections import read_section, section_name, section_slide
 
@@ -206,12 +207,22 @@ def spatial_block_split(
 # -- data -------------------------------------------------------------------------------------
 @dataclass
 class _Source:
-    """A section with its slide, its label for metrics and where it came from."""
+    """A section with its slide, its label for metrics and where it came from; pseudo-labelled
+    spots carry their targets (they only ever train)."""
 
     adata: ad.AnnData
     slide: Any
     label: str
     path: str | None
+    pseudo: PseudoLabels | None = None
+
+
+def _unique_label(name: str, sources: list[_Source]) -> str:
+    taken = {s.label for s in sources}
+    label, suffix = name, 2
+    while label in taken:
+        label, suffix = f"{name}#{suffix}", suffix + 1
+    return label
 
 
 def _open_sources(items: Sequence[str | os.PathLike | ad.AnnData], role: str) -> list[_Source]:
@@ -224,15 +235,35 @@ def _open_sources(items: Sequence[str | os.PathLike | ad.AnnData], role: str) ->
                 f"{path or section_name(adata)}: this {role} section has no counts; training needs "
                 "measured expression (import it with `hifusion import`)"
             )
-        label = section_name(adata)
-        taken = {s.label for s in sources}
-        suffix = 2
-        while label in taken:
-            label, suffix = f"{section_name(adata)}#{suffix}", suffix + 1
+        label = _unique_label(section_name(adata), sources)
         sources.append(_Source(adata, section_slide(adata), label, path))
     if not sources:
         raise SectionError(f"no {role} sections given")
     return sources
+
+
+def _pseudo_sources(items: Sequence[str | os.PathLike | PseudoLabels],
+                    taken: list[_Source]) -> list[_Source]:
+    """Pseudo-label files (``hifusion pseudolabel``) as training sources after ``taken``."""
+    sources: list[_Source] = []
+    for item in items:
+        pseudo = item if isinstance(item, PseudoLabels) else read_pseudo_labels(item)
+        label = _unique_label(section_name(pseudo.section), [*taken, *sources])
+        sources.append(_Source(pseudo.section, section_slide(pseudo.section), label,
+                               pseudo.path, pseudo))
+    return sources
+
+
+def _check_pseudo_validation(sources: list[_Source], val_sources: list[_Source] | None,
+                             recipe: TrainConfig) -> None:
+    """Held-out blocks of a section measure nothing once pseudo-labels are in: their teachers
+    were trained on that section, held-out spots included."""
+    if any(s.pseudo for s in sources) and not val_sources and recipe.val_fraction > 0:
+        raise ConfigError(
+            "pseudo-labels come from teachers trained on these sections, so spots held out of "
+            "them would validate nothing; add --set val_fraction=0 (train every spot, keep the "
+            "last epoch) or give --val sections the teachers never saw"
+        )
 
 
 def _check_disjoint(train: list[_Source], val: list[_Source]) -> None:
@@ -333,7 +364,7 @@ def _prepare_data(
         n = s.adata.n_obs
         held = (
             np.zeros(n, bool)
-            if val_sources or not hold_out
+            if val_sources or not hold_out or s.pseudo
             else spatial_block_split(
                 s.adata.obsm["spatial"],
                 fraction=recipe.val_fraction,
@@ -343,9 +374,11 @@ def _prepare_data(
         )
         keep = np.flatnonzero(~held)
         margin = shift_px(recipe, config)
-        spots = SpotDataset(s.adata, s.slide, config, config.genes,  # augmented later, per epoch
-                            margin_px=margin)
-        labels = smooth_targets(s.adata.obsm["spatial"][keep], spots.targets[keep].numpy(),
+        spots = SpotDataset(s.adata, s.slide, config, None if s.pseudo else config.genes,
+                            margin_px=margin)  # augmented later, per epoch
+        every = (s.pseudo.targets_for(config.genes, config.normalization) if s.pseudo
+                 else spots.targets.numpy())
+        labels = smooth_targets(s.adata.obsm["spatial"][keep], every[keep],
                                 recipe.target_smoothing)  # held-out labels never leak in
         train_parts.append(Relabelled(Subset(spots, keep), labels))
         targets.append(labels)
@@ -360,6 +393,7 @@ def _prepare_data(
                 "n_spots": n,
                 "n_train": len(keep),
                 "n_val": int(held.sum()),
+                **({"pseudo_labels_from": s.pseudo.teachers} if s.pseudo else {}),
             }
         )
     for s in val_sources or []:
@@ -1109,6 +1143,7 @@ class _Session:
 
         Without validation (``val_fraction`` 0, no ``--val``) there is no epoch to choose and
         nothing held out to refit on: one run trains every spot to the end of the schedule."""
+        _check_pseudo_validation(self.train_sources, self.val_sources, recipe)
         refit = recipe.refit and (bool(self.val_sources) or recipe.val_fraction > 0)
         target = companion_paths(self.out)["selection"] if refit else self.out
         data = _prepare_data(self.train_sources, self.val_sources, config, recipe)
@@ -1195,6 +1230,7 @@ def train(
     model_config: ModelConfig | None = None,
     genes: int | Sequence[str] | None = None,
     val_sections: Sequence[str | os.PathLike | ad.AnnData] | None = None,
+    pseudo_labels: Sequence[str | os.PathLike | PseudoLabels] | None = None,
     init: str | os.PathLike | None = None,
     spot_encoder_init: str | os.PathLike | None = None,
     region_encoder_init: str | os.PathLike | None = None,
@@ -1215,7 +1251,10 @@ def train(
     random weights; ``region_encoder_init`` the region encoder from a ResNet-10 state dict
     (``hifusion pretrain --encoder region``). With ``recipe.refit`` the validated run goes to
     ``OUT.selection.pt`` and ``out`` is then retrained on every spot (``val_sections``
-    included) up to the epoch that run chose. ``resume`` continues from the resume state of
+    included) up to the epoch that run chose. ``pseudo_labels`` (files from ``hifusion
+    pseudolabel``) add spots between the measured ones, trained on their teachers' predictions;
+    they never validate and do not choose the genes, and need ``val_fraction`` 0 or
+    ``val_sections``. ``resume`` continues from the resume state of
     whichever stage was stopped, with the recipe and model configuration stored there. Raises
     :class:`Cancelled` when ``should_stop()`` turns true, after writing a loadable model and the
     resume state.
@@ -1235,7 +1274,8 @@ def train(
             "encoder is used, and a resumed run continues with the weights it started from"
         )
     with distributed(str(device)) as info:
-        train_sources = _open_sources(sections, "training")
+        measured = _open_sources(sections, "training")
+        train_sources = [*measured, *_pseudo_sources(pseudo_labels or [], measured)]
         val_sources = _open_sources(val_sections, "validation") if val_sections else None
         _check_disjoint(train_sources, val_sources or [])
         session = _Session(
@@ -1250,7 +1290,7 @@ def train(
         init_ckpt = _load_init(init)
         if isinstance(genes, int):
             recipe = recipe.replace(n_genes=genes)
-        config = _model_config(recipe, genes, model_config, train_sources, init_ckpt)
+        config = _model_config(recipe, genes, model_config, measured, init_ckpt)
         return session.start(config, recipe, init_ckpt)
 
 

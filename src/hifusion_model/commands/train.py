@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ sections included) for the same schedule, up to the epoch the selection run chos
 keeps the selection run's validation. --set val_fraction=0 (without --val) holds nothing out:
 one run trains every spot for the whole schedule and keeps the last epoch (half the time of a
 refit; the card then has no validation metrics).
+
+--pseudo PSEUDO.h5ad adds spots between the measured ones, labelled by teacher models (hifusion
+pseudolabel SECTION.h5ad --model T1.pt T2.pt T3.pt --out PSEUDO.h5ad): self-training on tissue
+no spot covers. Their teachers saw every spot of the section, so give --set val_fraction=0
+(or --val sections they never saw); pseudo-labels never validate nor choose the genes.
 
 --set KEY=VALUE changes any other recipe field (repeatable), e.g. --set ema_decay=0.98
 (validate and save a moving average of the weights), --set shift_um=16 (move the spot
@@ -88,6 +94,14 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         type=Path,
         metavar="SECTION.h5ad",
         help="validation sections (default: spatial blocks of the training sections)",
+    )
+    p.add_argument(
+        "--pseudo",
+        nargs="+",
+        type=Path,
+        metavar="PSEUDO.h5ad",
+        help="also train on these pseudo-labelled spots (from hifusion pseudolabel); needs "
+        "--set val_fraction=0 or --val",
     )
     p.add_argument("--init", metavar="MODEL.pt|bundled", help="fine-tune from this checkpoint")
     p.add_argument(
@@ -172,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
             model_config=load_model_config(args.model_config) if args.model_config else None,
             genes=_genes(args.genes),
             val_sections=args.val,
+            pseudo_labels=args.pseudo,
             init=args.init,
             spot_encoder_init=args.spot_encoder_init,
             region_encoder_init=args.region_encoder_init,
@@ -192,12 +207,16 @@ def run(args: argparse.Namespace) -> int:
         return 130
     finally:
         reporter.close()
-    if result.validation:  # only rank 0 reports under torchrun
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
+    if result.validation:
         v = result.validation
         print(
             f"best epoch {result.best_epoch}: validation MSE {v['mse']:.4f} (constant mean "
             f"{v['baseline']['mse']:.4f}), gene PCC {v['gene_pcc']:.3f}, "
             f"spot PCC {v['spot_pcc']:.3f}"
         )
-        print(f"model: {result.checkpoint}\ncurves: {result.curves_path}")
+    else:
+        print(f"epoch {result.best_epoch}: every spot trained, no validation")
+    print(f"model: {result.checkpoint}\ncurves: {result.curves_path}")
     return 0

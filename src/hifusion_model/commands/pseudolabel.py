@@ -1,0 +1,71 @@
+"""``hifusion pseudolabel SECTION.h5ad --model T.pt [T.pt …] --out PSEUDO.h5ad``: label the gaps.
+
+The teachers (models trained on the section, e.g. three seeds with ``--set val_fraction=0``)
+predict the tissue between its spots; ``hifusion train SECTION.h5ad --pseudo PSEUDO.h5ad --set
+val_fraction=0`` then trains a student on the measured spots and these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import load_model
+from ..devices import resolve_device
+from ..errors import ConfigError
+from ..inference import MAX_TTA, check_tta, write_predictions
+from ..pseudo_labels import pseudo_label
+from ..sections import read_section, section_slide
+from ._options import add_device_options
+from .train import Reporter
+
+
+def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        name,
+        help="predict the tissue between a section's spots with trained models (pseudo-labels)",
+        description="Place spots in the gaps of a section's spot array, on tissue, and write "
+        "the mean prediction of the given models there: extra training spots for `hifusion "
+        "train --pseudo`.",
+    )
+    p.add_argument("section", type=Path, metavar="SECTION.h5ad",
+                   help="a section with its spots (their counts are not used)")
+    p.add_argument("--model", dest="models", nargs="+", required=True, type=Path,
+                   metavar="MODEL.pt", help="teacher checkpoints, trained on this section")
+    p.add_argument("--out", required=True, type=Path, metavar="PSEUDO.h5ad",
+                   help="the pseudo-label file to write")
+    add_device_options(p, "auto: bf16 on GPUs and on CPUs with native bf16, else fp32 "
+                       "(default)", precision_default="auto")
+    p.add_argument("--batch-size", type=int, default=32, help="spots per batch (default: 32)")
+    p.add_argument("--workers", type=int, default=4, help="patch-reading threads (default: 4)")
+    p.add_argument("--tta", type=int, default=1, metavar="N",
+                   help=f"average N test-time views per spot and teacher (1 to {MAX_TTA})")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out.suffix != ".h5ad":
+        raise ConfigError(f"{args.out}: the pseudo-label file must end in .h5ad")
+    if args.batch_size < 1 or args.workers < 0:
+        raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
+    check_tta(args.tta)
+    device = resolve_device(args.device)
+    section = read_section(args.section)
+    slide = section_slide(section)
+    teachers = [load_model(m, device=device) for m in args.models]
+    reporter = Reporter(unit="spot")
+    start = time.perf_counter()
+    try:
+        pseudo = pseudo_label(section, slide, teachers, sources=args.models,
+                              progress=reporter.progress, device=device,
+                              precision=args.precision, batch_size=args.batch_size,
+                              workers=args.workers, tta=args.tta)
+    finally:
+        reporter.close()
+    write_predictions(pseudo, args.out)
+    print(f"wrote {args.out}: {pseudo.n_obs} spots between the {section.n_obs} of "
+          f"{args.section.name}, the mean of {len(teachers)} model(s) "
+          f"({time.perf_counter() - start:.0f} s)")
+    return 0
