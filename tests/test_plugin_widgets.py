@@ -224,6 +224,34 @@ def test_training_without_validation_keeps_the_last_epoch(app, qtbot, tmp_path) 
     assert "epoch 2, every spot trained, no validation" in panel.status.text()
 
 
+def test_training_with_pseudo_labels(app, qtbot, tmp_path, section_path, model_path,
+                                     errors) -> None:
+    from hifusion_model.checkpoint import load_checkpoint
+    from hifusion_model.cli import main
+    from napari_hifusion._widgets._train import NO_VALIDATION
+
+    viewer, widget = app
+    panel = widget.train
+    panel.architecture.setCurrentIndex(1)  # tiny
+    panel.epochs.setValue(1)
+    panel.n_genes.setValue(4)
+    panel.batch_size.setValue(16)
+    panel.out.setText(str(tmp_path / "student.pt"))
+    panel.pseudo.setText(str(tmp_path / "missing.h5ad"))
+    assert panel.train() is None and "pseudo-labels" in errors[-1] and "not found" in errors[-1]
+    pseudo = tmp_path / "gaps.h5ad"
+    assert main(["pseudolabel", str(section_path), "--model", str(model_path), "--out",
+                 str(pseudo), "--device", "cpu", "--workers", "0"]) == 0
+    panel.pseudo.setText(str(pseudo))
+    assert panel.train() is None and "choose validation 'none'" in errors[-1]
+    panel.validation.setCurrentText(NO_VALIDATION)
+    assert panel.train() is not None
+    wait_done(qtbot, panel.jobs)
+    measured, gaps = load_checkpoint(tmp_path / "student.pt").card["sections"]
+    assert gaps["pseudo_labels_from"] == [str(model_path)] and gaps["n_train"] > 0
+    assert measured["n_val"] == 0 and len(errors) == 2
+
+
 def test_cancel_stops_a_prediction(app, qtbot, model_path, monkeypatch) -> None:
     viewer, widget = app
     infos: list[str] = []

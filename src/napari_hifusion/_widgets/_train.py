@@ -2,7 +2,7 @@
 
 Training sections are the measured points layers (spots as they are now, with their counts) on
 their slides. Validation is either a spatially blocked split of the training spots or one open
-section held out, or none: every spot then trains for all epochs and the last is kept (half the
+section held out, or none: every spot (and any pseudo-labelled one) then trains for all epochs and the last is kept (half the
 time of a refit). The best epoch is saved and becomes the active model; with "refit" ticked the
 model is then retrained on every spot up to that epoch (twice the time, more data). The spot
 and region encoders start from random weights, or from files written by ``hifusion pretrain``.
@@ -68,6 +68,10 @@ class TrainPanel(QWidget):
         self.refit.setToolTip("after validation chooses the epoch, train again on all spots "
                               "(validation spots included) and save that model")
         self.encoders = {name: self._weights_field(name) for name in ENCODERS}
+        self.pseudo = QLineEdit()
+        self.pseudo.setPlaceholderText("none")
+        self.pseudo.setToolTip("spots between the measured ones, labelled by trained models "
+                               "(`hifusion pseudolabel`); choose validation 'none' with them")
         self.out = QLineEdit(str(Path.home() / "hifusion_model.pt"))
         self.table = QLabel("no run yet")
         self.table.setTextFormat(Qt.RichText)
@@ -95,6 +99,7 @@ class TrainPanel(QWidget):
             *((f"{name} encoder", buttons(field, button("…", lambda *_, n=name:
                                                          self._browse_encoder(n))))
               for name, field in self.encoders.items()),
+            ("pseudo-labels", buttons(self.pseudo, button("…", self._browse_pseudo))),
             ("save to", buttons(self.out, button("…", self._browse))),
             buttons(button("Train", self.train), self.cancel_button),
             self.curve, self.table, self.status,
@@ -147,6 +152,22 @@ class TrainPanel(QWidget):
         if path:
             field.setText(path)
 
+    def _browse_pseudo(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Pseudo-labels", self.pseudo.text(),
+                                              "Pseudo-labels (*.h5ad)")
+        if path:
+            self.pseudo.setText(path)
+
+    def pseudo_labels(self) -> list[Path]:
+        """The chosen pseudo-label file (``train``'s ``pseudo_labels``), or none."""
+        if not (text := self.pseudo.text().strip()):
+            return []
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise SectionError(f"pseudo-labels {path} not found; choose the file `hifusion "
+                               "pseudolabel --out` wrote, or clear the field")
+        return [path]
+
     def encoder_weights(self) -> dict[str, Path]:
         """The chosen weights of each encoder (``train``'s ``*_encoder_init``); none: random."""
         chosen = {}
@@ -191,12 +212,17 @@ class TrainPanel(QWidget):
         n_genes = int(self.n_genes.value())
         template = self.model_config(["placeholder"])
         encoders = self.encoder_weights()
+        pseudo = self.pseudo_labels()
+        if pseudo and held_out == SPATIAL_SPLIT:
+            raise ConfigError("pseudo-labels come from models trained on these sections, so "
+                              "held-out blocks would validate nothing: choose validation "
+                              "'none', or a section those models never saw")
 
         def job(ctx: JobContext) -> Any:
             from hifusion_model.checkpoint import load_checkpoint
 
             result = train(sections, out, recipe=recipe, model_config=template, genes=n_genes,
-                           val_sections=val, **encoders, device="auto",
+                           val_sections=val, pseudo_labels=pseudo, **encoders, device="auto",
                            command=["napari-hifusion", "Train panel"],
                            progress=ctx.progress, should_stop=ctx.should_stop, on_epoch=ctx.emit)
             return result, load_checkpoint(result.checkpoint)
