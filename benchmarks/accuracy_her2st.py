@@ -56,6 +56,7 @@ from hifusion_model.pretraining import PretrainConfig, describe, encoder_patch, 
 from hifusion_model.protocols import (
     Predictor,
     fit_network,
+    fit_student,
     gene_panel,
     import_sections,
     predict_and_score,
@@ -131,6 +132,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-batch-size", type=int, default=PretrainConfig.batch_size,
                    help="pairs of views per pretraining step (default: %(default)s); the views "
                    "are half the encoder's patch, at most 112 px")
+    p.add_argument("--teachers", type=int, default=0, metavar="K",
+                   help="self-training for a and c: K runs (seeds 0..K-1) label the gaps between "
+                   "the training spots, then the scored model learns from both without "
+                   "validation (default: 0, off)")
     p.add_argument("--n-genes", type=int, default=250, help="genes predicted (default: 250)")
     p.add_argument("--out", type=Path, default=Path("accuracy_her2st.json"),
                    help="results JSON, merged into when it exists (default: %(default)s)")
@@ -175,9 +180,12 @@ def fit_variant(
     if variant in NETWORKS:
         config = spot_only_config(template) if variant == "c" else template
         starts = {f"{e}_encoder_init": p for e, p in used_encoders(variant, inits).items()}
-        return fit_network(train, genes, out / "model.pt", recipe=recipe, model_config=config,
-                           device=args.device, workers=args.workers, on_epoch=_epoch_line,
-                           **starts)
+        options = dict(model_config=config, device=args.device, workers=args.workers,
+                       on_epoch=_epoch_line, **starts)
+        if args.teachers and variant != "b":
+            return fit_student(train, genes, out / "model.pt", recipe=recipe,
+                               teachers=args.teachers, **options)
+        return fit_network(train, genes, out / "model.pt", recipe=recipe, **options)
     if variant == "d":
         return fit_ridge(train, genes, template.replace(genes=genes), recipe=recipe)
     return fit_constant(train, genes, normalization=template.normalization, recipe=recipe)
@@ -313,6 +321,15 @@ def _tenths(what: str) -> Callable[[int, int, str], None]:
     return report
 
 
+def _selection(variant: str, recipe: TrainConfig, teachers: int) -> str:
+    if variant in NETWORKS and teachers and variant != "b":
+        return (f"none: a student of {teachers} teachers (each chosen on spatial blocks of the "
+                "training sections), trained on every spot and the gaps they labelled")
+    return "spatial blocks of the training sections: " + (
+        f"the epoch of the best validation {recipe.select_on}" if variant in NETWORKS else
+        "ridge alpha" if variant == "d" else "none")
+
+
 def _epoch_line(r: dict[str, Any]) -> None:
     _log("  " + format_epoch(r))
 
@@ -342,9 +359,7 @@ def run_experiment(name: str, files: dict, template: ModelConfig, args: argparse
             "description": VARIANTS[v],
             "recipe": recipe.to_dict() if v in NETWORKS else None,
             "epochs": recipe.epochs if v in NETWORKS else None,
-            "selection": "spatial blocks of the training sections: "
-            + (f"the epoch of the best validation {recipe.select_on}" if v in NETWORKS else
-               "ridge alpha" if v == "d" else "none"),
+            "selection": _selection(v, recipe, args.teachers),
             "info": predictor.info,
             "pretraining": used_encoders(v, pretraining),
             "seconds": {"fit": fitted - start, "predict": done - fitted, "total": done - start},

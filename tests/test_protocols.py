@@ -279,6 +279,23 @@ def test_accuracy_script_runs_in_pieces_and_merges(her2st_dir, work, tiny_json, 
     assert script.main(["--variants", "e", *common]) == 2
 
 
+def test_accuracy_script_self_trains_a_student(her2st_dir, work, tiny_json, tmp_path):
+    script, out = load_benchmark("accuracy_her2st"), tmp_path / "acc.json"
+    argv = ["--experiments", "3d-C", "--her2st", str(her2st_dir), "--work", str(tmp_path / "w"),
+            "--model-config", str(tiny_json), "--max-spots", str(N_SPOTS), "--out", str(out),
+            "--n-genes", "8", "--device", "cpu", "--workers", "0", "--epochs", "1",
+            "--batch-size", "8", "--variants", "c", "--teachers", "2", "--set", "refit=false"]
+    assert script.main(argv) == 0
+    record = json.loads(out.read_text())["experiments"]["3d-C"]["variants"]["c"]
+    assert record["selection"].startswith("none: a student of 2 teachers")
+    info = record["info"]
+    assert [t["best_epoch"] for t in info["teachers"]] == [1, 1] and info["pseudo_spots"][0] > 0
+    card = load_checkpoint(info["checkpoint"]).card
+    measured, gaps = card["sections"]
+    assert measured["n_val"] == 0 and gaps["n_train"] == info["pseudo_spots"][0]
+    assert gaps["pseudo_labels_from"] == [t["checkpoint"] for t in info["teachers"]]
+
+
 @pytest.fixture(scope="module")
 def pretrained_runs(her2st_dir, work, tiny_json, tmp_path_factory) -> dict:
     """The accuracy script run for c, then for a, both pretraining their encoders first."""

@@ -36,7 +36,8 @@ from .config import ModelConfig
 from .errors import ConfigError, SectionError
 from .expression import select_top_genes
 from .importers import import_her2st
-from .inference import predict_section
+from .inference import predict_section, write_predictions
+from .pseudo_labels import pseudo_label, read_pseudo_labels
 from .metrics import MARKER_GENES, evaluate_predictions, gene_pcc
 from .recipes import TrainConfig
 from .sections import read_section, section_slide, write_section
@@ -356,13 +357,14 @@ def fit_network(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    pseudo_labels: Sequence[str | os.PathLike] | None = None,
 ) -> NetworkPredictor:
     """Train with :func:`~.training.train` (validation: spatial blocks) and load the best epoch."""
     result = train(
         list(train_sections), out, recipe=recipe, model_config=model_config, genes=list(genes),
         spot_encoder_init=spot_encoder_init, region_encoder_init=region_encoder_init,
         device=device, workers=workers, progress=progress,
-        should_stop=should_stop, on_epoch=on_epoch,
+        should_stop=should_stop, on_epoch=on_epoch, pseudo_labels=pseudo_labels,
     )
     model, ckpt = load_model(result.checkpoint, device="cpu")
     v = result.validation
@@ -380,6 +382,39 @@ def fit_network(
         },
     }
     return NetworkPredictor(model, ckpt, device, recipe.precision, workers, info)
+
+
+def fit_student(
+    train_sections: Sequence[ad.AnnData],
+    genes: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    recipe: TrainConfig,
+    teachers: int,
+    **options: Any,
+) -> NetworkPredictor:
+    """Self-training: ``teachers`` runs of ``recipe`` (seeds 0, 1, …) label the gaps between
+    the training spots (:mod:`~.pseudo_labels`), then a student learns from the measured and
+    the pseudo-labelled spots, without validation (its teachers saw every spot). ``options``
+    go to :func:`fit_network` for every run."""
+    out = Path(out)
+    taught = [fit_network(train_sections, genes, out.parent / f"teacher{k}" / out.name,
+                          recipe=recipe.replace(seed=k), **options) for k in range(teachers)]
+    labels = []
+    for i, section in enumerate(train_sections):
+        slide = section_slide(section)
+        try:
+            pseudo = pseudo_label(section, slide, [(t.model, t.checkpoint) for t in taught],
+                                  device=options.get("device", "auto"),
+                                  precision=recipe.precision)
+        finally:
+            slide.close()
+        labels.append(write_predictions(pseudo, out.parent / "pseudo" / f"{i}.h5ad"))
+    student = fit_network(train_sections, genes, out, recipe=recipe.replace(val_fraction=0.0),
+                          pseudo_labels=labels, **options)
+    student.info["teachers"] = [t.info for t in taught]
+    student.info["pseudo_spots"] = [read_pseudo_labels(p).section.n_obs for p in labels]
+    return student
 
 
 # -- scoring ----------------------------------------------------------------------------------
@@ -490,6 +525,7 @@ __all__ = [
     "Predictor",
     "cut_spots",
     "fit_network",
+    "fit_student",
     "gene_panel",
     "import_sections",
     "plan_2d",
