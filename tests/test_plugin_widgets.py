@@ -202,19 +202,23 @@ def test_training_writes_a_loadable_active_checkpoint(app, qtbot, tmp_path) -> N
     assert widget.genes.gene_list.count() == 4
 
 
+def tiny_training(panel, out: Path, epochs: int):
+    """The Train panel set for a few-second run of the tiny network on 4 genes."""
+    panel.architecture.setCurrentIndex(1)
+    panel.epochs.setValue(epochs)
+    panel.n_genes.setValue(4)
+    panel.batch_size.setValue(16)
+    panel.out.setText(str(out))
+    return panel
+
+
 def test_training_without_validation_keeps_the_last_epoch(app, qtbot, tmp_path) -> None:
     from hifusion_model.checkpoint import load_checkpoint
     from napari_hifusion._widgets._train import NO_VALIDATION
 
-    viewer, widget = app
-    panel = widget.train
-    panel.architecture.setCurrentIndex(1)  # tiny
-    panel.epochs.setValue(2)
-    panel.n_genes.setValue(4)
-    panel.batch_size.setValue(16)
+    panel = tiny_training(app[1].train, tmp_path / "all_spots.pt", epochs=2)
     panel.refit.setChecked(True)  # nothing held out: nothing to refit
     panel.validation.setCurrentText(NO_VALIDATION)
-    panel.out.setText(str(tmp_path / "all_spots.pt"))
     assert panel.train() is not None
     wait_done(qtbot, panel.jobs)
     card = load_checkpoint(tmp_path / "all_spots.pt").card
@@ -230,13 +234,7 @@ def test_training_with_pseudo_labels(app, qtbot, tmp_path, section_path, model_p
     from hifusion_model.cli import main
     from napari_hifusion._widgets._train import NO_VALIDATION
 
-    viewer, widget = app
-    panel = widget.train
-    panel.architecture.setCurrentIndex(1)  # tiny
-    panel.epochs.setValue(1)
-    panel.n_genes.setValue(4)
-    panel.batch_size.setValue(16)
-    panel.out.setText(str(tmp_path / "student.pt"))
+    panel = tiny_training(app[1].train, tmp_path / "student.pt", epochs=1)
     panel.pseudo.setText(str(tmp_path / "missing.h5ad"))
     assert panel.train() is None and "pseudo-labels" in errors[-1] and "not found" in errors[-1]
     pseudo = tmp_path / "gaps.h5ad"

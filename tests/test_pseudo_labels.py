@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from scipy.spatial import Delaunay, cKDTree
+from test_training import her2st_crop, tiny_recipe
 
 from hifusion_model.checkpoint import load_checkpoint, load_model
 from hifusion_model.cli import main
@@ -24,7 +24,6 @@ from hifusion_model.pseudo_labels import (
 from hifusion_model.sections import read_section, section_slide
 from hifusion_model.training import train
 from napari_hifusion._testing import tiny_checkpoint
-from test_training import her2st_crop, tiny_recipe
 
 N_GENES = 12
 
@@ -109,7 +108,7 @@ def test_teachers_must_agree_and_files_must_be_pseudo_labels(work: dict, tmp_pat
     teachers = [load_model(work["teachers"][0]), load_model(other)]
     with pytest.raises(SectionError, match="teachers must agree"):
         pseudo_label(section, slide, teachers, device="cpu")
-    model, ckpt = teachers[0]
+    ckpt = teachers[0][1]
     plain = predictions_to_anndata(section, np.zeros((section.n_obs, N_GENES)), ckpt)
     write_predictions(plain, tmp_path / "plain.pred.h5ad")
     with pytest.raises(SectionError, match="not a pseudo-label file"):

@@ -37,8 +37,8 @@ from .errors import ConfigError, SectionError
 from .expression import select_top_genes
 from .importers import import_her2st
 from .inference import predict_section, write_predictions
-from .pseudo_labels import pseudo_label, read_pseudo_labels
 from .metrics import MARKER_GENES, evaluate_predictions, gene_pcc
+from .pseudo_labels import pseudo_label, read_pseudo_labels
 from .recipes import TrainConfig
 from .sections import read_section, section_slide, write_section
 from .training import train

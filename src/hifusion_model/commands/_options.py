@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..inference import MAX_TTA, check_tta
 from ..recipes import DEFAULT_RECIPE, PRECISIONS, RECIPES, TrainConfig, get_recipe
 
 DEVICE_HELP = "auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps"
@@ -102,3 +103,23 @@ def command_line(name: str) -> list[str] | None:
     if name not in argv[1:]:
         return None
     return ["hifusion", *argv[argv.index(name):]]
+
+
+def add_inference_options(p: argparse.ArgumentParser) -> None:
+    """Device, precision, batch size, reading threads and test-time views of a prediction."""
+    add_device_options(p, "auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (default)",
+                       precision_default="auto")
+    p.add_argument("--batch-size", type=int, default=32, help="spots per batch (default: 32)")
+    p.add_argument("--workers", type=int, default=4, help="patch-reading threads (default: 4)")
+    p.add_argument("--tta", type=int, default=1, metavar="N",
+                   help=f"average N test-time views per spot (flips and quarter turns, 1 to "
+                   f"{MAX_TTA}; N times the time; default: 1)")
+
+
+def check_inference_options(args: argparse.Namespace, what: str) -> None:
+    """``--out`` must be an .h5ad (``what`` it holds); batch size, workers and views in range."""
+    if args.out.suffix != ".h5ad":
+        raise ConfigError(f"{args.out}: the {what} file must end in .h5ad")
+    if args.batch_size < 1 or args.workers < 0:
+        raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
+    check_tta(args.tta)

@@ -20,9 +20,7 @@ from ..devices import autocast_dtype, resolve_device
 from ..errors import ConfigError, SectionError
 from ..importers import import_csv
 from ..inference import (
-    MAX_TTA,
     check_section_genes,
-    check_tta,
     grid_section,
     predict_section,
     predictions_to_anndata,
@@ -30,7 +28,7 @@ from ..inference import (
 )
 from ..sections import read_section, section_slide
 from ..slide import Slide
-from ._options import add_device_options
+from ._options import add_inference_options, check_inference_options
 
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
@@ -78,15 +76,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         metavar="UM_PER_PX",
         help="µm per full-resolution pixel (overrides the section's or the slide's)",
     )
-    add_device_options(
-        p, "auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (default)",
-        precision_default="auto",
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="spots per batch (default: 32)")
-    p.add_argument("--workers", type=int, default=4, help="patch-reading threads (default: 4)")
-    p.add_argument("--tta", type=int, default=1, metavar="N",
-                   help=f"average N test-time views per spot (flips and quarter turns, 1 to "
-                   f"{MAX_TTA}; N times the time; default: 1)")
+    add_inference_options(p)
     return p
 
 
@@ -131,11 +121,7 @@ def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.out.suffix != ".h5ad":
-        raise ConfigError(f"{args.out}: the prediction file must end in .h5ad")
-    if args.batch_size < 1 or args.workers < 0:
-        raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
-    check_tta(args.tta)
+    check_inference_options(args, "prediction")
     device = resolve_device(args.device)
     section, slide = load_input(args)
     model, ckpt = load_model(args.model, device)

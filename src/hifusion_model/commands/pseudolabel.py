@@ -14,11 +14,10 @@ from typing import Any
 
 from ..checkpoint import load_model
 from ..devices import resolve_device
-from ..errors import ConfigError
-from ..inference import MAX_TTA, check_tta, write_predictions
+from ..inference import write_predictions
 from ..pseudo_labels import pseudo_label
 from ..sections import read_section, section_slide
-from ._options import add_device_options
+from ._options import add_inference_options, check_inference_options
 from .train import Reporter
 
 
@@ -36,21 +35,12 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
                    metavar="MODEL.pt", help="teacher checkpoints, trained on this section")
     p.add_argument("--out", required=True, type=Path, metavar="PSEUDO.h5ad",
                    help="the pseudo-label file to write")
-    add_device_options(p, "auto: bf16 on GPUs and on CPUs with native bf16, else fp32 "
-                       "(default)", precision_default="auto")
-    p.add_argument("--batch-size", type=int, default=32, help="spots per batch (default: 32)")
-    p.add_argument("--workers", type=int, default=4, help="patch-reading threads (default: 4)")
-    p.add_argument("--tta", type=int, default=1, metavar="N",
-                   help=f"average N test-time views per spot and teacher (1 to {MAX_TTA})")
+    add_inference_options(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.out.suffix != ".h5ad":
-        raise ConfigError(f"{args.out}: the pseudo-label file must end in .h5ad")
-    if args.batch_size < 1 or args.workers < 0:
-        raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
-    check_tta(args.tta)
+    check_inference_options(args, "pseudo-label")
     device = resolve_device(args.device)
     section = read_section(args.section)
     slide = section_slide(section)
