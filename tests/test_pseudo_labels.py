@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,11 @@ def test_cli_pseudolabel_then_train_a_student(work: dict, capsys: pytest.Capture
     assert measured["n_train"] == 40 and gaps["n_train"] == n_gaps and gaps["n_val"] == 0
     assert gaps["pseudo_labels_from"] == [str(t) for t in work["teachers"]]
     assert card["data"] == ["B4", "B4 pseudo"]
+    assert main(["info", str(student)]) == 0
+    shown = capsys.readouterr().out
+    assert re.search(rf"^Pseudo-labels +{n_gaps} spots of B4 pseudo, labelled by "
+                     rf"{re.escape(str(work['teachers'][0]))}, ", shown, re.M)
+    assert re.search("^Validation +none: every spot trains for the whole schedule", shown, re.M)
 
 
 def test_a_resumed_student_needs_its_pseudo_labels(work: dict, tmp_path: Path) -> None:

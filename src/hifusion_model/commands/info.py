@@ -144,6 +144,12 @@ def _encoder_lines(card: dict[str, Any]) -> list[tuple[str, str]]:
             for encoder in ENCODERS if (path := card.get(f"{encoder}_encoder_init"))]
 
 
+def _pseudo_lines(sections: list[dict[str, Any]] | None) -> list[tuple[str, str]]:
+    return [("Pseudo-labels", f"{s.get('n_train', '?')} spots of {s.get('name', '?')}, labelled by "
+                              + ", ".join(map(str, s["pseudo_labels_from"])))
+            for s in sections or [] if isinstance(s, dict) and s.get("pseudo_labels_from")]
+
+
 def _soup_lines(soup: list[dict[str, Any]] | None) -> list[tuple[str, str]]:
     if not soup:
         return []
@@ -173,6 +179,7 @@ def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
                     f"width {c.width}, {c.heads} heads"),
         ("Trained on", _as_text(card.get("data"))),
         *_encoder_lines(card),
+        *_pseudo_lines(card.get("sections")),
         ("Command", _as_text(card.get("command"))),
         ("Date", _as_text(card.get("date"))),
         *_refit_lines(card.get("refit"), card.get("command")),
