@@ -38,7 +38,7 @@ from .expression import select_top_genes
 from .importers import import_her2st
 from .inference import predict_section, write_predictions
 from .metrics import MARKER_GENES, evaluate_predictions, gene_pcc
-from .pseudo_labels import pseudo_label, read_pseudo_labels
+from .pseudo_labels import pseudo_label
 from .recipes import TrainConfig
 from .sections import read_section, section_slide, write_section
 from .training import train
@@ -400,7 +400,7 @@ def fit_student(
     out = Path(out)
     taught = [fit_network(train_sections, genes, out.parent / f"teacher{k}" / out.name,
                           recipe=recipe.replace(seed=k), **options) for k in range(teachers)]
-    labels = []
+    labels, counts = [], []
     for i, section in enumerate(train_sections):
         slide = section_slide(section)
         try:
@@ -410,10 +410,11 @@ def fit_student(
         finally:
             slide.close()
         labels.append(write_predictions(pseudo, out.parent / "pseudo" / f"{i}.h5ad"))
+        counts.append(pseudo.n_obs)
     student = fit_network(train_sections, genes, out, recipe=recipe.replace(val_fraction=0.0),
                           pseudo_labels=labels, **options)
     student.info["teachers"] = [t.info for t in taught]
-    student.info["pseudo_spots"] = [read_pseudo_labels(p).section.n_obs for p in labels]
+    student.info["pseudo_spots"] = counts
     return student
 
 
