@@ -40,9 +40,9 @@ from hifusion_model.protocols import (
     import_sections,
     plan_protocol,
     predict_and_score,
-    run_protocol,
     scan_her2st,
 )
+from hifusion_model.protocol_runs import markdown_summary, run_cells, summarize
 from hifusion_model.recipes import get_recipe
 from hifusion_model.sections import new_section
 
@@ -90,6 +90,48 @@ def test_2d_plan_keeps_the_folds_with_imaged_sections(tmp_path):
     ]
     assert [s.split(":")[0] for s in plan.skipped] == ["fold {A,E}", "fold {D,H}"]
     assert "trains on 3 of the 25 sections" in plan.notes[0]
+
+
+def test_loso_plan_tests_every_imaged_section_once(tmp_path):
+    plan = plan_protocol("loso", scan_her2st(fake_her2st(tmp_path)))
+    assert [(f.name, f.train, f.test) for f in plan.folds] == [
+        ("B4", ("C2", "C3", "C4"), ("B4",)),
+        ("C2", ("B4", "C3", "C4"), ("C2",)),
+        ("C3", ("B4", "C2", "C4"), ("C3",)),
+        ("C4", ("B4", "C2", "C3"), ("C4",)),
+    ]
+    text = plan.describe()
+    assert "fold B4: no other section of patient B trains" in text
+    assert "fold C2" not in text.split("note")[1]  # patient C trains in C's folds
+    assert "A1 (no image)" in text
+
+
+def _cell(variant, fold, seed, gene_pcc, mse):
+    metrics = {"gene_pcc": gene_pcc, "mse": mse, "skill": 1 - mse, "spot_pcc": 0.8,
+               "genes": {"ERBB2": gene_pcc + 0.1}}
+    return {"variant": variant, "fold": fold, "seed": seed, "description": variant,
+            "metrics": metrics, "seconds": {"fit": 1.0, "predict": 0.5}}
+
+
+def test_summary_gives_the_mean_and_the_spreads_over_folds_and_seeds():
+    runs = [_cell("net", f, s, g, 0.3) for f, s, g in
+            (("B4", 0, 0.1), ("B4", 1, 0.2), ("C2", 0, 0.3), ("C2", 1, 0.6), ("C3", 0, 0.5))]
+    results = {"folds": [{"name": n} for n in ("B4", "C2", "C3")], "runs": runs}
+    net = summarize(results)["net"]
+    assert net["folds"]["B4"]["gene_pcc"] == pytest.approx(0.15)
+    assert net["folds"]["C2"]["gene_pcc"] == pytest.approx(0.45)
+    m = net["metrics"]["gene_pcc"]
+    assert m["mean"] == pytest.approx((0.15 + 0.45 + 0.5) / 3)
+    assert m["sd_folds"] == pytest.approx(np.std([0.15, 0.45, 0.5], ddof=1))
+    # only seed 0 ran on every fold: no seed spread yet
+    assert net["complete_seeds"] == [0] and m["sd_seeds"] is None
+    runs.append(_cell("net", "C3", 1, 0.7, 0.3))
+    m = summarize(results)["net"]["metrics"]["gene_pcc"]
+    assert m["sd_seeds"] == pytest.approx(np.std([0.3, 0.5], ddof=1))
+    assert summarize(results)["net"]["metrics"]["ERBB2"]["mean"] == pytest.approx(m["mean"] + 0.1)
+    table = markdown_summary(results)
+    assert "| net | 0,1 | 0.400 ± 0.229 [0.141] |" in table
+    assert "| net | gene PCC | 0.150 | 0.450 | 0.600 |" in table
 
 
 def test_plans_refuse_folders_they_cannot_run(tmp_path):
@@ -190,11 +232,11 @@ def tiny_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_3d_protocol_runs_end_to_end(her2st_dir: Path, sections: dict, tmp_path: Path):
     plan = plan_protocol("3d", scan_her2st(her2st_dir))
     recipe = tiny_recipe()
-    result = run_protocol(plan, sections, tmp_path, recipe=recipe, model_config=tiny_config(1),
-                          device="cpu", workers=0)
-    (fold,) = result["results"]
-    assert fold["train"] == ["C2"] and fold["n_genes"] == 250
-    per_section = fold["metrics"]["per_section"]
+    result = run_cells(plan, sections, tmp_path, variants=["hifusion"], seeds=[0],
+                       recipe=recipe, model_config=tiny_config(1), device="cpu", workers=0)
+    (cell,) = result["runs"]
+    assert cell["train"] == ["C2"] and len(result["fold_genes"]["patient C"]) == 250
+    per_section = cell["metrics"]["per_section"]
     assert set(per_section) == {"C3", "C4"}
     for m in per_section.values():
         assert m["n_spots"] == N_SPOTS
@@ -202,7 +244,7 @@ def test_3d_protocol_runs_end_to_end(her2st_dir: Path, sections: dict, tmp_path:
         assert set(m["genes"]) == {"ERBB2", "KRT19", "CD74"}
         assert m["baseline"]["gene_pcc"] == 0.0
     # the baselines' validation blocks are the very spots the engine held out
-    card = load_checkpoint(fold["training"]["checkpoint"]).card
+    card = load_checkpoint(cell["info"]["checkpoint"]).card
     held = validation_masks([sections["C2"]], recipe)[0]
     assert card["sections"][0]["n_val"] == held.sum() > 0
 
@@ -248,10 +290,39 @@ def test_cli_benchmark_her2st_quick_run(her2st_dir, work, tiny_json, tmp_path, c
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "run   patient C: train C2 -> test C3, C4" in printed
-    assert "skip  patient B" in printed and "constant (train mean)" in printed
+    assert "skip  patient B" in printed and "| HiFusion, our recipe | 0 |" in printed
     result = json.loads(out.read_text())
-    assert set(result["results"][0]["metrics"]["per_section"]) == {"C3", "C4"}
-    assert result["max_spots"] == N_SPOTS and result["skipped"]
+    (cell,) = result["runs"]
+    assert set(cell["metrics"]["per_section"]) == {"C3", "C4"} and cell["seed"] == 0
+    assert result["settings"]["max_spots"] == N_SPOTS and result["skipped"]
+    assert result["summary"]["hifusion"]["metrics"]["gene_pcc"]["n_folds"] == 1
+
+
+def test_cli_loso_runs_in_pieces_and_keeps_the_cells_it_has(
+    her2st_dir, tiny_json, tmp_path, capsys
+):
+    out = tmp_path / "loso.json"
+    argv = ["benchmark", "her2st", str(her2st_dir), "--epochs", "1", "--batch-size", "8",
+            "--model-config", str(tiny_json), "--work", str(tmp_path / "work"), "--max-spots",
+            "12", "--workers", "0", "--device", "cpu", "--json", str(out)]
+    assert main([*argv, "--variants", "constant", "--seeds", "0,1"]) == 0
+    first = json.loads(out.read_text())
+    assert [(r["fold"], r["seed"]) for r in first["runs"]] == [
+        (f, s) for f in IMAGED for s in (0, 1)]
+    assert main([*argv, "--variants", "constant,ridge", "--seeds", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "run   B4: train C2, C3, C4 -> test B4" in printed
+    result = json.loads(out.read_text())
+    assert result["runs"][:8] == first["runs"]  # kept, not run again
+    assert [r["variant"] for r in result["runs"][8:]] == ["ridge"] * 4
+    summary = result["summary"]
+    assert summary["constant"]["metrics"]["gene_pcc"] == {
+        "mean": 0.0, "sd_folds": 0.0, "sd_seeds": 0.0, "n_folds": 4}
+    assert summary["ridge"]["metrics"]["mse"]["n_folds"] == 4
+    # other settings are refused, not mixed in
+    assert main([*argv, "--variants", "constant", "--set", "lr=0.1"]) == 2
+    assert "holds runs with another settings" in capsys.readouterr().err
+    assert json.loads(out.read_text())["runs"] == result["runs"]
 
 
 def test_cli_benchmark_help_says_what_runs(capsys):

@@ -3,6 +3,9 @@
 * **3-D** (per patient): train on the patient's first section, test on its other sections.
 * **2-D** (cross-patient): four folds by patient pairs ``{A,E}, {B,F}, {C,G}, {D,H}``; train on
   the six other patients, test on the pair.
+* **LOSO** (ours, the project's yardstick): leave each usable section out in turn, train on all
+  the others, test once on the one left out. Every section is tested exactly once, and a fold
+  whose patient has no other usable section is a test on a new patient.
 
 A protocol needs H&E images, and a HER2ST folder may hold counts for every section but images for
 a few (``../shared/data/her2st``: B4, C2, C3, C4 only). :func:`plan_protocol` keeps every fold
@@ -20,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +48,7 @@ from .training import train
 Progress = Callable[[int, int, str], None]
 Log = Callable[[str], None]
 
-PROTOCOLS = ("3d", "2d")
+PROTOCOLS = ("loso", "3d", "2d")
 #: The paper's 2-D folds: each pair of patients is tested once, the other six train.
 PATIENT_PAIRS = (("A", "E"), ("B", "F"), ("C", "G"), ("D", "H"))
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -230,11 +232,36 @@ def plan_2d(files: Mapping[str, Her2stFiles]) -> Plan:
     return Plan("2d", paper, tuple(folds), tuple(notes), tuple(skipped))
 
 
+def plan_loso(files: Mapping[str, Her2stFiles]) -> Plan:
+    """One fold per usable section: test on it, train on every other usable section."""
+    usable = [f for f in files.values() if f.usable]
+    unusable = [f for f in files.values() if not f.usable]
+    folds, notes, skipped = [], [], []
+    if len(usable) < 2:
+        skipped.append(f"{len(usable)} usable section(s); leaving one out needs at least two")
+    else:
+        for left in usable:
+            rest = [f for f in usable if f is not left]
+            folds.append(Fold(left.name, tuple(_names(rest)), (left.name,)))
+            if not any(f.patient == left.patient for f in rest):
+                notes.append(f"fold {left.name}: no other section of patient {left.patient} "
+                             "trains, so this fold tests on a new patient")
+    if unusable:
+        notes.append(f"not used ({len(unusable)} sections): {_missing(unusable)}")
+    paper = ("leave one section out: each usable section is tested once by a model trained on "
+             "all the others (validation from the training sections only)")
+    return Plan("loso", paper, tuple(folds), tuple(notes), tuple(skipped))
+
+
+PLANS = {"loso": plan_loso, "3d": plan_3d, "2d": plan_2d}
+
+
 def plan_protocol(protocol: str, files: Mapping[str, Her2stFiles]) -> Plan:
-    """:func:`plan_3d` or :func:`plan_2d`; a ConfigError when no fold can run."""
+    """:func:`plan_loso`, :func:`plan_3d` or :func:`plan_2d`; a ConfigError when no fold can
+    run."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    plan = (plan_3d if protocol == "3d" else plan_2d)(files)
+    plan = PLANS[protocol](files)
     if not plan.folds:
         raise ConfigError(
             f"the {protocol} protocol cannot run on these sections: "
@@ -463,59 +490,6 @@ def predict_and_score(
                  normalization=normalization)
 
 
-# -- a whole protocol -------------------------------------------------------------------------
-
-
-def run_protocol(
-    plan: Plan,
-    sections: Mapping[str, ad.AnnData],
-    work: str | os.PathLike,
-    *,
-    recipe: TrainConfig,
-    model_config: ModelConfig | None = None,
-    device: str = "auto",
-    workers: int = 2,
-    log: Log | None = None,
-    progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Train and test every fold of ``plan``; models go to ``WORK/<protocol>/<fold>/model.pt``."""
-    normalization = (model_config or ModelConfig(genes=["-"])).normalization
-    folds = []
-    for fold in plan.folds:
-        start = time.perf_counter()
-        train_sections = [sections[n] for n in fold.train]
-        test = {n: sections[n] for n in fold.test}
-        genes = gene_panel(train_sections, list(test.values()), recipe.n_genes)
-        out = Path(work) / plan.protocol / _slug(fold.name) / "model.pt"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if log:
-            log(f"{fold.name}: training on {', '.join(fold.train)} ({len(genes)} genes) -> {out}")
-        predictor = fit_network(
-            train_sections, genes, out, recipe=recipe, model_config=model_config, device=device,
-            workers=workers, progress=progress, should_stop=should_stop, on_epoch=on_epoch,
-        )
-        trained = time.perf_counter()
-        if log:
-            log(f"{fold.name}: predicting {', '.join(fold.test)}")
-        metrics = predict_and_score(predictor, test, normalization=normalization)
-        folds.append({
-            "fold": fold.name,
-            "train": list(fold.train),
-            "test": list(fold.test),
-            "n_genes": len(genes),
-            "training": predictor.info,
-            "seconds": {"train": trained - start, "test": time.perf_counter() - trained},
-            "metrics": metrics,
-        })
-    return {**plan.to_dict(), "recipe": recipe.to_dict(), "results": folds}
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-
-
 __all__ = [
     "PATIENT_PAIRS",
     "PROTOCOLS",
@@ -531,9 +505,9 @@ __all__ = [
     "import_sections",
     "plan_2d",
     "plan_3d",
+    "plan_loso",
     "plan_protocol",
     "predict_and_score",
-    "run_protocol",
     "scan_her2st",
     "score",
 ]

@@ -1,49 +1,69 @@
-"""``hifusion benchmark her2st DIR --protocol 3d|2d``: the paper's protocols on a HER2ST folder.
+"""``hifusion benchmark her2st DIR --protocol loso|3d|2d``: accuracy on sections never seen.
 
-Imports the sections (cached as ``.h5ad`` in the work folder), trains one model per fold with
-validation on spatial blocks of the training sections only, predicts the test sections and
-prints their metrics beside the constant training mean.
+Imports the sections (cached as ``.h5ad`` in the work folder), then for every fold, model
+variant and seed trains on the fold's training sections (validation on spatial blocks of those
+sections only), predicts the test sections once and scores them beside the constant training
+mean. With ``--json`` every finished cell is saved at once and a rerun continues where it
+stopped (:mod:`~hifusion_model.protocol_runs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..io_utils import atomic_path
-from ..protocols import PROTOCOLS, import_sections, plan_protocol, run_protocol, scan_her2st
+from ..protocol_runs import (
+    VARIANTS,
+    load_results,
+    markdown_summary,
+    parse_seeds,
+    parse_variants,
+    run_cells,
+    save_results,
+)
+from ..protocols import PROTOCOLS, import_sections, plan_protocol, scan_her2st
 from ..training import format_epoch
 from ._options import add_command, add_device_options, add_recipe_options, recipe_from_args
-from .evaluate import format_table
 from .train import load_model_config
 
 EPILOG = """\
-protocols (as in the HiFusion paper; models are selected on spatial blocks of the training
-sections, never on the test sections as the released scripts do):
-  3d   per patient: train on the first section, test on the patient's other sections
-  2d   4 folds by patient pairs {A,E}, {B,F}, {C,G}, {D,H}: train on the six other patients,
-       test on the pair
+protocols (models are selected on spatial blocks of the training sections, never on the test
+sections as the released scripts do):
+  loso leave one section out (default, the project's yardstick): each usable section is tested
+       once by a model trained on all the other usable sections
+  3d   the paper's per-patient protocol: train on the first section, test on the others
+  2d   the paper's 4 folds by patient pairs {A,E}, {B,F}, {C,G}, {D,H}: train on the six other
+       patients, test on the pair
 
 Only sections with counts, a spot table AND an H&E image can be used. In ../shared/data/her2st
 only B4, C2, C3 and C4 have images, so:
-  3d   runs patient C: train C2 -> test C3, C4 (the paper trains on C1, which has no image
-       here; C5 and C6 are absent). Skipped: patient B (B4 is its only imaged section, a
-       train/test split needs two) and patients A, D, E, F, G, H (no images).
-  2d   runs fold {B,F}: train C2, C3, C4 -> test B4, and fold {C,G}: train B4 -> test C2, C3,
-       C4 (the paper trains on all sections of six patients). Skipped: folds {A,E} and {D,H}
-       (no imaged section of those patients).
+  loso runs 4 folds: B4 (trained on C2, C3, C4: a new patient), C2, C3 and C4 (each trained on
+       the other three)
+  3d   runs patient C: train C2 -> test C3, C4 (the paper's C1 has no image here)
+  2d   runs fold {B,F}: train C2, C3, C4 -> test B4, and fold {C,G}: train B4 -> test C2-C4
 The exact plan for DIR (what runs, what is changed or skipped, and why) is printed first and
 stored in --json.
 
+variants (--variants, comma-separated; every variant of a fold predicts the same genes):
+""" + "".join(f"  {k:<14} {v.description}\n" for k, v in VARIANTS.items()) + """\
+  "hifusion" and "spot_resnet18" train with --recipe (and --set); "released" is the paper's
+  recipe as-is; the ridge and the constant draw their validation split from each seed.
+
+Each seed sets the initial weights, the validation split and the data order. The summary gives
+per variant the mean over folds ± its SD over folds [SD over seeds]; a difference smaller than
+the SD over seeds is no difference. Costs on a 2-core CPU are large (a HiFusion fold trains
+~650 spots: about an hour); run it in pieces with --variants and --json, e.g.
+  hifusion benchmark her2st DIR --variants ridge,constant --json loso.json --work loso
+  hifusion benchmark her2st DIR --variants hifusion --seeds 0,1 --json loso.json --work loso
+
 metrics per test section: MSE, MAE, per-spot PCC (across genes; a constant already scores
-~0.8 here), per-gene PCC (across spots; a constant scores 0), and the PCC of ERBB2, KRT19 and
-CD74, each beside the constant training mean.
+~0.8 here), per-gene PCC (across spots; a constant scores 0), skill = 1 - MSE / MSE(constant)
+and the PCC of ERBB2, KRT19 and CD74.
 """
 
 
@@ -57,13 +77,18 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     datasets.required = True
     h = add_command(
         datasets, "her2st",
-        help="HER2ST: 3-D (per patient) or 2-D (cross-patient) protocol",
-        description="Train and test HiFusion on a HER2ST folder (counts/, spots/, images/) "
-        "following the paper's 3-D or 2-D protocol, as far as its images allow.",
+        help="HER2ST: leave one section out, or the paper's 3-D / 2-D protocols",
+        description="Train and test models on a HER2ST folder (counts/, spots/, images/) by "
+        "leaving one section out, or by the paper's 3-D or 2-D protocol, as far as its images "
+        "allow.",
         epilog=EPILOG,
     )
     h.add_argument("folder", type=Path, metavar="DIR", help="HER2ST folder")
-    h.add_argument("--protocol", choices=PROTOCOLS, default="3d", help="default: 3d")
+    h.add_argument("--protocol", choices=PROTOCOLS, default="loso", help="default: loso")
+    h.add_argument("--variants", type=parse_variants, metavar="A,B",
+                   help="models to compare (default: all five for loso, hifusion otherwise)")
+    h.add_argument("--seeds", type=parse_seeds, metavar="0,1",
+                   help="seeds of every variant (default: 0,1 for loso, the recipe's otherwise)")
     h.add_argument(
         "--work",
         type=Path,
@@ -74,7 +99,9 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     add_recipe_options(h)
     add_device_options(h, "autocast precision (default: the recipe's)")
     h.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
-    h.add_argument("--json", type=Path, metavar="OUT.json", help="write every number here")
+    h.add_argument("--json", type=Path, metavar="OUT.json",
+                   help="write every number here, after each cell; when it exists, its cells "
+                   "are kept and only the missing ones run (same options required)")
     h.add_argument(
         "--max-spots",
         type=int,
@@ -103,38 +130,32 @@ def _epoch_line(r: dict[str, Any]) -> None:
     _log("  " + format_epoch(r))
 
 
-def report(result: dict[str, Any]) -> str:
-    """One table per fold: every test section, model beside the constant training mean."""
-    blocks = []
-    for fold in result["results"]:
-        t = fold["training"]
-        blocks.append(
-            f"\n{fold['fold']}: trained on {', '.join(fold['train'])} ({fold['n_genes']} genes, "
-            f"recipe {t['recipe']}, best epoch {t['best_epoch']}/{t['epochs']}, "
-            f"{fold['seconds']['train']:.0f} s), tested on {', '.join(fold['test'])}\n"
-            + format_table(fold["metrics"])
-        )
-    return "".join(blocks)
-
-
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args, epochs=args.epochs, batch_size=args.batch_size,
                               precision=args.precision)
     model_config = load_model_config(args.model_config) if args.model_config else None
+    loso = args.protocol == "loso"
+    variants = args.variants or (list(VARIANTS) if loso else ["hifusion"])
+    seeds = args.seeds or ([0, 1] if loso else [recipe.seed])
     files = scan_her2st(args.folder)
     plan = plan_protocol(args.protocol, files)
     print(plan.describe(), flush=True)
+    # precision is the machine's choice (bf16 on one, fp32 on another): each cell records its own
+    settings = {"recipe": recipe.replace(seed=0, precision="auto").to_dict(),
+                "max_spots": args.max_spots,
+                "model_config": model_config.to_dict() if model_config else None}
+    results = load_results(args.json, plan, settings)
     with _work_folder(args.work) as work:
         names = [n for fold in plan.folds for n in (*fold.train, *fold.test)]
         sections = import_sections(files, names, work, max_spots=args.max_spots, log=_log)
-        result = run_protocol(
-            plan, sections, work, recipe=recipe, model_config=model_config, device=args.device,
+        results = run_cells(
+            plan, sections, work, variants=variants, seeds=seeds, recipe=recipe,
+            model_config=model_config, results=results,
+            save=lambda r: save_results(args.json, r), device=args.device,
             workers=args.workers, log=_log, on_epoch=_epoch_line,
         )
-    result["max_spots"] = args.max_spots
-    print(report(result))
+    save_results(args.json, results)
+    print(markdown_summary(results))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=1))
         print(f"results: {args.json}")
     return 0
