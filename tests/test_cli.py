@@ -151,7 +151,10 @@ def test_predict_on_a_bare_slide_with_a_grid(
     assert "no measured truth" in err
 
     (tmp_path / "spots.csv").write_text("id,x,y\na,250,250\nb,300,200\n")
-    assert predict_on_slide("--spots", str(tmp_path / "spots.csv")) == 0
+    assert "already exists; add --overwrite" in _error_line(
+        capsys, ["predict", str(slide), "--spots", str(tmp_path / "spots.csv"), "--mpp", "2",
+                 "--model", str(tiny_model), "--out", str(pred)])
+    assert predict_on_slide("--spots", str(tmp_path / "spots.csv"), "--overwrite") == 0
     adata = ad.read_h5ad(pred)
     assert list(adata.obs_names) == ["a", "b"] and adata.obsm["spatial"].tolist() == [
         [250, 250],
@@ -211,7 +214,7 @@ def test_user_errors_are_one_line(
     assert "unknown training recipe keys: ['ema']" in _error_line(
         capsys, [*train_out, "--set", "ema=0.9"]
     )
-    assert "ema_decay must be in [0, 1)" in _error_line(
+    assert "ema_decay must be a number in [0, 1)" in _error_line(
         capsys, [*train_out, "--set", "ema_decay=1.5"]
     )
     assert not (tmp_path / "m.pt").exists()

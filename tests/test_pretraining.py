@@ -195,5 +195,5 @@ def test_cli_pretrain_writes_weights_and_a_record(section: Path, tmp_path: Path,
     assert record["steps"] == 2 and record["settings"]["crop_px"] == 16
     assert record["encoder"] == "spot"
     assert "encoder weights" in capsys.readouterr().out
-    assert main([*args, "--batch-size", "1000"]) == 2
+    assert main([*args, "--batch-size", "1000", "--overwrite"]) == 2
     assert "fewer than one batch" in capsys.readouterr().err

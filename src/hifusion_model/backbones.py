@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import safe_load
 from .errors import CheckpointError
 
 #: Blocks per stage.
@@ -217,13 +218,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """Load a tensor-only state dict, unwrapping ``{"state_dict": ...}`` / ``{"model": ...}``."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file; check the path")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and "unsafe global" errors all mean the same to a user
-        raise CheckpointError(
-            f"{path}: not a loadable PyTorch weights file ({type(e).__name__}: {e}); "
-            "save it with torch.save(model.state_dict(), path)"
-        ) from e
+    obj = safe_load(path, "weights file", "save it with torch.save(model.state_dict(), path)")
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]

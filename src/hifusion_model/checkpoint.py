@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from . import __version__
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
-from .io_utils import atomic_path
+from .io_utils import atomic_path, check_space
 
 if TYPE_CHECKING:
     from .model import HiFusion
@@ -114,13 +114,16 @@ def save_checkpoint(
             f"cannot save {path}: train_mean has {mean.numel()} values but the model predicts "
             f"{config.n_genes} genes"
         )
+    state = {k: _stored(k, v, half) for k, v in model.state_dict().items()}
+    check_finite(path, {**state, "train_mean": mean}, saving=True)
     payload = {
         "format": FORMAT,
         "config": config.to_dict(),
-        "state_dict": {k: _stored(k, v, half) for k, v in model.state_dict().items()},
+        "state_dict": state,
         "train_mean": mean,
         "card": _plain_card(card),
     }
+    check_space(path, sum(v.nbytes for v in state.values()) + 1_000_000)
     try:
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
@@ -138,9 +141,37 @@ def _sniff(head: bytes) -> str | None:
         return "an empty file"
     if head.lstrip()[:1] in (b"{", b"["):
         return "a JSON file"
-    if head[:1] == b"\x80":
-        return "a plain Python pickle (not written by torch.save)"
+    if head[:1] == b"\x80":  # a plain pickle, or a legacy (pre-1.6) torch.save: torch decides
+        return None
     return "not a PyTorch file"
+
+
+def safe_load(path: str | os.PathLike, what: str = "checkpoint", hint: str = "") -> Any:
+    """``torch.load(weights_only=True)`` on CPU: code stored in the file never runs.
+
+    Every failure is a :class:`CheckpointError` naming ``path``. PyTorch's own text is never
+    passed on: it advises ``weights_only=False``, i.e. running an untrusted pickle. ``hint``
+    ends the message for a corrupt file (what to do instead).
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        culprit = re.search(r"GLOBAL (\S+)", str(e))
+        raise CheckpointError(
+            f"refused {path}: it is not a safe {what}, it holds Python objects other than "
+            "tensors and plain values" + (f" ({culprit.group(1)})" if culprit else "")
+            + " whose loading could run arbitrary code; use a file written by napari-hifusion "
+            "(or torch.save of a state dict)"
+        ) from e
+    except Exception as e:  # torch raises RuntimeError, EOFError, ValueError ... on bad bytes
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in detail or "pickle" in detail.lower():
+            detail = type(e).__name__
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({detail}), not a readable {what}"
+            + (f"; {hint}" if hint else "")
+        ) from e
 
 
 def _read(path: Path) -> Any:
@@ -155,21 +186,7 @@ def _read(path: Path) -> Any:
             f"{path} is {kind}; expected a napari-hifusion checkpoint (.pt) written by "
             "'hifusion train'"
         )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        culprit = re.search(r"GLOBAL (\S+)", str(e))
-        raise CheckpointError(
-            f"refused to load {path}: it holds Python objects other than tensors and plain values"
-            + (f" ({culprit.group(1)})" if culprit else "")
-            + ", and unpickling them could run arbitrary code; napari-hifusion checkpoints "
-            "never do"
-        ) from e
-    except Exception as e:  # torch raises RuntimeError, EOFError, ValueError ... on bad bytes
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f"{path} is truncated or corrupt ({detail}); re-download or re-save it"
-        ) from e
+    return safe_load(path, "checkpoint", "re-download or re-save it")
 
 
 def _check_format(path: Path, obj: Any) -> None:
@@ -215,6 +232,7 @@ def _parse(path: Path, obj: dict[str, Any]) -> Checkpoint:
         )
     if not isinstance(obj["card"], dict):
         raise CheckpointError(f"{path}: the model card must be a dict")
+    check_finite(path, {**state, "train_mean": mean})
     dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()}
     return Checkpoint(
         path=path,
@@ -224,6 +242,23 @@ def _parse(path: Path, obj: dict[str, Any]) -> Checkpoint:
         card=obj["card"],
         stored_dtype="/".join(sorted(dtypes)) or "float32",
     )
+
+
+def check_finite(path: str | os.PathLike, tensors: dict[str, Tensor], saving: bool = False) -> None:
+    """Refuse NaN or infinite weights: such a model predicts garbage (all NaN) without a word."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad and saving:
+        raise CheckpointError(
+            f"cannot save {path}: {len(bad)} weight tensor(s) hold NaN or infinite values (e.g. "
+            f"{bad[0]}), the training diverged; lower the learning rate (--lr) or add --set "
+            "grad_clip=1"
+        )
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values (e.g. {bad[0]}); "
+            "the training that wrote it diverged or the file is damaged: retrain (with a lower "
+            "--lr) or use another checkpoint"
+        )
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -285,6 +320,7 @@ __all__ = [
     "Checkpoint",
     "save_checkpoint",
     "load_checkpoint",
+    "safe_load",
     "load_model",
     "bundled_model_path",
 ]

@@ -30,3 +30,7 @@ class SectionError(HiFusionError):
 
 class Cancelled(HiFusionError):
     """Raised inside long jobs when the caller's cancel callback asks to stop."""
+
+
+class OutputError(HiFusionError):
+    """An output that would replace an input or an existing file, or that cannot be written."""

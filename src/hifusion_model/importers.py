@@ -103,6 +103,32 @@ def _require_columns(
         )
 
 
+def _numeric_columns(
+    table: pd.DataFrame, columns: Sequence[str], path: str | os.PathLike, *, whole: bool = False
+) -> np.ndarray:
+    """The columns as an (n, k) float array; a :class:`SectionError` names the first column that
+    holds a missing, non-numeric or infinite value (or, with ``whole``, a fraction)."""
+    values = []
+    for c in columns:
+        v = pd.to_numeric(table[c], errors="coerce").to_numpy(float)
+        bad = ~np.isfinite(v)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise SectionError(
+                f"{path}: column {c} holds {int(bad.sum())} missing, non-numeric or infinite "
+                f"value(s) (e.g. {table[c].iloc[i]!r} in data row {i + 1}); fix or remove "
+                "those rows"
+            )
+        if whole and not np.array_equal(v, np.round(v)):
+            i = int(np.flatnonzero(v != np.round(v))[0])
+            raise SectionError(
+                f"{path}: column {c} must hold whole numbers (array coordinates), got "
+                f"{table[c].iloc[i]!r} in data row {i + 1}"
+            )
+        values.append(v)
+    return np.column_stack(values) if values else np.zeros((len(table), 0))
+
+
 def _check_unique(ids: pd.Index | Sequence[str], path: str | os.PathLike, what: str) -> None:
     ids = pd.Index(ids)
     if not ids.is_unique:
@@ -182,9 +208,7 @@ def st_mpp_from_geometry(spots: pd.DataFrame) -> tuple[float, float]:
 
 
 def _st_spot_ids(spots: pd.DataFrame, path: Path) -> pd.Index:
-    xy = spots[["x", "y"]].to_numpy(float)
-    if not np.array_equal(xy, np.round(xy)):
-        raise SectionError(f"{path}: columns x and y must be integer array coordinates")
+    xy = _numeric_columns(spots, ["x", "y"], path, whole=True)
     return pd.Index([f"{int(x)}x{int(y)}" for x, y in xy], dtype=object)
 
 
@@ -205,10 +229,22 @@ def import_her2st(
     _require_columns(table, ["x", "y", "pixel_x", "pixel_y"], spots_path, "spot table")
     if "selected" in table:
         table = table[table["selected"] == 1]
+    if table.empty:
+        raise SectionError(
+            f"{spots_path}: the spot table holds no (selected) spots; pass the spot table of a "
+            "section with spots"
+        )
     table.index = _st_spot_ids(table, spots_path)
+    geometry_columns = [c for c in ("new_x", "new_y") if c in table.columns]
+    _numeric_columns(table, ["pixel_x", "pixel_y", *geometry_columns], spots_path)
     _check_unique(table.index, spots_path, "spot table")
 
     matrix = _read_table(counts_path, "count matrix", sep="\t", index_col=0)
+    if matrix.shape[0] == 0 or matrix.shape[1] == 0:
+        raise SectionError(
+            f"{counts_path}: the count matrix is empty ({matrix.shape[0]} spots × "
+            f"{matrix.shape[1]} genes); expected one row per spot and one column per gene"
+        )
     if not all(pd.api.types.is_numeric_dtype(t) for t in matrix.dtypes):
         raise SectionError(
             f"{counts_path}: the count matrix holds non-numeric values; "
@@ -560,12 +596,12 @@ def import_csv(
             "pxl_col_in_fullres,pxl_row_in_fullres or "
             f"x_um,y_um (has {', '.join(map(str, table.columns[:10]))})"
         )
-    xy = table[list(cols)].apply(pd.to_numeric, errors="coerce").to_numpy(float)
-    if not np.isfinite(xy).all():
-        raise SectionError(
-            f"{path}: {int((~np.isfinite(xy)).any(axis=1).sum())} rows have missing or "
-            "non-numeric coordinates"
-        )
+    if table.empty:
+        raise SectionError(f"{path}: the spot CSV holds no spots (only a header); add one row "
+                           "per spot")
+    xy = _numeric_columns(table, cols, path)
+    grid = {c: _numeric_columns(table, [c], path, whole=True)[:, 0].astype(np.int64)
+            for c in ("array_row", "array_col") if c in table}
     id_col = next((c for c in ("id", "barcode") if c in table.columns), None)
     ids = pd.Index(
         table[id_col].astype(str) if id_col else [f"spot_{i:05d}" for i in range(len(table))]
@@ -588,7 +624,7 @@ def import_csv(
         source="csv",
         label=path,
         obs_names=ids,
-        array_row=table["array_row"].astype(int) if "array_row" in table else None,
-        array_col=table["array_col"].astype(int) if "array_col" in table else None,
+        array_row=grid.get("array_row"),
+        array_col=grid.get("array_col"),
         extra={"mpp_source": origin},
     )

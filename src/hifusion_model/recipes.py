@@ -44,8 +44,9 @@ of any checkpoint can be read back from its card and rerun.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import LEVEL_NORMS
 from .errors import ConfigError
@@ -105,6 +106,7 @@ class TrainConfig(JsonDataclass):
     pretrained_lr: float = 1.0  # lr multiplier of encoders that start from trained weights
 
     def __post_init__(self) -> None:
+        check_types(self)  # before anything compares or converts a value
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         self.validate()
 
@@ -116,62 +118,128 @@ class TrainConfig(JsonDataclass):
         return self.seed if self.data_seed is None else self.data_seed
 
     def validate(self) -> None:
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 2:
-            problems.append(f"batch_size must be >= 2 (batch norm needs it), got {self.batch_size}")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            problems.append(
-                f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}"
-            )
+        check_types(self)
+        problems = [p for f in dataclasses.fields(self)
+                    if (p := _limit_problem(f.name, str(f.type), getattr(self, f.name)))]
+        if not problems and not self.min_lr <= self.lr:
+            problems.append(f"need min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.weight_decay < 0 or self.warmup_epochs < 0:
-            problems.append("weight_decay and warmup_epochs must be >= 0")
-        if self.lr_step not in LR_STEPS:
-            problems.append(f"lr_step must be one of {LR_STEPS}, got {self.lr_step!r}")
-        if self.level_norm is not None and self.level_norm not in LEVEL_NORMS:
-            problems.append(f"level_norm must be one of {LEVEL_NORMS}, got {self.level_norm!r}")
-        if self.align_weight is not None and self.align_weight < 0:
-            problems.append(f"align_weight must be >= 0, got {self.align_weight}")
-        if self.head_dropout is not None and not 0 <= self.head_dropout < 1:
-            problems.append(f"head_dropout must be in [0, 1), got {self.head_dropout}")
-        if not 0 <= self.shift_um <= 50:
-            problems.append(f"shift_um must be in [0, 50] µm, got {self.shift_um}")
-        for name in ("color_jitter", "hed_jitter"):
-            if not 0 <= getattr(self, name) <= 0.5:
-                problems.append(f"{name} must be in [0, 0.5], got {getattr(self, name)}")
-        if not 0 <= self.target_smoothing <= 2:
-            problems.append(f"target_smoothing must be in [0, 2] spot pitches, "
-                            f"got {self.target_smoothing}")
-        for f in dataclasses.fields(self):  # --set flips=yes must not read as true
-            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
-                problems.append(f"{f.name} must be true or false, got {getattr(self, f.name)!r}")
-        if self.n_genes < 1:
-            problems.append(f"n_genes must be >= 1, got {self.n_genes}")
-        if not 0 <= self.val_fraction < 1 or self.val_grid < 2:
-            problems.append("val_fraction must be in [0, 1) and val_grid >= 2")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.gene_weights not in GENE_WEIGHTS:
-            problems.append(f"gene_weights must be one of {GENE_WEIGHTS}, got {self.gene_weights!r}")
-        if self.select_on not in SELECT_ON:
-            problems.append(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
-        if not 0 < self.pretrained_lr <= 1:
-            problems.append(f"pretrained_lr must be in (0, 1], got {self.pretrained_lr}")
-        if not 0 <= self.ema_decay < 1:
-            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        for name, value in (("seed", self.seed), ("data_seed", self.data_seed)):
-            whole = isinstance(value, int) and not isinstance(value, bool)
-            if not whole and not (name == "data_seed" and value is None):
-                problems.append(f"{name} must be a whole number, got {value!r}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            problems.append(f"grad_clip must be positive, got {self.grad_clip}")
         if problems:
             raise ConfigError("invalid training recipe: " + "; ".join(problems))
+
+
+class Limit(NamedTuple):
+    """The allowed interval of a numeric recipe field; ``None``: unbounded on that side."""
+
+    low: float | None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def __contains__(self, value: object) -> bool:
+        v = float(value)  # type: ignore[arg-type]
+        return math.isfinite(v) and not (
+            (self.low is not None and (v < self.low or (self.low_open and v == self.low)))
+            or (self.high is not None and (v > self.high or (self.high_open and v == self.high)))
+        )
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.high_open else ']'}")
+
+
+#: The declared range of every numeric field: ``--set`` values and recipe files are checked
+#: against it, and the error names it. Fields not listed take any finite value of their type.
+LIMITS: dict[str, Limit] = {
+    "epochs": Limit(1),
+    "batch_size": Limit(2, note="batch norm needs it"),
+    "lr": Limit(0, low_open=True),
+    "weight_decay": Limit(0),
+    "min_lr": Limit(0),
+    "warmup_epochs": Limit(0),
+    "head_dropout": Limit(0, 1, high_open=True),
+    "align_weight": Limit(0),
+    "color_jitter": Limit(0, 0.5),
+    "hed_jitter": Limit(0, 0.5),
+    "shift_um": Limit(0, 50, note="µm"),
+    "n_genes": Limit(1),
+    "val_fraction": Limit(0, 1, high_open=True),
+    "val_grid": Limit(2),
+    "grad_clip": Limit(0, low_open=True),
+    "ema_decay": Limit(0, 1, high_open=True),
+    "target_smoothing": Limit(0, 2, note="spot pitches"),
+    "pretrained_lr": Limit(0, 1, low_open=True),
+}
+#: The allowed values of the fields that name a choice.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": OPTIMIZERS,
+    "lr_step": LR_STEPS,
+    "level_norm": LEVEL_NORMS,
+    "precision": PRECISIONS,
+    "gene_weights": GENE_WEIGHTS,
+    "select_on": SELECT_ON,
+}
+_KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+
+
+def _fits(kind: str, value: object) -> bool:
+    if kind == "None":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # True is an int to Python, not to a recipe
+        return False
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float))
+    if kind == "str":
+        return isinstance(value, str)
+    if kind.startswith("tuple["):  # tuple[float, float]: a list of numbers from JSON
+        items = [k.strip() for k in kind[6:-1].split(",")]
+        return isinstance(value, (list, tuple)) and len(value) == len(items) and all(
+            _fits(k, v) for k, v in zip(items, value))
+    return True
+
+
+def expected(name: str, annotation: str) -> str:
+    """What a field takes, in words: its type and its declared range or choices."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if name in CHOICES:
+        what = f"one of {CHOICES[name]}"
+    elif kinds[0].startswith("tuple["):
+        what = f"a list of {len(kinds[0].split(','))} numbers"
+    else:
+        what = _KINDS.get(kinds[0], kinds[0])
+        limit = LIMITS.get(name)
+        if limit is not None:
+            what += f" {limit}" + (f" ({limit.note})" if limit.note else "")
+    return what + (" or null" if "None" in kinds else "")
+
+
+def check_types(config: Any) -> None:
+    """Refuse a field whose value has the wrong type (``--set lr=abc``), naming what it takes."""
+    problems = [
+        f"{f.name} must be {expected(f.name, str(f.type))}, got {getattr(config, f.name)!r}"
+        for f in dataclasses.fields(config)
+        if not any(_fits(k.strip(), getattr(config, f.name)) for k in str(f.type).split("|"))
+    ]
+    if problems:
+        raise ConfigError(f"invalid {config._what}: " + "; ".join(problems))
+
+
+def _limit_problem(name: str, annotation: str, value: Any) -> str | None:
+    """The range or choice a value breaks, in words; None when it is allowed."""
+    if value is None:
+        return None
+    if (name in CHOICES and value not in CHOICES[name]) or (
+            name in LIMITS and value not in LIMITS[name]):
+        return f"{name} must be {expected(name, annotation)}, got {value!r}"
+    return None
 
 
 RECIPES: dict[str, TrainConfig] = {

@@ -20,12 +20,16 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import SectionError
-from .io_utils import atomic_path
+from .io_utils import anndata_nbytes, atomic_path, check_space
 from .slide import Slide
 
 #: Key of the section metadata in ``adata.uns``.
 UNS_KEY = "hifusion"
 REQUIRED_KEYS = ("slide", "mpp", "spot_diameter_um", "name", "source")
+#: µm/px a real H&E scan can have: 0.05 (beyond any light microscope) to 20 (a thumbnail). A
+#: value outside is a typo or a unit mix-up that would ruin every patch (or, tiny, allocate
+#: gigabytes); ``check_mpp_plausible(..., allow=True)`` (``--any-mpp``) accepts it.
+MPP_RANGE = (0.05, 20.0)
 
 
 def new_section(
@@ -196,6 +200,7 @@ def write_section(adata: ad.AnnData, path: str | os.PathLike) -> Path:
     out.uns[UNS_KEY] = meta
     if not sp.issparse(out.X) and out.n_vars:
         out.X = sp.csr_matrix(out.X, dtype=np.float32)
+    check_space(path, anndata_nbytes(out))
     with atomic_path(path) as tmp:
         out.write_h5ad(tmp, compression="gzip")
     return path
@@ -212,6 +217,19 @@ def section_mpp(adata: ad.AnnData) -> float:
     meta = adata.uns.get(UNS_KEY, {})
     _check_positive(meta.get("mpp"), "µm/px (mpp)", section_name(adata))
     return float(meta["mpp"])
+
+
+def check_mpp_plausible(mpp: float, source: str | os.PathLike, origin: str = "",
+                        allow: bool = False) -> None:
+    """Refuse a µm/px outside :data:`MPP_RANGE` (unless ``allow``), naming where it came from."""
+    _check_positive(mpp, "µm/px" + (f" from {origin}" if origin else ""), source)
+    low, high = MPP_RANGE
+    if not allow and not low <= float(mpp) <= high:
+        raise SectionError(
+            f"{source}: µm/px {float(mpp):g}" + (f" (from {origin})" if origin else "")
+            + f" is outside the plausible {low:g} to {high:g} µm per pixel of an H&E scan; "
+            "check the value and its unit, or add --any-mpp if it is right"
+        )
 
 
 def section_name(adata: ad.AnnData) -> str:

@@ -58,7 +58,13 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from . import __version__
 from .backbones import load_torchvision_resnet18
-from .checkpoint import Checkpoint, bundled_model_path, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    bundled_model_path,
+    load_checkpoint,
+    safe_load,
+    save_checkpoint,
+)
 from .config import ENCODERS, ModelConfig
 from .dataset import Augment, SpotDataset
 from .devices import autocast, autocast_dtype, resolve_device
@@ -234,6 +240,13 @@ def _open_sources(items: Sequence[str | os.PathLike | ad.AnnData], role: str) ->
             raise SectionError(
                 f"{path or section_name(adata)}: this {role} section has no counts; training needs "
                 "measured expression (import it with `hifusion import`)"
+            )
+        if adata.n_obs == 0 or not adata.X.sum() > 0:
+            what = ("no spots" if adata.n_obs == 0
+                    else f"only zero counts in its {adata.n_obs} spots")
+            raise SectionError(
+                f"{path or section_name(adata)}: this {role} section has {what}, so there is "
+                "nothing to learn from; leave it out or import its counts again"
             )
         label = _unique_label(section_name(adata), sources)
         sources.append(_Source(adata, section_slide(adata), label, path))
@@ -1065,12 +1078,7 @@ def _encoder_trunk(model: nn.Module, encoder: str) -> nn.Module:
 
 
 def _read_resume(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        raise CheckpointError(
-            f"{path} is not a readable resume state ({e}); start without --resume"
-        ) from e
+    state = safe_load(path, "resume state", "start without --resume")
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise CheckpointError(
             f"{path} is not a napari-hifusion resume state; start without --resume"

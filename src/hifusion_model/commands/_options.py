@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from ..inference import MAX_TTA, check_tta
+from ..io_utils import check_output
+from ..sections import MPP_RANGE, check_mpp_plausible
 from ..recipes import DEFAULT_RECIPE, PRECISIONS, RECIPES, TrainConfig, get_recipe
 
 DEVICE_HELP = "auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps"
@@ -123,3 +126,38 @@ def check_inference_options(args: argparse.Namespace, what: str) -> None:
     if args.batch_size < 1 or args.workers < 0:
         raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
     check_tta(args.tta)
+
+
+def add_any_mpp_option(p: argparse.ArgumentParser) -> None:
+    """``--any-mpp``: accept a µm/px outside the plausible range of an H&E scan."""
+    low, high = MPP_RANGE
+    p.add_argument("--any-mpp", action="store_true",
+                   help=f"accept a µm/px outside {low:g}-{high:g} (default: refuse it as a typo)")
+
+
+def check_mpp(args: argparse.Namespace, mpp: float | None, source: Any, origin: str) -> None:
+    """A µm/px entering from ``origin`` must be plausible unless ``--any-mpp``."""
+    if mpp is not None:
+        check_mpp_plausible(mpp, source, origin, allow=getattr(args, "any_mpp", False))
+
+
+def add_overwrite_option(p: argparse.ArgumentParser) -> None:
+    """``--overwrite``: without it an existing output file is never replaced."""
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output file if it exists (default: refuse)")
+
+
+def check_out(args: argparse.Namespace, inputs: Iterable[Any], *, out: Path | None = None,
+              flag: str = "--out", companions: Iterable[Path] = (),
+              existing_ok: bool = False) -> Path:
+    """:func:`~hifusion_model.io_utils.check_output` for a command's output, before any work.
+
+    ``inputs`` may hold paths, lists of paths and ``None``; ``existing_ok`` lets a command that
+    continues its own output (``train --resume``) write over it.
+    """
+    flat: list[Any] = []
+    for item in inputs:
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    return check_output(args.out if out is None else out, flat,
+                        overwrite=existing_ok or getattr(args, "overwrite", False), flag=flag,
+                        companions=companions)

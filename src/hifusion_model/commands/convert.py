@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..slide import COMPRESSIONS, Slide, convert_to_ome_tiff
+from ._options import add_any_mpp_option, add_overwrite_option, check_mpp, check_out
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -22,14 +23,18 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     p.add_argument("out", type=Path, help="the OME-TIFF to write (e.g. slide.ome.tif)")
     p.add_argument("--mpp", type=float, metavar="UM_PER_PX",
                    help="µm per pixel of the source (required when the file does not record it)")
+    add_any_mpp_option(p)
     p.add_argument("--tile", type=int, default=512, metavar="N",
                    help="tile size in px, a multiple of 16 (default: 512)")
     p.add_argument("--compression", choices=COMPRESSIONS, default="jpeg",
                    help="jpeg (quality 90, small) or zlib (lossless); default: jpeg")
+    add_overwrite_option(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out(args, [args.slide], flag="OUT")
+    check_mpp(args, args.mpp, args.slide, "--mpp")
     out = convert_to_ome_tiff(args.slide, args.out, mpp=args.mpp, tile=args.tile,
                               compression=args.compression, progress=_progress_printer())
     with Slide.open(out) as slide:

@@ -12,6 +12,7 @@ from anndata import AnnData
 from ..errors import SectionError
 from ..importers import SpotMismatchWarning, import_csv, import_her2st, import_hest, import_visium
 from ..sections import UNS_KEY, write_section
+from ._options import add_any_mpp_option, add_overwrite_option, check_mpp, check_out
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -71,10 +72,12 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 def _common(parser: argparse.ArgumentParser, mpp_help: str) -> None:
     parser.add_argument("--mpp", type=float, metavar="UM_PER_PX", help=mpp_help)
+    add_any_mpp_option(parser)
     parser.add_argument("--name", help="section name (default: from the input file)")
     parser.add_argument(
         "--out", required=True, type=Path, metavar="SECTION.h5ad", help="section file to write"
     )
+    add_overwrite_option(parser)
 
 
 def _inputs(args: argparse.Namespace) -> list[Path]:
@@ -86,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     if out.suffix != ".h5ad":
         raise SectionError(f"{out}: the section file must end in .h5ad")
-    if any(out.resolve() == p.resolve() for p in _inputs(args)):
-        raise SectionError(f"{out}: --out is one of the inputs; choose another file name")
+    check_out(args, _inputs(args))
+    check_mpp(args, args.mpp, out, "--mpp")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SpotMismatchWarning)
         adata = _import(args)
@@ -96,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"hifusion import: warning: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    meta = adata.uns[UNS_KEY]
+    if adata.n_obs == 0:
+        raise SectionError(f"{out}: the {args.format} input holds no spots, so the section would "
+                           "be empty; check that the files belong to a section with spots")
+    check_mpp(args, meta["mpp"], out, meta.get("mpp_source", ""))
     write_section(adata, out)
     print(_summary(adata, out))
     return 0

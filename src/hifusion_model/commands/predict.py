@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import anndata as ad
+import numpy as np
 
 from ..checkpoint import load_model
 from ..devices import autocast_dtype, resolve_device
-from ..errors import ConfigError, SectionError
+from ..errors import CheckpointError, ConfigError, SectionError
 from ..importers import import_csv
 from ..inference import (
     check_section_genes,
@@ -26,9 +27,17 @@ from ..inference import (
     predictions_to_anndata,
     write_predictions,
 )
+from ..io_utils import anndata_nbytes, check_space
 from ..sections import read_section, section_slide
 from ..slide import Slide
-from ._options import add_inference_options, check_inference_options
+from ._options import (
+    add_any_mpp_option,
+    add_inference_options,
+    add_overwrite_option,
+    check_inference_options,
+    check_mpp,
+    check_out,
+)
 
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
@@ -76,7 +85,9 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         metavar="UM_PER_PX",
         help="µm per full-resolution pixel (overrides the section's or the slide's)",
     )
+    add_any_mpp_option(p)
     add_inference_options(p)
+    add_overwrite_option(p)
     return p
 
 
@@ -102,6 +113,7 @@ def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
         if args.grid or args.spots:
             raise ConfigError(f"{path} is a section: it has its own spots, so drop --grid/--spots")
         section = read_section(path)
+        check_mpp(args, section.uns["hifusion"]["mpp"], path, "the section")
         return section, section_slide(section, mpp_override=args.mpp)
     if args.spots:
         section = import_csv(args.spots, path, mpp=args.mpp)
@@ -112,6 +124,7 @@ def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
         )
     kind, pitch = parse_grid(args.grid)
     slide = Slide.open(path, mpp=args.mpp)
+    check_mpp(args, slide.mpp, path, "the image metadata")
     try:
         return grid_section(slide, kind=kind, pitch_um=pitch, on_tissue=not args.whole_slide), slide
     except SectionError as e:
@@ -120,8 +133,21 @@ def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
         raise SectionError(f"{e} (or add --whole-slide to ignore the tissue mask)") from e
 
 
+def check_finite_prediction(pred: np.ndarray, model: object) -> None:
+    """A NaN or infinite prediction is garbage, never a result: refuse to write it."""
+    bad = ~np.isfinite(np.asarray(pred, dtype=np.float64))
+    if bad.any():
+        raise CheckpointError(
+            f"the model {model} predicted {int(bad.sum())} NaN or infinite value(s) "
+            f"({int(bad.any(axis=1).sum())} of {len(bad)} spots); nothing was written: the model "
+            "is broken (retrain it, with a lower --lr) or use another one"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     check_inference_options(args, "prediction")
+    check_out(args, [args.input, args.spots, args.model])
+    check_mpp(args, args.mpp, args.input, "--mpp")
     device = resolve_device(args.device)
     section, slide = load_input(args)
     model, ckpt = load_model(args.model, device)
@@ -142,8 +168,10 @@ def run(args: argparse.Namespace) -> int:
             tta=args.tta,
         )
     seconds = time.perf_counter() - start
-    write_predictions(predictions_to_anndata(section, pred, ckpt, source=args.model, tta=args.tta),
-                      args.out)
+    check_finite_prediction(pred, args.model)
+    result = predictions_to_anndata(section, pred, ckpt, source=args.model, tta=args.tta)
+    check_space(args.out, anndata_nbytes(result))
+    write_predictions(result, args.out)
     precision = str(dtype).removeprefix("torch.") if dtype else "fp32"
     print(
         f"{args.out}: {pred.shape[0]} spots × {pred.shape[1]} genes predicted on {device} "

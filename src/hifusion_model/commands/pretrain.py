@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import ENCODERS
 from ..pretraining import PretrainConfig, describe, pretrain_encoder
-from ._options import add_command, add_device_options
+from ._options import add_command, add_device_options, add_overwrite_option, check_out
 from .train import Reporter, load_model_config
 
 EPILOG = """\
@@ -56,10 +56,12 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
                    help="architecture (patch sizes, width) of the model to be trained")
     add_device_options(p, "autocast precision (default auto: bf16/fp16 on CUDA, fp32 elsewhere)",
                        precision_default="auto")
+    add_overwrite_option(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out(args, [args.sections, args.model_config], companions=[args.out.with_suffix(".json")])
     reporter = Reporter(unit="%")
     settings = PretrainConfig(crop_px=args.crop_px, batch_size=args.batch_size, lr=args.lr,
                               seed=args.seed)

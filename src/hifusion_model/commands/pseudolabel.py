@@ -15,9 +15,16 @@ from typing import Any
 from ..checkpoint import load_model
 from ..devices import resolve_device
 from ..inference import write_predictions
+from ..io_utils import anndata_nbytes, check_space
 from ..pseudo_labels import pseudo_label
 from ..sections import read_section, section_slide
-from ._options import add_inference_options, check_inference_options
+from ._options import (
+    add_inference_options,
+    add_overwrite_option,
+    check_inference_options,
+    check_out,
+)
+from .predict import check_finite_prediction
 from .train import Reporter
 
 
@@ -36,11 +43,13 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, metavar="PSEUDO.h5ad",
                    help="the pseudo-label file to write")
     add_inference_options(p)
+    add_overwrite_option(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     check_inference_options(args, "pseudo-label")
+    check_out(args, [args.section, args.models])
     device = resolve_device(args.device)
     section = read_section(args.section)
     slide = section_slide(section)
@@ -54,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
                               workers=args.workers, tta=args.tta)
     finally:
         reporter.close()
+    check_finite_prediction(pseudo.X, ", ".join(map(str, args.models)))
+    check_space(args.out, anndata_nbytes(pseudo))
     write_predictions(pseudo, args.out)
     print(f"wrote {args.out}: {pseudo.n_obs} spots between the {section.n_obs} of "
           f"{args.section.name}, the mean of {len(teachers)} model(s) "

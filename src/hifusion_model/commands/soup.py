@@ -15,7 +15,7 @@ from typing import Any
 
 from ..checkpoint import load_checkpoint
 from ..soups import save_soup
-from ._options import command_line
+from ._options import add_overwrite_option, check_out, command_line
 
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
@@ -36,10 +36,12 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="for the validation: auto, cpu, cuda, mps")
     p.add_argument("--half", action="store_true",
                    help="store the weights as float16 (half the file; as the bundled model)")
+    add_overwrite_option(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out(args, [args.models, args.sections])
     path, v = save_soup(args.models, args.out, sections=args.sections, half=args.half,
                         validate_on_held_out=not args.no_validation, device=args.device,
                         command=command_line("soup"))

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, HiFusionError
+from ..metrics import MetricInputError
 from ..training import companion_paths, format_epoch, read_gene_list, train
 from ._options import (
     add_command,
     add_device_options,
+    add_overwrite_option,
     add_recipe_options,
+    check_out,
     command_line,
     recipe_from_args,
 )
@@ -125,6 +128,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     )
     add_device_options(p, "autocast precision (default auto: bf16/fp16 on CUDA, fp32 elsewhere)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
+    add_overwrite_option(p)
     return p
 
 
@@ -175,6 +179,10 @@ class Reporter:
 
 
 def run(args: argparse.Namespace) -> int:
+    genes_file = args.genes if args.genes is not None and not args.genes.isdigit() else None
+    check_out(args, [args.sections, args.val, args.pseudo, args.init, args.spot_encoder_init,
+                     args.region_encoder_init, args.model_config, genes_file],
+              companions=companion_paths(args.out).values(), existing_ok=args.resume)
     recipe = recipe_from_args(args, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                               seed=args.seed, precision=args.precision)
     reporter = Reporter()
@@ -197,6 +205,11 @@ def run(args: argparse.Namespace) -> int:
             progress=reporter.progress,
             on_epoch=reporter.epoch,
         )
+    except MetricInputError as e:  # validation predictions of a diverged model
+        raise HiFusionError(
+            "training diverged: the model's validation predictions became NaN or infinite; "
+            f"lower the learning rate (--lr, {recipe.lr:g} now) or add --set grad_clip=1"
+        ) from e
     except KeyboardInterrupt:
         reporter.close()
         print(
