@@ -442,9 +442,21 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def test_a_closed_pipe_is_no_traceback(base: Path) -> None:
-    """``hifusion info MODEL --json | head -c 1``: the reader leaves, the command ends quietly."""
-    proc = _cli("info", str(base / "model.pt"), "--json", stdout=subprocess.PIPE)
+def test_debug_shows_the_traceback(base: Path) -> None:
+    from hifusion_model.errors import OutputError
+
+    section = str(base / "section.h5ad")
+    with pytest.raises(OutputError, match="one of the inputs"):
+        main(["--debug", "predict", section, "--model", str(base / "model.pt"), "--out", section])
+
+
+def test_a_closed_pipe_is_no_traceback(base: Path, tmp_path: Path, capsys) -> None:
+    """``hifusion evaluate PRED --json | head -c 1``: the reader leaves, the command ends quietly."""
+    pred = tmp_path / "p.h5ad"
+    assert main(["predict", str(base / "section.h5ad"), "--model", str(base / "model.pt"),
+                 "--out", str(pred), "--device", "cpu", "--workers", "0"]) == 0
+    capsys.readouterr()
+    proc = _cli("evaluate", str(pred), "--json", stdout=subprocess.PIPE)
     proc.stdout.close()  # nobody reads: every write fails with EPIPE
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141, err

@@ -91,6 +91,12 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     return p
 
 
+#: Grids above this many spots get a warning with a time estimate, at the CPU speed measured
+#: for the released architecture (BENCHMARKS.md: 10 to 18 spots/s on 2 cores).
+LARGE_GRID = 100_000
+CPU_SPOTS_PER_S = 10
+
+
 def parse_grid(value: str) -> tuple[str, float | None]:
     """``hex``, ``hex:100``, ``square:200`` → (kind, pitch µm or None)."""
     kind, _, pitch = value.partition(":")
@@ -126,11 +132,16 @@ def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
     slide = Slide.open(path, mpp=args.mpp)
     check_mpp(args, slide.mpp, path, "the image metadata")
     try:
-        return grid_section(slide, kind=kind, pitch_um=pitch, on_tissue=not args.whole_slide), slide
+        section = grid_section(slide, kind=kind, pitch_um=pitch, on_tissue=not args.whole_slide)
     except SectionError as e:
         if args.whole_slide:
             raise
         raise SectionError(f"{e} (or add --whole-slide to ignore the tissue mask)") from e
+    if section.n_obs > LARGE_GRID:
+        print(f"hifusion predict: warning: the grid has {section.n_obs:,} spots, roughly "
+              f"{section.n_obs / CPU_SPOTS_PER_S / 3600:.1f} h on a CPU; a larger pitch or the "
+              "tissue mask (without --whole-slide) needs fewer, Ctrl-C stops", file=sys.stderr)
+    return section, slide
 
 
 def check_finite_prediction(pred: np.ndarray, model: object) -> None:
