@@ -220,7 +220,7 @@ CASES = [
     Case("train-out-is-section", TRAIN + " --out {section}", "one of the inputs"),
     Case("train-init-is-out", TRAIN + " --init {model} --out {model} --overwrite",
          "one of the inputs"),
-    Case("train-resume-init-is-out", TRAIN + " --init {model} --out {model} --resume",
+    Case("train-resume-init-is-out", "train {section} --init {model} --out {model} --resume",
          "one of the inputs"),
     Case("train-val-is-out", TRAIN + " --val {base}/zeros.h5ad --out {base}/zeros.h5ad",
          "one of the inputs"),
@@ -274,6 +274,10 @@ CASES = [
     Case("set-unknown-key", TRAIN_M + " --set ema=0.9", "unknown training recipe keys"),
     Case("lr-negative", TRAIN + " --out {tmp}/m.pt --lr -1", "lr must be a number > 0"),
     Case("epochs-zero", TRAIN + " --out {tmp}/m.pt --epochs 0", "epochs must be a whole number"),
+    Case("resume-with-lr", "train {section} --out {tmp}/m.pt --resume --lr 0.1 --set ema_decay=0",
+         "--lr, --set would be ignored"),
+    Case("resume-with-genes", "train {section} --out {tmp}/m.pt --resume --genes 4",
+         "--genes would be ignored"),
     Case("train-empty-section",
          TRAIN.replace("{section}", "{base}/empty.h5ad") + " --out {tmp}/m.pt",
          "has no spots"),
@@ -346,7 +350,7 @@ CASES = [
          _evil("evil.pt")),
     Case("evil-region-encoder", TRAIN + " --out {tmp}/m.pt --region-encoder-init {tmp}/evil.pt",
          UNSAFE, _evil("evil.pt")),
-    Case("evil-resume-state", TRAIN + " --out {tmp}/m.pt --resume", UNSAFE,
+    Case("evil-resume-state", "train {section} --out {tmp}/m.pt --resume --device cpu", UNSAFE,
          _both(_evil("m.resume.pt"), _file("m.pt"))),
     Case("evil-soup", "soup {tmp}/evil.pt {model} --out {tmp}/s.pt --no-validation", UNSAFE,
          _evil("evil.pt")),
@@ -430,7 +434,15 @@ def test_resume_may_write_over_its_own_output(base: Path, tmp_path: Path, capsys
     assert "nothing to resume" in capsys.readouterr().err
 
 
-def test_a_safe_checkpoint_still_loads_and_the_payload_is_live(tmp_path: Path) -> None:
+def test_a_legacy_torch_save_checkpoint_still_loads(base: Path, tmp_path: Path) -> None:
+    """Checkpoints written before the zip format (a pickle head) load through weights_only."""
+    raw = torch.load(base / "model.pt", weights_only=True)
+    torch.save(raw, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert (tmp_path / "legacy.pt").read_bytes()[:1] == b"\x80"
+    assert load_checkpoint(tmp_path / "legacy.pt").genes == raw["config"]["genes"]
+
+
+def test_the_pickle_payload_is_live(tmp_path: Path) -> None:
     """The evil file is no dud: an unsafe load runs it (the rows above prove we never do)."""
     _evil("evil.pt")(tmp_path, tmp_path)
     torch.load(tmp_path / "evil.pt", weights_only=False)

@@ -200,8 +200,6 @@ def test_user_errors_are_one_line(
             "--resume",
             "--device",
             "cpu",
-            "--genes",
-            "4",
         ],
     )
     assert "unknown recipe" in _error_line(

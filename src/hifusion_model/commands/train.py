@@ -17,6 +17,7 @@ from typing import Any
 from ..config import ModelConfig
 from ..errors import ConfigError, HiFusionError
 from ..metrics import MetricInputError
+from ..recipes import DEFAULT_RECIPE
 from ..training import companion_paths, format_epoch, read_gene_list, train
 from ._options import (
     add_command,
@@ -178,7 +179,27 @@ class Reporter:
             self.bar.close()
 
 
+def check_resume_flags(args: argparse.Namespace) -> None:
+    """``--resume`` continues the stored recipe, genes and architecture: a flag that would change
+    them was silently ignored, so it is refused."""
+    if not args.resume:
+        return
+    given = [flag for flag, value in (
+        ("--lr", args.lr), ("--epochs", args.epochs), ("--batch-size", args.batch_size),
+        ("--seed", args.seed), ("--genes", args.genes), ("--model-config", args.model_config),
+        ("--set", args.recipe_set or None),
+        ("--recipe", None if args.recipe == DEFAULT_RECIPE else args.recipe),
+    ) if value is not None]
+    if given:
+        raise ConfigError(
+            f"--resume continues the stopped run with its stored recipe, genes and architecture, "
+            f"so {', '.join(given)} would be ignored; drop {'them' if len(given) > 1 else 'it'}, "
+            "or start a new run (add --overwrite to replace the old one)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    check_resume_flags(args)
     genes_file = args.genes if args.genes is not None and not args.genes.isdigit() else None
     check_out(args, [args.sections, args.val, args.pseudo, args.init, args.spot_encoder_init,
                      args.region_encoder_init, args.model_config, genes_file],
