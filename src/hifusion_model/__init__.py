@@ -1,8 +1,54 @@
-"""HiFusion: predict spatial gene expression from H&E histology (Qt-free core)."""
+"""HiFusion: predict spatial gene expression from H&E histology (Qt-free core).
 
+The calls a notebook needs, all importable from here:
+
+>>> from hifusion_model import predict, evaluate, load_model, create_model   # doctest: +SKIP
+>>> pred = predict("C4.h5ad", model="bundled")        # AnnData: X, layers truth/uncertainty
+>>> evaluate(pred)["gene_pcc"]                        # per-gene PCC beside the constant
+>>> net = create_model("hifusion", genes=["ERBB2", "KRT19"])   # a fresh network
+
+Names are imported on first use, so ``import hifusion_model`` (and ``hifusion --version``)
+stays fast: torch loads only when a model is touched.
+"""
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("napari-hifusion")
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
+
+#: public name -> the module that holds it
+_API = {
+    "predict": "api",
+    "evaluate": "api",
+    "load_model": "checkpoint",
+    "train": "training",
+    "read_section": "sections",
+    "write_section": "sections",
+    "create_model": "registry",
+    "available_models": "registry",
+    "get_recipe": "recipes",
+}
+
+
+def open_slide(path: Any, mpp: float | None = None) -> Any:
+    """A whole-slide image, read lazily (:meth:`hifusion_model.slide.Slide.open`)."""
+    from .slide import Slide
+
+    return Slide.open(path, mpp=mpp)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'hifusion_model' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
+
+__all__ = ["__version__", "open_slide", *_API]

@@ -104,6 +104,7 @@ def predict_section(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     tta: int = 1,
+    observe: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> np.ndarray:
     """Predicted normalised expression ``(n_spots, G)`` float32 for every spot of ``section``.
 
@@ -111,6 +112,8 @@ def predict_section(
     ``precision``: ``auto`` (bf16 where native), ``fp32``, ``bf16`` or ``fp16`` (GPU).
     ``batch_size`` spots are read together; the CPU runs them :data:`CPU_CHUNK` at a time.
     ``tta``: views averaged per spot (1 to :data:`MAX_TTA`; the time grows in proportion).
+    ``observe(first_index, batch)`` sees every batch of uint8 patches as read, so that other
+    per-spot measures (the uncertainty's stain features) need no second read of the slide.
     """
     config = _config_of(ckpt_or_config)
     if section.n_obs == 0:
@@ -132,6 +135,8 @@ def predict_section(
                     f"prediction of {section_name(section)!r} stopped after {done} spots"
                 )
             n = len(batch["spot"])
+            if observe is not None:
+                observe(done, batch)
             out[done : done + n] = predict_batch(model, batch, dev, dtype, tta=tta)
             done += n
             if progress is not None:
@@ -298,8 +303,11 @@ def predictions_to_anndata(
     *,
     source: str | os.PathLike | None = None,
     tta: int = 1,
+    uncertainty: np.ndarray | None = None,
 ) -> ad.AnnData:
-    """Predictions as an AnnData: ``X`` = predictions, ``layers['truth']`` = measured (if any).
+    """Predictions as an AnnData: ``X`` = predictions, ``layers['truth']`` = measured (if any),
+    ``layers['uncertainty']`` = the per-spot, per-gene uncertainty (if given; see
+    :mod:`~hifusion_model.uncertainty`).
 
     ``uns['hifusion_model']`` says which model made them, with ``tta`` test-time views.
 
@@ -314,6 +322,8 @@ def predictions_to_anndata(
             f"section {section_name(section)!r} and a {len(genes)}-gene model"
         )
     layers = {}
+    if uncertainty is not None:
+        layers["uncertainty"] = np.asarray(uncertainty, dtype=np.float32).reshape(pred.shape)
     if section.n_vars:
         layers["truth"] = normalize_counts(counts_matrix(section, genes), ckpt.config.normalization)
     obs = pd.DataFrame(index=section.obs_names.copy())

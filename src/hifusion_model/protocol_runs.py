@@ -32,13 +32,15 @@ import anndata as ad
 import numpy as np
 import torch
 
-from .baselines import fit_constant, fit_ridge, spot_only_config
+from .baselines import fit_constant, fit_ridge, section_targets, spot_only_config
 from .config import ModelConfig
 from .devices import cpu_has_native_bf16
 from .errors import ConfigError
 from .io_utils import atomic_path
-from .protocols import Fold, Plan, Predictor, fit_network, gene_panel, predict_and_score
+from .protocols import Fold, Plan, Predictor, fit_network, gene_panel, score
 from .recipes import TrainConfig, get_recipe
+from .sections import section_slide
+from .uncertainty import error_correlation, fit_noise_model, library_sizes, section_stain_features
 
 Log = Callable[[str], None]
 FORMAT = "hifusion-benchmark/2"
@@ -206,6 +208,7 @@ def run_cells(
     """
     normalization = (model_config or ModelConfig(genes=["-"])).normalization
     results = results or new_results(plan, {})
+    stain = StainCache()
     for fold in plan.folds:
         train_sections = [sections[n] for n in fold.train]
         test = {n: sections[n] for n in fold.test}
@@ -219,8 +222,8 @@ def run_cells(
                     variant, fold, seed, train_sections, test, genes,
                     Path(work) / plan.protocol / slug(fold.name) / f"{variant}-seed{seed}",
                     recipe=variant_recipe(variant, recipe, seed), model_config=model_config,
-                    normalization=normalization, device=device, workers=workers, log=log,
-                    on_epoch=on_epoch,
+                    normalization=normalization, stain=stain, device=device,
+                    workers=workers, log=log, on_epoch=on_epoch,
                 ))
                 if save:
                     save(results)
@@ -239,6 +242,7 @@ def run_cell(
     recipe: TrainConfig,
     model_config: ModelConfig | None,
     normalization: str,
+    stain: StainCache,
     device: str,
     workers: int,
     log: Log | None,
@@ -253,8 +257,13 @@ def run_cell(
                             model_config=model_config, device=device, workers=workers,
                             on_epoch=on_epoch)
     fitted = time.perf_counter()
-    metrics = predict_and_score(predictor, test, normalization=normalization)
+    preds = {n: predictor.predict(s) for n, s in test.items()}
+    metrics = score(preds, test, predictor.genes, predictor.train_mean,
+                    normalization=normalization)
     done = time.perf_counter()
+    template = (model_config or ModelConfig(genes=["-"])).replace(genes=list(predictor.genes))
+    uncertainty = uncertainty_scores(dict(zip(fold.train, train_sections, strict=True)), test,
+                                     preds, template, stain)
     if log:
         log(f"{fold.name} / {variant} / seed {seed}: gene PCC {metrics['gene_pcc']:.3f}, MSE "
             f"{metrics['mse']:.4f} (constant {metrics['baseline']['mse']:.4f}), "
@@ -263,9 +272,47 @@ def run_cell(
         "variant": variant, "fold": fold.name, "seed": seed, "train": list(fold.train),
         "test": list(fold.test), "description": VARIANTS[variant].description,
         "recipe": recipe.to_dict() if VARIANTS[variant].network else None,
-        "info": predictor.info, "metrics": metrics, "machine": machine(), "device": device,
+        "info": predictor.info, "metrics": metrics, "uncertainty": uncertainty,
+        "machine": machine(), "device": device,
         "seconds": {"fit": fitted - start, "predict": done - fitted},
     }
+
+
+class StainCache:
+    """Stain features of each section's spots at a model's spot scale, computed once a run."""
+
+    def __init__(self) -> None:
+        self._features: dict[tuple[str, float, int], np.ndarray] = {}
+
+    def __call__(self, name: str, section: ad.AnnData, config: ModelConfig) -> np.ndarray:
+        key = (name, config.spot_um, config.spot_px)
+        if key not in self._features:
+            slide = section_slide(section)
+            try:
+                self._features[key] = section_stain_features(section, slide, config)
+            finally:
+                slide.close()
+        return self._features[key]
+
+
+def uncertainty_scores(
+    train_sections: Mapping[str, ad.AnnData],
+    test: Mapping[str, ad.AnnData],
+    preds: Mapping[str, np.ndarray],
+    config: ModelConfig,
+    stain: StainCache,
+) -> dict[str, Any]:
+    """How well :mod:`~.uncertainty` (its noise model fitted on the training sections) ranks
+    the absolute error on each test section: Spearman per gene, per spot and pooled."""
+    model = fit_noise_model(
+        np.concatenate([stain(n, s, config) for n, s in train_sections.items()]),
+        np.concatenate([library_sizes(s, config.genes) for s in train_sections.values()]))
+    out = {"noise_model": model.to_dict(), "per_section": {}}
+    for name, section in test.items():
+        truth = section_targets(section, config.genes, config.normalization)
+        u = model.uncertainty(preds[name], stain(name, section, config))
+        out["per_section"][name] = error_correlation(u, preds[name], truth)
+    return out
 
 
 def slug(name: str) -> str:
@@ -315,7 +362,21 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
                 "sd_seeds": _sd([float(v) for v in by_seed]),
                 "n_folds": len(per_fold),
             }
+        entry["uncertainty"] = _uncertainty_by_fold(runs, folds)
         out[variant] = entry
+    return out
+
+
+def _uncertainty_by_fold(runs: Sequence[Mapping[str, Any]], folds: Sequence[str]
+                         ) -> dict[str, dict[str, float]]:
+    """Per fold, the Spearman of the uncertainty with the error, averaged over seeds/sections."""
+    out = {}
+    for fold in folds:
+        scores = [s for r in runs if r["fold"] == fold and r.get("uncertainty")
+                  for s in r["uncertainty"]["per_section"].values()]
+        if scores:
+            out[fold] = {k: float(np.nanmean([s[k] for s in scores]))
+                         for k in ("per_spot", "per_gene")}
     return out
 
 
@@ -344,6 +405,16 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
             cells = [entry["description"], label,
                      *[_fmt(entry["folds"].get(f, {}).get(key), digits) for f in folds]]
             lines.append("| " + " | ".join(cells) + " |")
+    rows = [(entry["description"], entry["uncertainty"]) for entry in summary.values()
+            if entry.get("uncertainty")]
+    if rows:
+        head = ["variant", "uncertainty vs error", *folds]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for description, by_fold in rows:
+            for key, label in (("per_spot", "Spearman per spot"), ("per_gene", "per gene")):
+                cells = [description, label,
+                         *[_fmt(by_fold.get(f, {}).get(key), 3) for f in folds]]
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

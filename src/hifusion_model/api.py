@@ -1,0 +1,203 @@
+"""The few calls a notebook needs: predict a section or a slide, score the prediction.
+
+Each is the one home of a sequence the CLI, the napari panels and the benchmarks all run:
+open the slide, place or read the spots, load the model, predict in batches, wrap the numbers
+with their provenance, and close the slide again whatever happens.
+
+>>> from hifusion_model import predict, evaluate                  # doctest: +SKIP
+>>> pred = predict("C4.h5ad", model="bundled")                    # doctest: +SKIP
+>>> evaluate(pred)["gene_pcc"]                                    # doctest: +SKIP
+0.358
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, load_model
+from .errors import ConfigError, SectionError
+from .metrics import MARKER_GENES, evaluate_predictions, gene_pcc
+from .sections import read_section, section_slide
+from .slide import Slide
+from .uncertainty import STAIN_FEATURES, NoiseModel, stain_features
+
+Progress = Callable[[int, int, str], None]
+ModelSource = str | os.PathLike | tuple[torch.nn.Module, Checkpoint]
+
+
+def parse_grid(value: str) -> tuple[str, float | None]:
+    """``"hex"``, ``"hex:100"``, ``"square:200"`` -> (kind, pitch in µm or None).
+
+    >>> parse_grid("hex:100")
+    ('hex', 100.0)
+    """
+    kind, _, pitch = value.partition(":")
+    if kind not in ("hex", "square"):
+        raise ConfigError(f"grid {value!r}: the kind must be hex or square, e.g. hex:100")
+    try:
+        return kind, float(pitch) if pitch else None
+    except ValueError:
+        raise ConfigError(f"grid {value!r}: the pitch must be a number of µm, e.g. hex:100") \
+            from None
+
+
+def open_input(
+    data: str | os.PathLike | ad.AnnData,
+    *,
+    grid: str | None = None,
+    spots: str | os.PathLike | None = None,
+    mpp: float | None = None,
+    whole_slide: bool = False,
+) -> tuple[ad.AnnData, Slide]:
+    """The section to predict and its opened slide (the caller closes it).
+
+    ``data`` is a section (``.h5ad`` path or AnnData), or a slide image with spots from ``grid``
+    (``"hex:100"``: over the tissue, or the whole slide with ``whole_slide``) or ``spots`` (a
+    CSV of centres).
+    """
+    from .importers import import_csv
+    from .inference import grid_section
+
+    if isinstance(data, ad.AnnData) or Path(data).suffix == ".h5ad":
+        if grid or spots:
+            raise ConfigError(f"{_name(data)} is a section: it has its own spots, so give "
+                              "no grid or spot file")
+        section = data if isinstance(data, ad.AnnData) else _read(Path(data))
+        return section, section_slide(section, mpp_override=mpp)
+    path = Path(data)
+    if not path.exists():
+        raise SectionError(f"{path} does not exist; give a section .h5ad or a slide image")
+    if spots:
+        section = import_csv(spots, path, mpp=mpp)
+        return section, section_slide(section)
+    if not grid:
+        raise ConfigError(f"{path} is a slide without spots: give a grid (e.g. hex:100) or a "
+                          "spot file")
+    kind, pitch = parse_grid(grid)
+    slide = Slide.open(path, mpp=mpp)
+    try:
+        return grid_section(slide, kind=kind, pitch_um=pitch, on_tissue=not whole_slide), slide
+    except SectionError as e:
+        slide.close()
+        if whole_slide:
+            raise
+        raise SectionError(f"{e} (or cover the whole slide to ignore the tissue mask)") from e
+    except BaseException:
+        slide.close()
+        raise
+
+
+def _read(path: Path) -> ad.AnnData:
+    if not path.is_file():
+        raise SectionError(f"{path} does not exist; give a section .h5ad or a slide image")
+    return read_section(path)
+
+
+def _name(data: Any) -> str:
+    return "the AnnData" if isinstance(data, ad.AnnData) else str(data)
+
+
+def resolve_model(model: ModelSource, device: str | torch.device = "cpu"
+                  ) -> tuple[torch.nn.Module, Checkpoint]:
+    """``"bundled"``, a checkpoint path, or an already loaded ``(network, checkpoint)`` pair."""
+    if isinstance(model, tuple):
+        return model
+    return load_model(model, device)
+
+
+def predict(
+    data: str | os.PathLike | ad.AnnData,
+    model: ModelSource = "bundled",
+    *,
+    grid: str | None = None,
+    spots: str | os.PathLike | None = None,
+    mpp: float | None = None,
+    whole_slide: bool = False,
+    tta: int = 1,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    batch_size: int = 32,
+    workers: int = 4,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> ad.AnnData:
+    """Predicted expression of every spot, as an AnnData ready for scanpy and ``evaluate``.
+
+    ``data``: a section (``.h5ad`` path or AnnData; its counts become ``layers['truth']``), or a
+    slide with ``grid="hex:100"`` or ``spots="centres.csv"``. ``model``: ``"bundled"``, a
+    checkpoint path, or a ``(network, checkpoint)`` pair from :func:`load_model`. ``tta``
+    averages up to 8 flipped/rotated views. ``X`` holds the predictions (normalised as the
+    model's targets), ``layers['uncertainty']`` how much to trust each value (the counting
+    noise expected at that spot, :mod:`~.uncertainty`; absent for models trained before it
+    existed), ``obsm['spatial']`` the spot centres in full-resolution pixels and
+    ``uns['hifusion_model']`` the model's card summary.
+
+    >>> pred = predict("C4.h5ad")                                  # doctest: +SKIP
+    >>> pred[:, "ERBB2"].X.mean()                                  # doctest: +SKIP
+    """
+    from .devices import resolve_device
+    from .inference import check_section_genes, predict_section, predictions_to_anndata
+
+    dev = resolve_device(device)
+    network, ckpt = resolve_model(model, dev)
+    section, slide = open_input(data, grid=grid, spots=spots, mpp=mpp, whole_slide=whole_slide)
+    noise = NoiseModel.from_card(ckpt.card)
+    stain = np.zeros((section.n_obs, len(STAIN_FEATURES)))
+
+    def observe(first: int, batch: dict[str, Any]) -> None:
+        stain[first : first + len(batch["spot"])] = stain_features(batch["spot"].numpy())
+
+    try:
+        check_section_genes(section, ckpt.genes, None if isinstance(data, ad.AnnData) else data)
+        values = predict_section(network, ckpt, section, slide, batch_size=batch_size,
+                                 device=dev, precision=precision, workers=workers,
+                                 progress=progress, should_stop=should_stop, tta=tta,
+                                 observe=observe if noise else None)
+    finally:
+        slide.close()
+    source = model if not isinstance(model, tuple) else ckpt.path
+    return predictions_to_anndata(section, values, ckpt, source=source, tta=tta,
+                                  uncertainty=noise.uncertainty(values, stain) if noise else None)
+
+
+def evaluate(
+    predictions: ad.AnnData | str | os.PathLike | Sequence[str | os.PathLike],
+    marker_genes: Sequence[str] = MARKER_GENES,
+) -> dict[str, Any]:
+    """MSE, MAE, per-spot and per-gene PCC of predictions against their measured truth, beside
+    the model's constant training mean (``skill`` = 1 − MSE / MSE of the constant).
+
+    ``predictions``: what :func:`predict` returned, or prediction files (several files of one
+    model are scored per section, then averaged).
+    """
+    if isinstance(predictions, ad.AnnData):
+        return _evaluate_anndata(predictions, marker_genes)
+    from .commands.evaluate import evaluate_files
+
+    paths = [predictions] if isinstance(predictions, (str, os.PathLike)) else list(predictions)
+    return evaluate_files([Path(p) for p in paths], marker_genes)
+
+
+def _evaluate_anndata(pred: ad.AnnData, marker_genes: Sequence[str]) -> dict[str, Any]:
+    if "truth" not in pred.layers or "hifusion_model" not in pred.uns:
+        raise SectionError("these predictions have no measured truth (layers['truth']): predict "
+                           "a section that has counts to evaluate")
+    genes = list(pred.var_names)
+    p, t = (np.asarray(a, dtype=np.float64) for a in (pred.X, pred.layers["truth"]))
+    result = evaluate_predictions(p, t, genes=genes, marker_genes=marker_genes,
+                                  train_mean=pred.uns["hifusion_model"]["train_mean"])
+    pcc = gene_pcc(p, t)
+    for section in result["per_section"].values():
+        section["genes"] = {g: float(pcc[genes.index(g)]) for g in marker_genes if g in genes}
+    result["missing_genes"] = [g for g in marker_genes if g not in genes]
+    return result
+
+
+__all__ = ["evaluate", "open_input", "parse_grid", "predict", "resolve_model"]

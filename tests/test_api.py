@@ -1,0 +1,122 @@
+"""The public API at the package root: predict, evaluate, create_model, on synthetic data."""
+
+from __future__ import annotations
+
+import doctest
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+import hifusion_model
+from hifusion_model import api, registry, uncertainty
+from hifusion_model.checkpoint import load_checkpoint, save_checkpoint
+from hifusion_model.errors import ConfigError, SectionError
+from hifusion_model.sections import read_section, section_slide
+from napari_hifusion._testing import synthetic_section, tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def section_path(tmp_path_factory):
+    return synthetic_section(tmp_path_factory.mktemp("api"))
+
+
+@pytest.fixture(scope="module")
+def model_path(section_path):
+    genes = list(read_section(section_path).var_names)
+    return tiny_checkpoint(section_path.parent / "tiny.pt", genes)
+
+
+def test_the_root_exports_the_notebook_api():
+    for name in ("predict", "evaluate", "load_model", "train", "read_section", "create_model",
+                 "open_slide"):
+        assert callable(getattr(hifusion_model, name)), name
+    with pytest.raises(AttributeError):
+        hifusion_model.no_such_thing  # noqa: B018
+
+
+def test_predict_a_section_and_evaluate_it(section_path, model_path):
+    pred = hifusion_model.predict(section_path, model=str(model_path), device="cpu", workers=0)
+    section = read_section(section_path)
+    assert pred.shape == (section.n_obs, section.n_vars)
+    assert "truth" in pred.layers and "uncertainty" not in pred.layers  # no noise model
+    np.testing.assert_array_equal(pred.obsm["spatial"], section.obsm["spatial"])
+    scores = hifusion_model.evaluate(pred)
+    assert {"mse", "gene_pcc", "skill", "baseline"} <= set(scores)
+    assert set(scores["genes"]) == {"ERBB2"}
+    # the same numbers as the files route
+    out = section_path.parent / "pred.h5ad"
+    from hifusion_model.inference import write_predictions
+
+    write_predictions(pred, out)
+    assert hifusion_model.evaluate(out)["mse"] == pytest.approx(scores["mse"])
+
+
+def test_a_model_with_a_noise_model_gives_an_uncertainty_layer(section_path, model_path):
+    section = read_section(section_path)
+    ckpt = load_checkpoint(model_path)
+    slide = section_slide(section)
+    try:
+        noise = uncertainty.fit_on_sections([(section, slide)], ckpt.config)
+    finally:
+        slide.close()
+    net = registry.create_model("hifusion_tiny", genes=ckpt.genes)
+    net.load_state_dict(ckpt.state_dict)
+    path = save_checkpoint(section_path.parent / "noisy.pt", net, train_mean=ckpt.train_mean,
+                           card={"noise_model": noise.to_dict()})
+    pred = api.predict(section, model=str(path), device="cpu", workers=2, batch_size=5)
+    u = pred.layers["uncertainty"]
+    assert u.shape == pred.shape and np.isfinite(u).all() and (u > 0).all()
+    # the stain seen during prediction is the stain a second read finds
+    slide = section_slide(section)
+    try:
+        again = noise.uncertainty(np.asarray(pred.X),
+                                  uncertainty.section_stain_features(section, slide, ckpt.config))
+    finally:
+        slide.close()
+    np.testing.assert_allclose(u, again, rtol=1e-5)
+
+
+def test_predict_on_a_bare_slide_with_a_grid(section_path, model_path):
+    slide = section_path.parent / "slide.ome.tif"
+    pred = api.predict(slide, model=str(model_path), grid="hex:200", device="cpu", workers=0)
+    assert pred.n_obs > 3 and "truth" not in pred.layers
+    with pytest.raises(ConfigError, match="slide without spots"):
+        api.predict(slide, model=str(model_path))
+    with pytest.raises(ConfigError, match="is a section"):
+        api.predict(section_path, model=str(model_path), grid="hex:100")
+    with pytest.raises(SectionError, match="no measured truth"):
+        api.evaluate(pred)
+    assert api.parse_grid("square") == ("square", None)
+    with pytest.raises(ConfigError, match="number of µm"):
+        api.parse_grid("hex:wide")
+
+
+def test_a_loaded_pair_is_reused(section_path, model_path):
+    pair = hifusion_model.load_model(str(model_path))
+    a = api.predict(section_path, model=pair, device="cpu", workers=0)
+    b = api.predict(section_path, model=str(model_path), device="cpu", workers=0)
+    np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-6)
+    assert isinstance(a, ad.AnnData)
+
+
+def test_the_registry_names_every_network():
+    models = registry.available_models()
+    assert set(models) == {"hifusion", "hifusion_tiny", "spot_resnet18"}
+    spot = registry.create_model("spot_resnet18", genes=["A", "B"])
+    assert spot.config.arch == "spot_resnet18" and spot.config.levels == (1,)
+    out = spot(torch.rand(1, 3, 224, 224), torch.rand(1, 3, 224, 224))
+    assert out.prediction.shape == (1, 2)
+    wide = registry.model_config("hifusion", ["A"], width=32)
+    assert wide.width == 32
+    with pytest.raises(ConfigError, match="unknown model 'resnet50'; choose one of hifusion"):
+        registry.create_model("resnet50", genes=["A"])
+    with pytest.raises(ConfigError, match="at least one gene"):
+        registry.create_model("hifusion", genes=[])
+
+
+@pytest.mark.parametrize("module", [registry, uncertainty, api])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
