@@ -28,8 +28,11 @@ import torch
 from hifusion_model.checkpoint import load_checkpoint, save_checkpoint
 from hifusion_model.cli import main
 from hifusion_model.config import tiny_config
+from hifusion_model.errors import Cancelled
+from hifusion_model.recipes import get_recipe
 from hifusion_model.model import HiFusion
 from hifusion_model.sections import read_section, write_section
+from hifusion_model.training import train
 from napari_hifusion._testing import synthetic_section, tiny_checkpoint
 
 
@@ -78,6 +81,15 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
             p.fill_(1e30)
     save_checkpoint(folder / "overflow.pt", huge, train_mean=np.zeros(12))
     (folder / "spots.csv").write_text("id,x,y\na,400,300\nb,500,350\n")
+    calls = iter(range(10**6))  # a run stopped after two steps, to resume
+    with pytest.raises(Cancelled):
+        train([section], folder / "stopped.pt", recipe=get_recipe(epochs=2, batch_size=16),
+              model_config=tiny_config(["x"]), genes=4, workers=0, device="cpu",
+              should_stop=lambda: next(calls) >= 2)
+    other = adata.copy()  # the same section name, other counts
+    other.X = other.X.copy()
+    other.X[0, 0] += 1
+    write_section(other, folder / "other.h5ad")
     return folder
 
 
@@ -274,6 +286,8 @@ CASES = [
     Case("set-unknown-key", TRAIN_M + " --set ema=0.9", "unknown training recipe keys"),
     Case("lr-negative", TRAIN + " --out {tmp}/m.pt --lr -1", "lr must be a number > 0"),
     Case("epochs-zero", TRAIN + " --out {tmp}/m.pt --epochs 0", "epochs must be a whole number"),
+    Case("resume-other-data-same-name", "train {base}/other.h5ad --out {base}/stopped.pt --resume "
+         "--device cpu --workers 0", "written for another section 'synthetic'"),
     Case("resume-with-lr", "train {section} --out {tmp}/m.pt --resume --lr 0.1 --set ema_decay=0",
          "--lr, --set would be ignored"),
     Case("resume-with-genes", "train {section} --out {tmp}/m.pt --resume --genes 4",

@@ -10,6 +10,7 @@ holds the resolved absolute path.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -230,6 +231,25 @@ def check_mpp_plausible(mpp: float, source: str | os.PathLike, origin: str = "",
             + f" is outside the plausible {low:g} to {high:g} µm per pixel of an H&E scan; "
             "check the value and its unit, or add --any-mpp if it is right"
         )
+
+
+def section_fingerprint(adata: ad.AnnData) -> str:
+    """A hash of what training reads from a section: spot ids and centres, genes and counts.
+
+    ``train --resume`` compares it, so a different file that carries the same section name is
+    refused instead of trained on.
+    """
+    h = hashlib.sha256()
+    X = sp.csr_matrix(adata.X, dtype=np.float32)
+    X.sum_duplicates()
+    X.eliminate_zeros()
+    X.sort_indices()
+    for a in (X.data, X.indices.astype(np.int64), X.indptr.astype(np.int64),
+              np.asarray(adata.obsm["spatial"], dtype=np.float64)):
+        h.update(np.ascontiguousarray(a).tobytes())
+    for names in (adata.obs_names, adata.var_names):
+        h.update("\n".join(map(str, names)).encode() + b"\0")
+    return h.hexdigest()[:20]
 
 
 def section_name(adata: ad.AnnData) -> str:

@@ -76,7 +76,8 @@ from .metrics import evaluate_predictions
 from .model import HiFusion, build_model
 from .pseudo_labels import PseudoLabels, read_pseudo_labels
 from .recipes import DEFAULT_RECIPE, TrainConfig, get_recipe
-from .sections import read_section, section_name, section_slide
+from .sections import read_section, section_fingerprint, section_name, section_slide
+from .uncertainty import fit_on_sections
 
 Progress = Callable[[int, int, str], None]
 RESUME_FORMAT = "napari-hifusion-resume/1"
@@ -403,6 +404,7 @@ def _prepare_data(
             {
                 "name": s.label,
                 "path": s.path,
+                "fingerprint": section_fingerprint(s.adata),
                 "n_spots": n,
                 "n_train": len(keep),
                 "n_val": int(held.sum()),
@@ -765,6 +767,7 @@ class _Trainer:
             "recipe": self.recipe.to_dict(),
             "config": self.config.to_dict(),
             "sections": [s["name"] for s in self.data.sections],
+            "fingerprints": [s.get("fingerprint") for s in self.data.sections],
             "card": self.card,
             "refit": self.refit.to_dict() if self.refit else None,
         }
@@ -1086,13 +1089,22 @@ def _read_resume(path: Path) -> dict[str, Any]:
     return state
 
 
-def _check_same_sections(path: Path, stored: list[str], sources: list[_Source]) -> None:
+def _check_same_sections(path: Path, stored: list[str], sources: list[_Source],
+                         fingerprints: Sequence[str | None] | None = None) -> None:
+    """The same sections by name and, where the state recorded it, by content."""
     names = [s.label for s in sources]
     if stored != names:
         raise ConfigError(
             f"{path} was written for sections {stored}, not {names}; resume with the "
             "same sections (training, then --val) in the same order"
         )
+    for name, stored_print, source in zip(names, fingerprints or [], sources):
+        if stored_print is not None and stored_print != section_fingerprint(source.adata):
+            raise ConfigError(
+                f"{path} was written for another section {name!r} (its counts or spots "
+                f"differ from {source.path or name}); resume with the same files, or start "
+                "a new run without --resume"
+            )
 
 
 def _model_config(
@@ -1140,6 +1152,8 @@ class _Session:
     on_epoch: Callable[[dict[str, Any]], None] | None
     #: starting weights of the encoders, by ``ENCODERS`` name (a fresh run)
     encoder_init: dict[str, Path] = field(default_factory=dict)
+    #: (genes and spot scale, the fitted noise model's card entry), once fitted
+    _noise: tuple[Any, dict[str, Any]] | None = field(default=None, init=False, repr=False)
 
     @property
     def every_source(self) -> list[_Source]:
@@ -1185,7 +1199,8 @@ class _Session:
             state = _read_resume(paths["resume"])
             refit = state.get("refit")
             sources = self.every_source if refit else self.train_sources
-            _check_same_sections(paths["resume"], list(state["sections"]), sources)
+            _check_same_sections(paths["resume"], list(state["sections"]), sources,
+                                 state.get("fingerprints"))
             recipe, config = _stored_setup(state)
             self.encoder_init = _stored_encoder_init(state["card"])
             if refit:
@@ -1193,13 +1208,16 @@ class _Session:
             return self.start(config, recipe, None, state)
         if companion_paths(selection)["resume"].is_file():  # the selection run of a refit
             state = _read_resume(companion_paths(selection)["resume"])
-            _check_same_sections(selection, list(state["sections"]), self.train_sources)
+            _check_same_sections(selection, list(state["sections"]), self.train_sources,
+                                 state.get("fingerprints"))
             recipe, config = _stored_setup(state)
             self.encoder_init = _stored_encoder_init(state["card"])
             return self.start(config, recipe, None, state)
         if selection.is_file() and not _is_refit(self.out):  # selected; the refit never began
             ckpt = load_checkpoint(selection)
-            _check_same_sections(selection, list(ckpt.card["data"]), self.train_sources)
+            _check_same_sections(selection, list(ckpt.card["data"]), self.train_sources,
+                                 [s.get("fingerprint") if isinstance(s, dict) else None
+                                  for s in ckpt.card.get("sections", [])])
             card = ckpt.card
             self.encoder_init = _stored_encoder_init(card)
             refit = Refit(card["epoch"], card["validation"], str(selection),
@@ -1213,8 +1231,18 @@ class _Session:
 
     def _card(self, recipe: TrainConfig, config: ModelConfig, data: _Data,
               init: Checkpoint | None) -> dict[str, Any]:
-        return _base_card(recipe, config, data, init, self.command, self.info, self.device,
+        card = _base_card(recipe, config, data, init, self.command, self.info, self.device,
                           self.encoder_init)
+        return {**card, "noise_model": self._noise_model(config)}
+
+    def _noise_model(self, config: ModelConfig) -> dict[str, Any]:
+        """The per-spot uncertainty's library fit (:mod:`~.uncertainty`) on every measured
+        spot; fitted once for both stages of a refit."""
+        key = (tuple(config.genes), config.spot_um, config.spot_px)
+        if self._noise is None or self._noise[0] != key:
+            measured = [(s.adata, s.slide) for s in self.every_source if s.pseudo is None]
+            self._noise = (key, fit_on_sections(measured, config).to_dict())
+        return self._noise[1]
 
     def _fit(self, data: _Data, config: ModelConfig, recipe: TrainConfig, out: Path,
              card: dict[str, Any], init: Checkpoint | None, state: dict[str, Any] | None,
