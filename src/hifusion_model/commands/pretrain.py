@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ENCODERS
+from ..io_utils import atomic_path
 from ..pretraining import PretrainConfig, describe, pretrain_encoder
 from ._options import add_command, add_device_options, add_overwrite_option, check_out
 from .train import Reporter, load_model_config
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     )
     reporter.close()
     record = describe(result, settings, [str(s) for s in args.sections], args.encoder)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    with atomic_path(args.out.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
     print(f"{result.steps} steps in {result.seconds:.0f} s, loss {result.losses[0]:.3f} -> "
           f"{result.losses[-1]:.3f}; encoder weights: {args.out}")
     return 0
