@@ -148,6 +148,49 @@ def test_gene_switch_recolours_both_layers_in_place(app, qtbot, model_path) -> N
     assert visible == ["GENE5"]
 
 
+@pytest.fixture(scope="module")
+def noisy_model_path(section_path: Path, model_path: Path) -> Path:
+    """The tiny model with a noise model fitted on the synthetic section: it has uncertainty."""
+    from hifusion_model.checkpoint import load_model, save_checkpoint
+    from hifusion_model.sections import read_section, section_slide
+    from hifusion_model.uncertainty import fit_on_sections
+
+    model, ckpt = load_model(model_path)
+    section = read_section(section_path)
+    slide = section_slide(section)
+    noise = fit_on_sections([(section, slide)], ckpt.config)
+    slide.close()
+    return save_checkpoint(model_path.with_name("noisy.pt"), model, train_mean=ckpt.train_mean,
+                           card={**ckpt.card, "noise_model": noise.to_dict()})
+
+
+def test_uncertainty_colours_the_predictions_where_not_to_trust_them(
+    app, qtbot, model_path, noisy_model_path
+) -> None:
+    viewer, widget = app
+    genes = widget.genes
+    predict(qtbot, widget, model_path)
+    genes.set_gene("GENE5")
+    assert not genes.show_uncertainty.isEnabled()  # this model has no noise model
+    pred = predict(qtbot, widget, noisy_model_path)
+    genes.set_gene("GENE5")
+    assert genes.show_uncertainty.isEnabled()
+    table = meta(pred)["uncertainty"]
+    assert list(table.columns) == GENES and len(table) == len(pred.data)
+    expression = pred.face_color.copy()
+    genes.show_uncertainty.setChecked(True)
+    assert meta(pred)["color_by"] == "GENE5 uncertainty"
+    assert genes.colorbar.label.startswith("uncertainty")
+    assert meta(pred)["limits"] != meta(viewer.layers["synthetic measured"])["limits"]
+    most = int(np.argmax(table["GENE5"].to_numpy()))
+    np.testing.assert_allclose(pred.face_color[most],
+                               ensure_colormap(meta(pred)["colormap"]).map(np.array([1.0]))[0])
+    assert not np.allclose(pred.face_color, expression)
+    genes.show_uncertainty.setChecked(False)
+    assert meta(pred)["color_by"] == "GENE5" and genes.colorbar.label.startswith("ln")
+    np.testing.assert_allclose(pred.face_color, expression)
+
+
 def test_side_by_side_puts_truth_on_a_slide_copy(app, qtbot, model_path) -> None:
     viewer, widget = app
     predict(qtbot, widget, model_path)

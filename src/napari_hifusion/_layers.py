@@ -230,10 +230,26 @@ def color_points(points: Any, gene: str, limits: tuple[float, float], colormap: 
     without a value (added by hand) are grey. The gene, limits and colormap shown are kept in
     the layer's metadata.
     """
-    values = points.features[gene].to_numpy(dtype=np.float64)
+    color_values(points, points.features[gene].to_numpy(dtype=np.float64), limits, colormap)
+    meta(points).update(color_by=gene)
+
+
+def uncertainty_values(points: Any, gene: str) -> np.ndarray | None:
+    """The per-spot uncertainty of ``gene`` for the spots now on a prediction layer (NaN for
+    spots added since), or None when its model gave none."""
+    table = meta(points).get("uncertainty")
+    if table is None or gene not in table:
+        return None
+    ids = points.features[SPOT_ID].to_numpy(dtype=object)
+    return table[gene].reindex(pd.Index(ids, dtype=object)).to_numpy(dtype=np.float64)
+
+
+def color_values(points: Any, values: np.ndarray, limits: tuple[float, float],
+                 colormap: str) -> None:
+    """Colour each spot of ``points`` by its entry of ``values`` (NaN: grey)."""
     lo, hi = limits
     scaled = np.clip((values - lo) / ((hi - lo) or 1.0), 0.0, 1.0)
     colors = ensure_colormap(colormap).map(np.nan_to_num(scaled))
     colors[~np.isfinite(values)] = NO_VALUE_COLOR
     points.face_color = colors
-    meta(points).update(color_by=gene, limits=(float(lo), float(hi)), colormap=colormap)
+    meta(points).update(limits=(float(lo), float(hi)), colormap=colormap)

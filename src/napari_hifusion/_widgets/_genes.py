@@ -34,11 +34,13 @@ from .._layers import (
     SPOT_ID,
     TRUTH,
     color_points,
+    color_values,
     gene_columns,
     is_slide_layer,
     kind,
     meta,
     robust_limits,
+    uncertainty_values,
 )
 from ._common import ModelState, group
 
@@ -54,10 +56,12 @@ class ColorBar(QWidget):
         super().__init__(parent)
         self.colormap = DEFAULT_COLORMAP
         self.limits = (0.0, 1.0)
+        self.label = "ln relative expression"
         self.setMinimumHeight(34)
 
-    def set(self, colormap: str, limits: tuple[float, float]) -> None:
-        self.colormap, self.limits = colormap, limits
+    def set(self, colormap: str, limits: tuple[float, float],
+            label: str = "ln relative expression") -> None:
+        self.colormap, self.limits, self.label = colormap, limits, label
         self.update()
 
     def colors(self, n: int = 16) -> np.ndarray:
@@ -77,7 +81,7 @@ class ColorBar(QWidget):
         lo, hi = self.limits
         painter.drawText(text, Qt.AlignLeft | Qt.AlignTop, f"{lo:.2f}")
         painter.drawText(text, Qt.AlignRight | Qt.AlignTop, f"{hi:.2f}")
-        painter.drawText(text, Qt.AlignHCenter | Qt.AlignTop, "ln relative expression")
+        painter.drawText(text, Qt.AlignHCenter | Qt.AlignTop, self.label)
         painter.end()
 
 
@@ -98,6 +102,10 @@ class GenesPanel(QWidget):
         self.colormap.addItems(COLORMAPS)
         self.colorbar = ColorBar()
         self.side_by_side = QCheckBox("measured beside predicted")
+        self.show_uncertainty = QCheckBox("colour predictions by uncertainty")
+        self.show_uncertainty.setToolTip(
+            "How far each predicted value may be off: the counting noise expected at that spot "
+            "(sparse tissue catches few transcripts). Dark: trust the map; bright: do not.")
         self.pcc_label = QLabel()
         self.pcc_label.setWordWrap(True)
 
@@ -105,6 +113,7 @@ class GenesPanel(QWidget):
         self.gene_list.currentItemChanged.connect(self._picked)
         self.colormap.currentTextChanged.connect(lambda *_: self.recolor())
         self.side_by_side.toggled.connect(self.set_side_by_side)
+        self.show_uncertainty.toggled.connect(lambda *_: self.recolor())
         state.changed.connect(lambda *_: self.refresh_genes())
         viewer.layers.events.inserted.connect(self._layer_added)
         viewer.layers.events.removed.connect(lambda *_: self.refresh_genes())
@@ -117,7 +126,7 @@ class GenesPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(group("Genes", self.search, self.gene_list, row, self.colorbar,
-                               self.side_by_side, self.pcc_label))
+                               self.side_by_side, self.show_uncertainty, self.pcc_label))
         self.refresh_genes()
 
     # -- the gene list ---------------------------------------------------------------------------
@@ -183,10 +192,21 @@ class GenesPanel(QWidget):
         gene = self.current_gene
         layers = [l for l in self.expression_layers() if gene in l.features]
         cmap = self.colormap.currentText()
-        limits = robust_limits([l.features[gene] for l in layers])
-        for layer in layers:
-            color_points(layer, gene, limits, cmap)
-        self.colorbar.set(cmap, limits)
+        uncertain = {l.name: u for l in layers if kind(l) == PREDICTION
+                     and (u := uncertainty_values(l, gene)) is not None}
+        self.show_uncertainty.setEnabled(bool(uncertain) or self.show_uncertainty.isChecked())
+        if self.show_uncertainty.isChecked() and uncertain:
+            limits = robust_limits(list(uncertain.values()))
+            for layer in layers:
+                if layer.name in uncertain:
+                    color_values(layer, uncertain[layer.name], limits, cmap)
+                    meta(layer).update(color_by=f"{gene} uncertainty")
+            self.colorbar.set(cmap, limits, "uncertainty (SD, ln units)")
+        else:
+            limits = robust_limits([l.features[gene] for l in layers])
+            for layer in layers:
+                color_points(layer, gene, limits, cmap)
+            self.colorbar.set(cmap, limits)
         self.pcc_label.setText(self._pcc_text(gene))
 
     # -- prediction vs truth ---------------------------------------------------------------------

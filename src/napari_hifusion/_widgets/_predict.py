@@ -114,17 +114,14 @@ class PredictPanel(QWidget):
         section = section_from_points(spots)
 
         def job(ctx: JobContext) -> Any:
+            from hifusion_model.api import predict
             from hifusion_model.checkpoint import load_model
-            from hifusion_model.inference import predict_section
-            from hifusion_model.sections import section_slide
 
             ctx.progress(0, len(section), "loading model")
             model, ckpt = load_model(source, device=device)
-            slide = section_slide(section)
-            predictions = predict_section(model, ckpt, section, slide, batch_size=batch_size,
-                                          device=device, progress=ctx.progress,
-                                          should_stop=ctx.should_stop, tta=tta)
-            return section, np.asarray(predictions, dtype=np.float32), ckpt
+            pred = predict(section, model=(model, ckpt), device=device, batch_size=batch_size,
+                           tta=tta, progress=ctx.progress, should_stop=ctx.should_stop)
+            return section, pred, ckpt
 
         self.cancel_button.setEnabled(True)
         self.status.setText(f"predicting {len(section)} spots on {device}…")
@@ -138,14 +135,20 @@ class PredictPanel(QWidget):
     def _show_progress(self, done: int, total: int, message: str) -> None:
         self.status.setText(f"{message} ({done}/{total})" if total else message)
 
-    def _show(self, spots: Any, source: str, tta: int, section: Any, predictions: np.ndarray,
+    def _show(self, spots: Any, source: str, tta: int, section: Any, pred: Any,
               ckpt: Any) -> None:
-        """GUI thread: add (or replace) the prediction layer and align the measured layer."""
+        """GUI thread: add (or replace) the prediction layer and align the measured layer.
+
+        The per-spot uncertainty (when the model has a noise model) rides in the layer's
+        metadata as a table by spot id, for the Genes panel to colour by."""
         genes = list(ckpt.config.genes)
+        ids = np.asarray(section.obs_names, dtype=object)
         features = pd.concat([
-            pd.DataFrame({SPOT_ID: np.asarray(section.obs_names, dtype=object)}),
-            pd.DataFrame(predictions, columns=genes),
+            pd.DataFrame({SPOT_ID: ids}),
+            pd.DataFrame(np.asarray(pred.X, dtype=np.float32), columns=genes),
         ], axis=1)
+        uncertainty = (pd.DataFrame(pred.layers["uncertainty"], index=pd.Index(ids),
+                                    columns=genes) if "uncertainty" in pred.layers else None)
         base = spots.name.removesuffix(" measured").removesuffix(" spots")
         name = f"{base} predicted"
         if name in self.viewer.layers:
@@ -153,7 +156,8 @@ class PredictPanel(QWidget):
         data, kwargs, _ = points_layer_data(
             section, name=name, layer_kind=PREDICTION, features=features,
             extra_meta={"model": source, "checkpoint": ckpt, "spots_layer": spots.name,
-                        "normalization": ckpt.config.normalization, "test_time_views": tta},
+                        "normalization": ckpt.config.normalization, "test_time_views": tta,
+                        "uncertainty": uncertainty},
         )
         layer = self.viewer.add_points(data, **kwargs)
         if kind(spots) == TRUTH:
