@@ -334,6 +334,8 @@ CASES = [
                                                      "2\t1\t2.0\t1.0\t300.5\t300\n"))),
     Case("predict-mpp-tiny-grid", "predict {slide} --grid hex:100 --mpp 0.0001 --model {model} "
          "--out {tmp}/p.h5ad", "outside the plausible"),
+    Case("predict-spots-mpp-tiny", "predict {slide} --spots {base}/spots.csv --mpp 0.001 "
+         "--model {model} --out {tmp}/p.h5ad", "outside the plausible"),
     Case("predict-section-mpp-100", "predict {base}/mpp100.h5ad --model {model} --out {tmp}/p.h5ad",
          "outside the plausible"),
     Case("predict-grid-kind", "predict {slide} --grid tri:5 --mpp 2 --model {model} "

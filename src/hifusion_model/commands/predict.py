@@ -123,6 +123,8 @@ def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
         return section, section_slide(section, mpp_override=args.mpp)
     if args.spots:
         section = import_csv(args.spots, path, mpp=args.mpp)
+        meta = section.uns["hifusion"]
+        check_mpp(args, meta["mpp"], path, meta.get("mpp_source", ""))
         return section, section_slide(section)
     if not args.grid:
         raise ConfigError(
