@@ -120,3 +120,18 @@ def test_the_registry_names_every_network():
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def test_train_then_predict_gives_the_uncertainty_of_the_trained_model(section_path, tmp_path):
+    """A trained model carries its noise model (fitted on its training spots) in the card."""
+    from hifusion_model.config import tiny_config
+
+    recipe = hifusion_model.get_recipe("hifusion", epochs=1, batch_size=8, refit=False)
+    result = hifusion_model.train([section_path], tmp_path / "m.pt", recipe=recipe,
+                                  model_config=tiny_config(1), genes=6, device="cpu")
+    card = load_checkpoint(result.checkpoint).card
+    noise = uncertainty.NoiseModel.from_card(card)
+    assert noise is not None and noise.n_spots == read_section(section_path).n_obs
+    pred = hifusion_model.predict(section_path, model=str(result.checkpoint), device="cpu",
+                                  workers=0)
+    assert pred.layers["uncertainty"].shape == pred.shape == (noise.n_spots, 6)
