@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import json
+import warnings
+from pathlib import Path
 
 import anndata as ad
 import h5py
@@ -13,13 +17,20 @@ import tifffile
 from hifusion_model.cli import main
 from hifusion_model.errors import SectionError, SlideError
 from hifusion_model.importers import (
+    VISIUM_STEP_UM,
+    CoarseImageWarning,
+    ScaleMismatchWarning,
     SpotMismatchWarning,
     import_csv,
     import_her2st,
     import_hest,
+    import_scanpy_visium,
     import_visium,
+    lattice_mpp,
 )
 from hifusion_model.sections import read_section
+from spaceranger import GENES as SR_GENES
+from spaceranger import HIRES_SCALEF, LOWRES_SCALEF, array_um, write_spaceranger
 
 H, W = 300, 400
 GENES = ["G0", "G1", "G2", "G3"]
@@ -207,7 +218,8 @@ def _visium(root, version):
             "in_tissue": IN_TISSUE,
             "array_row": [0, 0, 1, 1, 2],
             "array_col": [0, 2, 1, 3, 0],
-            "pxl_row_in_fullres": [50, 50, 67, 67, 84],
+            # a hex array at 10 µm/px: 5 px per half pitch along a row, 8.66 px per row
+            "pxl_row_in_fullres": 50 + 5 * np.sqrt(3) * np.array([0, 0, 1, 1, 2]),
             "pxl_col_in_fullres": [100, 110, 105, 115, 100],
         }
     )
@@ -217,7 +229,7 @@ def _visium(root, version):
         positions.to_csv(outs / "spatial" / "tissue_positions_list.csv", index=False, header=False)
     (outs / "spatial" / "scalefactors_json.json").write_text(
         json.dumps(
-            {"spot_diameter_fullres": 5.5, "tissue_hires_scalef": 0.5, "tissue_lowres_scalef": 0.1}
+            {"spot_diameter_fullres": 6.5, "tissue_hires_scalef": 0.5, "tissue_lowres_scalef": 0.1}
         )
     )
     # barcodes in another order than the positions; features GA, GB, GA, CD3 (antibody)
@@ -252,7 +264,7 @@ def test_visium_import(tmp_path, version):
     np.testing.assert_array_equal(section[["AAAC-1"]].obsm["spatial"][0], [100, 50])
     assert section.obs.loc["ACCC-1", "array_row"] == 2
     meta = section.uns["hifusion"]
-    assert meta["mpp"] == pytest.approx(10.0) and "spot_diameter_fullres" in meta["mpp_source"]
+    assert meta["mpp"] == pytest.approx(10.0) and "spot lattice" in meta["mpp_source"]
     assert (meta["name"], meta["spot_diameter_um"], meta["source"]) == ("run", 55.0, "visium")
     assert meta["slide_abs"] == str((tmp_path / "run" / "fullres.tif").resolve())
 
@@ -275,6 +287,210 @@ def test_visium_image_errors(tmp_path):
 def test_visium_not_an_outs_folder(tmp_path):
     with pytest.raises(SectionError, match="not a Space Ranger outs/ folder"):
         import_visium(tmp_path)
+
+
+# --------------------------------------------------- Visium: real-shaped Space Ranger outputs
+
+
+@pytest.mark.parametrize(
+    ("positions", "matrix", "mpp", "rotation"),
+    [("csv", "h5", 4.0, 1.2), ("list", "mtx", 5.5, -0.4)],
+)
+def test_spaceranger_mpp_is_the_lattice_within_one_percent(
+    tmp_path, positions, matrix, mpp, rotation
+):
+    outs = write_spaceranger(
+        tmp_path, mpp=mpp, positions=positions, matrix=matrix, rotation_deg=rotation
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScaleMismatchWarning)  # lattice and scalefactors agree
+        section = import_visium(outs)
+    meta = section.uns["hifusion"]
+    assert meta["mpp"] == pytest.approx(mpp, rel=0.01)
+    assert meta["mpp_source"] == "spot lattice: 100 µm hex pitch over 4992 spots"
+    table = pd.read_csv(next((outs / "spatial").glob("tissue_positions*")), header=None)
+    n_tissue = int((table[1].astype(str) == "1").sum())
+    assert section.n_obs == n_tissue and meta["spot_diameter_um"] == 55.0
+    assert list(section.var_names) == [*SR_GENES[:-1], "ACTB-1"]  # the antibody is left out
+    assert Path(meta["slide_abs"]).name == "image.tif"
+
+
+def test_lattice_fit_follows_rotation_and_flips_and_refuses_other_arrays():
+    grid, xy_um = array_um(rotation_deg=7.0)
+    rc = grid[["array_row", "array_col"]].to_numpy(float)
+    flipped = xy_um * [-1, 1] + [20000, 0]  # a mirrored scan
+    fit = lattice_mpp(rc, flipped / 0.37, VISIUM_STEP_UM)
+    assert fit.mpp == pytest.approx(0.37, rel=1e-6) and fit.residual_px < 1e-6
+    with pytest.raises(ValueError, match="different scales"):  # a square array read as hex
+        lattice_mpp(rc, rc[:, ::-1] * 10, VISIUM_STEP_UM)
+    with pytest.raises(ValueError, match="one line"):
+        lattice_mpp(np.array([[0, 0], [1, 1], [2, 2]]), np.array([[0, 0], [1, 1], [2, 2]]), (1, 1))
+    with pytest.raises(ValueError, match="less than one array step"):
+        lattice_mpp(np.zeros((3, 2)), np.zeros((3, 2)), (1, 1))
+
+
+def test_scalefactors_that_disagree_with_the_lattice_warn(tmp_path):
+    # spot_diameter_fullres computed for 55 µm (the old assumption) is 18 % off
+    outs = write_spaceranger(tmp_path, mpp=4.0, spot_diameter_um=55.0)
+    with pytest.warns(ScaleMismatchWarning, match=r"differs by 18 % from 4 from the spot lattice"):
+        section = import_visium(outs)
+    assert section.uns["hifusion"]["mpp"] == pytest.approx(4.0, rel=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScaleMismatchWarning)
+        assert import_visium(outs, mpp=4.2).uns["hifusion"]["mpp"] == 4.2  # the caller's word
+
+
+def test_scalefactors_serve_when_the_array_gives_no_scale(tmp_path):
+    outs = write_spaceranger(tmp_path, mpp=4.0)
+    path = outs / "spatial" / "tissue_positions.csv"
+    table = pd.read_csv(path)
+    table["array_col"] = table["array_row"] = 0  # array coordinates lost
+    table.to_csv(path, index=False)
+    meta = import_visium(outs).uns["hifusion"]
+    assert meta["mpp"] == pytest.approx(4.0, rel=1e-6)
+    assert meta["mpp_source"].startswith("scalefactors: 65 µm / spot_diameter_fullres")
+
+
+def test_outs_with_only_the_hires_and_lowres_images(tmp_path):
+    outs = write_spaceranger(tmp_path, mpp=4.0, fullres=False)
+    with pytest.warns(CoarseImageWarning, match="placed on spatial/tissue_hires_image.png"):
+        section = import_visium(outs)
+    meta = section.uns["hifusion"]
+    assert meta["mpp"] == pytest.approx(4.0 / HIRES_SCALEF, rel=0.01)
+    assert meta["fullres_scale"] == HIRES_SCALEF
+    assert Path(meta["slide_abs"]).name == "tissue_hires_image.png"
+    positions = pd.read_csv(outs / "spatial" / "tissue_positions.csv", index_col="barcode")
+    first = positions.loc[section.obs_names[0]]
+    np.testing.assert_allclose(
+        section.obsm["spatial"][0],
+        HIRES_SCALEF * first[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float),
+    )
+    lowres = import_visium(outs, image=outs / "spatial" / "tissue_lowres_image.png")
+    assert lowres.uns["hifusion"]["mpp"] == pytest.approx(4.0 / LOWRES_SCALEF, rel=0.01)
+    (outs / "spatial" / "tissue_hires_image.png").unlink()
+    (outs / "spatial" / "tissue_lowres_image.png").unlink()
+    with pytest.raises(SlideError, match="no full-resolution image.*tissue_hires_image.png"):
+        import_visium(outs)
+
+
+def test_parquet_positions_without_pyarrow_say_what_to_install(tmp_path, monkeypatch):
+    outs = write_spaceranger(tmp_path, mpp=4.0)
+    (outs / "spatial" / "tissue_positions.csv").rename(outs / "spatial" / "elsewhere.csv")
+    (outs / "spatial" / "tissue_positions.parquet").write_bytes(b"PAR1")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec",
+        lambda name, *a: None if name in ("pyarrow", "fastparquet") else real(name, *a),
+    )
+    with pytest.raises(SectionError, match=r"tissue_positions.parquet: .*needs pyarrow"):
+        import_visium(outs)
+
+
+def test_parquet_positions(tmp_path):
+    pytest.importorskip("pyarrow")
+    outs = write_spaceranger(tmp_path, mpp=4.0, positions="parquet")
+    assert import_visium(outs).uns["hifusion"]["mpp"] == pytest.approx(4.0, rel=0.01)
+
+
+def test_mtx_folder_that_does_not_match_its_lists(tmp_path):
+    outs = write_spaceranger(tmp_path, mpp=4.0, matrix="mtx")
+    with gzip.open(outs / "filtered_feature_bc_matrix" / "barcodes.tsv.gz", "wt") as f:
+        f.write("AAAC-1\n")
+    with pytest.raises(SectionError, match="belong to different runs"):
+        import_visium(outs)
+    (outs / "filtered_feature_bc_matrix" / "barcodes.tsv.gz").unlink()
+    with pytest.raises(SectionError, match=r"no barcodes.tsv\(.gz\)"):
+        import_visium(outs)
+
+
+# ------------------------------------------------------------------ scanpy / squidpy AnnData
+
+
+def scanpy_visium(outs, *, normalised=True, source_image=False):
+    """The AnnData ``scanpy.read_visium(outs)`` makes (then log-normalised, counts kept)."""
+    from PIL import Image
+
+    section = import_visium(outs)  # the counts and spots, keyed by barcode
+    positions = pd.read_csv(outs / "spatial" / "tissue_positions.csv", index_col="barcode")
+    positions = positions.loc[section.obs_names]
+    factors = json.loads((outs / "spatial" / "scalefactors_json.json").read_text())
+    images = {
+        kind: np.asarray(Image.open(outs / "spatial" / f"tissue_{kind}_image.png"), np.float32)
+        / 255
+        for kind in ("hires", "lowres")
+    }
+    meta = {"chemistry_description": "Spatial 3' v1", "software_version": "spaceranger-2.0.0"}
+    if source_image:
+        meta["source_image_path"] = str(outs.parent / "image.tif")
+    counts = sp.csr_matrix(section.X)
+    adata = ad.AnnData(
+        X=counts,
+        obs=positions[["in_tissue", "array_row", "array_col"]].copy(),
+        var=pd.DataFrame(index=section.var_names.copy()),
+        obsm={"spatial": positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy()},
+        uns={"spatial": {"V1_Breast": {"images": images, "scalefactors": factors,
+                                       "metadata": meta}}},
+    )
+    if normalised:
+        adata.layers["counts"] = counts.copy()
+        adata.X = sp.csr_matrix(np.log1p(counts.toarray() / 3.0))
+    return adata, section
+
+
+def test_scanpy_visium_anndata_on_its_own_hires_image(tmp_path):
+    outs = write_spaceranger(tmp_path, mpp=4.0, fullres=False)
+    with pytest.warns(UserWarning):
+        adata, measured = scanpy_visium(outs)
+    path = tmp_path / "visium.h5ad"
+    adata.write_h5ad(path)
+    with pytest.warns(CoarseImageWarning, match=r"its own hires image \(saved as visium.V1_Breast"):
+        section = import_visium(path)  # `hifusion import visium X.h5ad` takes it as well
+    meta = section.uns["hifusion"]
+    assert (meta["source"], meta["name"], meta["library_id"]) == ("scanpy", "V1_Breast", "V1_Breast")
+    assert meta["mpp"] == pytest.approx(4.0 / HIRES_SCALEF, rel=0.01)
+    assert Path(meta["slide_abs"]) == tmp_path / "visium.V1_Breast.hires.png"
+    np.testing.assert_array_equal(section.X.toarray(), measured.X.toarray())  # layers['counts']
+    np.testing.assert_allclose(section.obsm["spatial"], adata.obsm["spatial"] * HIRES_SCALEF)
+    np.testing.assert_allclose(section.obsm["spatial"], measured.obsm["spatial"])  # as the outs'
+    assert section.uns["hifusion"]["mpp"] == pytest.approx(measured.uns["hifusion"]["mpp"], rel=1e-3)
+
+
+def test_scanpy_visium_anndata_with_its_source_image(tmp_path):
+    outs = write_spaceranger(tmp_path, mpp=4.0)
+    adata, measured = scanpy_visium(outs, normalised=False, source_image=True)
+    adata.write_h5ad(tmp_path / "visium.h5ad")
+    section = import_scanpy_visium(tmp_path / "visium.h5ad")
+    assert section.uns["hifusion"]["mpp"] == pytest.approx(4.0, rel=0.01)
+    assert Path(section.uns["hifusion"]["slide_abs"]).name == "image.tif"
+    np.testing.assert_allclose(section.obsm["spatial"], measured.obsm["spatial"])
+
+
+def test_scanpy_anndata_errors(tmp_path):
+    outs = write_spaceranger(tmp_path, mpp=4.0)
+    adata, _ = scanpy_visium(outs)
+    del adata.layers["counts"]
+    adata.write_h5ad(tmp_path / "normalised.h5ad")
+    with pytest.raises(SectionError, match="normalised values and neither layers"):
+        import_scanpy_visium(tmp_path / "normalised.h5ad")
+    adata.uns["spatial"]["second"] = adata.uns["spatial"]["V1_Breast"]
+    adata.write_h5ad(tmp_path / "two.h5ad")
+    with pytest.raises(SectionError, match=r"2 libraries \(V1_Breast, second\)"):
+        import_scanpy_visium(tmp_path / "two.h5ad")
+    del adata.uns["spatial"]
+    adata.write_h5ad(tmp_path / "plain.h5ad")
+    with pytest.raises(SectionError, match="not a scanpy/squidpy Visium AnnData"):
+        import_scanpy_visium(tmp_path / "plain.h5ad")
+
+
+def test_scanpy_read_visium_imports(tmp_path):
+    sc = pytest.importorskip("scanpy")
+    outs = write_spaceranger(tmp_path, mpp=4.0)
+    adata = sc.read_visium(outs)
+    adata.var_names_make_unique()
+    adata.write_h5ad(tmp_path / "sc.h5ad")
+    with pytest.warns(CoarseImageWarning, match="its own hires image"):
+        section = import_visium(tmp_path / "sc.h5ad")
+    assert section.uns["hifusion"]["mpp"] == pytest.approx(4.0 / HIRES_SCALEF, rel=0.01)
 
 
 # --------------------------------------------------------------------------------- HEST
@@ -396,6 +612,23 @@ def test_cli_her2st(st, tmp_path, capsys):
     assert "22 spots, 4 genes" in line and "array geometry" in line and "\n" not in line
     section = read_section(out)
     assert section.n_obs == 22 and section.uns["hifusion"]["slide"] == "img.tif"
+
+
+def test_cli_visium_and_scanpy_anndata(tmp_path, capsys):
+    outs = write_spaceranger(tmp_path, mpp=4.0, fullres=False, spot_diameter_um=55.0)
+    out = tmp_path / "run.h5ad"
+    assert main(["import", "visium", str(outs), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert " µm/px (spot lattice: 100 µm hex pitch" in captured.out and " 8.000" in captured.out
+    err = captured.err.splitlines()
+    assert len(err) == 2 and all(e.startswith("hifusion import: warning: ") for e in err)
+    assert "differs by 18 %" in captured.err and "tissue_hires_image.png" in captured.err
+    adata, _ = scanpy_visium(outs)
+    adata.write_h5ad(tmp_path / "scanpy.h5ad")
+    capsys.readouterr()
+    argv = ["import", "visium", str(tmp_path / "scanpy.h5ad"), "--out", str(tmp_path / "s.h5ad")]
+    assert main(argv) == 0
+    assert read_section(tmp_path / "s.h5ad").uns["hifusion"]["source"] == "scanpy"
 
 
 def test_cli_reports_dropped_spots_and_mismatch(st, tmp_path, capsys):

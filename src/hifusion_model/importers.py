@@ -188,23 +188,66 @@ def _section_name(path: Path) -> str:
 # ------------------------------------------------------------------------------- legacy ST
 
 
-def st_mpp_from_geometry(spots: pd.DataFrame) -> tuple[float, float]:
-    """µm/px and px per array step from a least-squares fit of pixel against array coordinates.
+class LatticeFit(NamedTuple):
+    """µm/px from a spot array: pixel length of one array step per axis, and the fit's error."""
 
-    Legacy ST spots sit on a 200 µm lattice, so the slope of ``pixel_x`` against the sub-spot
-    ``new_x`` (and ``pixel_y`` against ``new_y``) is the pixel length of 200 µm.
+    mpp: float
+    px_per_step: tuple[float, ...]
+    residual_px: float
+    n_spots: int
+
+
+def lattice_mpp(
+    grid: np.ndarray,
+    pixels: np.ndarray,
+    um_per_step: Sequence[float],
+    max_anisotropy: float | None = 0.05,
+) -> LatticeFit:
+    """µm/px from a least-squares affine fit of spot pixel centres on their array coordinates.
+
+    The one rule for every spot array (legacy ST, Visium): the array says how many µm apart
+    spots are (``um_per_step`` per array axis), the image says how many px; an affine fit
+    absorbs any rotation or flip of the image against the array, so the pixel length of one
+    step along axis ``j`` is the norm of the fit's ``j``-th column. Axes the spots do not span
+    are left out. ``ValueError`` when the spots fix no scale, or when the axes' scales differ
+    by more than ``max_anisotropy`` (the array is not the assumed one).
     """
-    steps = []
-    for a, p in (("new_x", "pixel_x"), ("new_y", "pixel_y")):
-        grid = spots[a].to_numpy(float)
-        if np.ptp(grid) < 1:
-            continue
-        slope = np.polyfit(grid, spots[p].to_numpy(float), 1)[0]
-        steps.append(abs(slope))
-    if not steps:
+    grid = np.asarray(grid, dtype=float).reshape(len(grid), -1)
+    pixels = np.asarray(pixels, dtype=float)[:, :2]
+    steps_um = np.asarray(um_per_step, dtype=float)
+    axes = [j for j in range(grid.shape[1]) if np.ptp(grid[:, j]) >= 1] if len(grid) else []
+    if not axes:
         raise ValueError("the spots span less than one array step")
-    px_per_step = float(np.mean(steps))
-    return ST_PITCH_UM / px_per_step, px_per_step
+    design = np.column_stack([grid[:, axes], np.ones(len(grid))])
+    if len(grid) <= len(axes) or np.linalg.matrix_rank(design) < design.shape[1]:
+        raise ValueError("the spots lie on one line of the array")
+    coef, *_ = np.linalg.lstsq(design, pixels, rcond=None)
+    px_per_step = np.hypot(coef[:-1, 0], coef[:-1, 1])
+    if not (px_per_step > 0).all():
+        raise ValueError("the spot pixel positions do not change along the array")
+    px_per_um = px_per_step / steps_um[axes]
+    if max_anisotropy is not None and px_per_um.max() > (1 + max_anisotropy) * px_per_um.min():
+        raise ValueError(
+            "the array axes give different scales "
+            f"({', '.join(f'{1 / v:.4g}' for v in px_per_um)} µm/px)"
+        )
+    residual = pixels - design @ coef
+    rms = float(np.sqrt((residual**2).sum(axis=1).mean()))
+    return LatticeFit(
+        float(1 / px_per_um.mean()), tuple(float(v) for v in px_per_step), rms, len(grid)
+    )
+
+
+def st_mpp_from_geometry(spots: pd.DataFrame) -> tuple[float, float]:
+    """µm/px and px per array step of legacy ST spots (a 200 µm lattice in ``new_x, new_y``);
+    see :func:`lattice_mpp`."""
+    fit = lattice_mpp(
+        spots[["new_x", "new_y"]].to_numpy(float),
+        spots[["pixel_x", "pixel_y"]].to_numpy(float),
+        (ST_PITCH_UM, ST_PITCH_UM),
+        max_anisotropy=None,
+    )
+    return fit.mpp, ST_PITCH_UM / fit.mpp
 
 
 def _st_spot_ids(spots: pd.DataFrame, path: Path) -> pd.Index:
@@ -291,6 +334,26 @@ def import_her2st(
 
 # ---------------------------------------------------------------------------------- Visium
 
+#: Visium spots sit on a hex array, 100 µm centre to centre (10x Visium spec): ``array_col``
+#: counts half pitches along a row (neighbours in a row differ by 2), ``array_row`` counts rows
+#: √3/2 pitch apart, and ``array_row + array_col`` is always even.
+VISIUM_PITCH_UM = 100.0
+VISIUM_STEP_UM = (VISIUM_PITCH_UM * np.sqrt(3) / 2, VISIUM_PITCH_UM / 2)  # (array_row, array_col)
+#: Space Ranger's ``spot_diameter_fullres`` spans "a theoretical 65 µm spot" (10x docs), not the
+#: 55 µm capture spot: 55 µm / spot_diameter_fullres reads every slide ~15 % too fine.
+SCALEFACTOR_SPOT_UM = 65.0
+#: Lattice and scalefactors disagreeing by more than this raise a :class:`ScaleMismatchWarning`.
+SCALE_TOLERANCE = 0.05
+VISIUM_IMAGES = {"hires": "tissue_hires_image.png", "lowres": "tissue_lowres_image.png"}
+
+
+class ScaleMismatchWarning(UserWarning):
+    """Two sources of a section's µm/px disagree; the message says which one was used."""
+
+
+class CoarseImageWarning(UserWarning):
+    """No full-resolution image: the spots are placed on a downsampled one (hires/lowres)."""
+
 
 def _visium_outs(outs_dir: Path) -> Path:
     if (outs_dir / "outs" / "spatial").is_dir():
@@ -303,31 +366,75 @@ def _visium_outs(outs_dir: Path) -> Path:
     return outs_dir
 
 
-def read_visium_positions(outs: Path) -> pd.DataFrame:
-    """In-tissue spots of ``tissue_positions.csv`` (header) or ``tissue_positions_list.csv``."""
-    v2, v1 = (
-        outs / "spatial" / "tissue_positions.csv",
-        outs / "spatial" / "tissue_positions_list.csv",
-    )
-    if v2.is_file():
-        table, path = _read_table(v2, "spot positions"), v2
-    elif v1.is_file():
-        table, path = _read_table(v1, "spot positions", header=None), v1
-        if table.shape[1] != len(VISIUM_COLUMNS):
-            raise SectionError(
-                f"{v1}: expected {len(VISIUM_COLUMNS)} columns, found {table.shape[1]}"
-            )
-        table.columns = VISIUM_COLUMNS
-    else:
+def _read_parquet(path: Path) -> pd.DataFrame:
+    import importlib.util
+
+    if not any(importlib.util.find_spec(m) for m in ("pyarrow", "fastparquet")):
         raise SectionError(
-            f"{outs}: no spatial/tissue_positions.csv or tissue_positions_list.csv; "
-            "is this a Visium run?"
+            f"{path}: reading a .parquet spot table needs pyarrow; install it "
+            "(pip install pyarrow) or convert the table to tissue_positions.csv"
         )
+    try:
+        return pd.read_parquet(path)
+    except (ValueError, OSError) as e:
+        raise SectionError(f"{path}: cannot read the spot positions ({type(e).__name__}: {e})") from e
+
+
+def _visium_positions(outs: Path) -> tuple[pd.DataFrame, Path]:
+    """Every spot of the run (on and off tissue), indexed by barcode, and the file it came from.
+
+    ``tissue_positions.parquet`` (Visium HD), ``tissue_positions.csv`` (Space Ranger ≥ 2, with a
+    header) or ``tissue_positions_list.csv`` (earlier, without); a header is recognised either way.
+    """
+    spatial = outs / "spatial"
+    names = ("tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv")
+    path = next((spatial / n for n in names if (spatial / n).is_file()), None)
+    if path is None:
+        raise SectionError(
+            f"{outs}: no spatial/tissue_positions.csv, tissue_positions_list.csv or "
+            "tissue_positions.parquet; is this a Visium run?"
+        )
+    if path.suffix == ".parquet":
+        table = _read_parquet(path)
+    else:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = f.readline().lstrip("\ufeff").startswith("barcode")
+        table = _read_table(path, "spot positions", header=0 if header else None)
+        if not header:
+            if table.shape[1] != len(VISIUM_COLUMNS):
+                raise SectionError(
+                    f"{path}: expected {len(VISIUM_COLUMNS)} columns "
+                    f"({', '.join(VISIUM_COLUMNS)}), found {table.shape[1]}"
+                )
+            table.columns = VISIUM_COLUMNS
     _require_columns(table, VISIUM_COLUMNS, path, "spot positions")
-    table = table[table["in_tissue"] == 1].set_index("barcode")
+    _numeric_columns(table, VISIUM_COLUMNS[1:], path)
+    table = table.set_index("barcode")
     table.index = table.index.astype(str)
     _check_unique(table.index, path, "spot positions")
-    return table
+    return table, path
+
+
+def read_visium_positions(outs: Path) -> pd.DataFrame:
+    """In-tissue spots of the run's spot positions (see :func:`_visium_positions`)."""
+    table, _ = _visium_positions(outs)
+    return table[table["in_tissue"] == 1]
+
+
+def _feature_matrix(X: sp.spmatrix, barcodes, names, ids, kind, path: Path) -> ad.AnnData:
+    """Cells × genes AnnData from 10x features (antibody and CRISPR features dropped)."""
+    names, ids = np.asarray(names, dtype=str), np.asarray(ids, dtype=str)
+    if kind is not None:  # only genes are predicted
+        genes = np.asarray(kind, dtype=str) == "Gene Expression"
+        X, names, ids = X[:, genes], names[genes], ids[genes]
+    var = pd.DataFrame({"gene_ids": ids}, index=ad.utils.make_index_unique(pd.Index(names)))
+    adata = ad.AnnData(
+        X=sp.csr_matrix(X, dtype=np.float32),
+        obs=pd.DataFrame(index=pd.Index(np.asarray(barcodes, dtype=str), dtype=object)),
+        var=var,
+    )
+    _check_counts(adata.X.data, path)
+    return adata
 
 
 def read_10x_h5(path: Path) -> ad.AnnData:
@@ -354,17 +461,66 @@ def read_10x_h5(path: Path) -> ad.AnnData:
             f"{path}: not a readable 10x feature-barcode matrix ({type(e).__name__}: {e}); "
             "pass Space Ranger's filtered_feature_bc_matrix.h5"
         ) from e
-    if kind is not None:  # drop antibody / CRISPR features: only genes are predicted
-        genes = kind == "Gene Expression"
-        X, names, ids = X[:, genes], names[genes], ids[genes]
-    var = pd.DataFrame({"gene_ids": ids}, index=ad.utils.make_index_unique(pd.Index(names)))
-    adata = ad.AnnData(X=X.astype(np.float32), obs=pd.DataFrame(index=barcodes), var=var)
-    _check_counts(adata.X.data, path)
-    return adata
+    return _feature_matrix(X, barcodes, names, ids, kind, path)
 
 
-def _find_image(folders: Sequence[Path], where: Path) -> Path:
-    found = sorted(
+def _mtx_file(folder: Path, *names: str) -> Path:
+    for name in names:
+        for candidate in (folder / f"{name}.gz", folder / name):
+            if candidate.is_file():
+                return candidate
+    raise SectionError(
+        f"{folder}: no {' or '.join(names)}(.gz); a 10x matrix folder holds barcodes.tsv.gz, "
+        "features.tsv.gz and matrix.mtx.gz"
+    )
+
+
+def read_10x_mtx(folder: Path) -> ad.AnnData:
+    """Read a 10x matrix folder (``matrix.mtx``, ``barcodes.tsv``, ``features.tsv`` or the older
+    ``genes.tsv``, each optionally gzipped), as ``scanpy.read_10x_mtx`` does."""
+    import gzip
+
+    import scipy.io
+
+    matrix_path = _mtx_file(folder, "matrix.mtx")
+    barcodes_path = _mtx_file(folder, "barcodes.tsv")
+    features_path = _mtx_file(folder, "features.tsv", "genes.tsv")
+    try:
+        opener = gzip.open if matrix_path.suffix == ".gz" else open
+        with opener(matrix_path, "rb") as f:
+            X = sp.csr_matrix(scipy.io.mmread(f)).T.tocsr()  # genes × barcodes on disk
+        barcodes = pd.read_csv(barcodes_path, sep="\t", header=None, dtype=str)[0]
+        features = pd.read_csv(features_path, sep="\t", header=None, dtype=str)
+    except (ValueError, OSError, EOFError, IndexError) as e:
+        raise SectionError(
+            f"{folder}: not a readable 10x matrix folder ({type(e).__name__}: {e}); pass "
+            "Space Ranger's filtered_feature_bc_matrix/"
+        ) from e
+    if X.shape != (len(barcodes), len(features)):
+        raise SectionError(
+            f"{matrix_path}: the matrix is {X.shape[1]} features × {X.shape[0]} barcodes, but "
+            f"the folder lists {len(features)} features and {len(barcodes)} barcodes; "
+            "the files belong to different runs"
+        )
+    names = features[1] if features.shape[1] > 1 else features[0]
+    kind = features[2] if features.shape[1] > 2 else None
+    return _feature_matrix(X, barcodes, names, features[0], kind, matrix_path)
+
+
+def _visium_matrix(outs: Path) -> tuple[ad.AnnData, Path]:
+    h5, mtx = outs / "filtered_feature_bc_matrix.h5", outs / "filtered_feature_bc_matrix"
+    if h5.is_file():
+        return read_10x_h5(h5), h5
+    if mtx.is_dir():
+        return read_10x_mtx(mtx), mtx
+    raise SectionError(
+        f"{outs}: count matrix not found (neither filtered_feature_bc_matrix.h5 nor a "
+        "filtered_feature_bc_matrix/ folder); pass a Space Ranger outs/ folder"
+    )
+
+
+def _images_in(folders: Sequence[Path]) -> list[Path]:
+    return sorted(
         {
             p
             for d in folders
@@ -373,6 +529,10 @@ def _find_image(folders: Sequence[Path], where: Path) -> Path:
             if p.suffix.lower() in IMAGE_SUFFIXES
         }
     )
+
+
+def _find_image(folders: Sequence[Path], where: Path) -> Path:
+    found = _images_in(folders)
     if len(found) == 1:
         return found[0]
     if not found:
@@ -385,46 +545,179 @@ def _find_image(folders: Sequence[Path], where: Path) -> Path:
     )
 
 
+def _visium_scalefactors(path: Path) -> dict[str, float]:
+    """The numeric entries of ``scalefactors_json.json`` (empty when the file is absent)."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise TypeError("not a JSON object")
+        factors = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise SectionError(f"{path}: cannot read the scale factors ({type(e).__name__}: {e})") from e
+    bad = [k for k, v in factors.items() if not (np.isfinite(v) and v > 0)]
+    if bad:
+        raise SectionError(f"{path}: {bad[0]} must be a positive number, got {raw[bad[0]]!r}")
+    return factors
+
+
+def _image_scale(path: Path, factors: dict[str, float], where: Path) -> tuple[float, str]:
+    """Full-resolution px → ``path``'s px: 1, or the scalefactor of a hires/lowres PNG."""
+    for kind, name in VISIUM_IMAGES.items():
+        if path.name == name:
+            key = f"tissue_{kind}_scalef"
+            if key not in factors:
+                raise SectionError(
+                    f"{where}: {name} needs {key} from spatial/scalefactors_json.json to place "
+                    "the spots; restore that file or pass the full-resolution image"
+                )
+            return factors[key], kind
+    return 1.0, "fullres"
+
+
+def _visium_image(
+    outs: Path, image: str | os.PathLike | None, factors: dict[str, float]
+) -> tuple[Path, float, str]:
+    """The image to use, the factor from full-resolution px to its px, and its kind.
+
+    Without ``image``: the only full-resolution image beside ``outs/``, else Space Ranger's
+    ``spatial/tissue_hires_image.png`` (then the lowres one), with a warning, because the model
+    then sees tissue at a few µm/px where it was trained at well under one.
+    """
+    if image is not None:
+        path = Path(image).expanduser()
+        scale, kind = _image_scale(path, factors, outs)
+        return path, scale, kind
+    if _images_in([outs, outs.parent]):
+        return _find_image([outs, outs.parent], outs), 1.0, "fullres"
+    for kind, name in VISIUM_IMAGES.items():
+        path = outs / "spatial" / name
+        if path.is_file():
+            scale, kind = _image_scale(path, factors, outs)
+            warnings.warn(
+                f"{outs}: no full-resolution image beside it, so the spots are placed on "
+                f"spatial/{name} (×{scale:.4g}); predictions on it are coarse, pass the "
+                "full-resolution image for better ones",
+                CoarseImageWarning,
+                stacklevel=3,
+            )
+            return path, scale, kind
+    raise SlideError(
+        f"{outs}: no full-resolution image (*.tif, *.tiff, *.btf) beside it and no "
+        f"spatial/{VISIUM_IMAGES['hires']}; pass --image"
+    )
+
+
+def _visium_lattice(
+    grid: pd.DataFrame, spatial: np.ndarray, factors: dict[str, float]
+) -> tuple[LatticeFit | None, str]:
+    """µm/px of ``spatial`` (px of the image used) from the spot array, and how it was found.
+
+    The hex Visium array (``array_row + array_col`` always even) has a 100 µm pitch; a square
+    array of Visium HD bins has the pitch ``bin_size_um`` of its scale factors.
+    """
+    if not {"array_row", "array_col"} <= set(grid.columns) or len(grid) < 3:
+        return None, "no array coordinates"
+    rc = grid[["array_row", "array_col"]].to_numpy(float)
+    if np.all((rc.sum(axis=1) % 2) == (rc[0].sum() % 2)):
+        steps, what = VISIUM_STEP_UM, f"{VISIUM_PITCH_UM:.0f} µm hex pitch"
+    elif "bin_size_um" in factors:
+        steps = (factors["bin_size_um"], factors["bin_size_um"])
+        what = f"{factors['bin_size_um']:g} µm square bins"
+    else:
+        return None, "not a hex Visium array (and no bin_size_um for square bins)"
+    try:
+        fit = lattice_mpp(rc, spatial, steps)
+    except ValueError as e:
+        return None, str(e)
+    pitch_px = steps[-1] / fit.mpp
+    if fit.residual_px > 0.25 * pitch_px:
+        return None, f"the spots stray {fit.residual_px:.1f} px from the array (pitch {pitch_px:.1f} px)"
+    return fit, f"spot lattice: {what} over {fit.n_spots} spots"
+
+
+def _visium_mpp(
+    mpp: float | None,
+    lattice: tuple[LatticeFit | None, str],
+    factors: dict[str, float],
+    scale: float,
+    image_mpp: float | None,
+    source: Path,
+) -> tuple[float, str]:
+    """``mpp``, else the lattice, else the scale factors, else the image's metadata; the lattice
+    is checked against the other two, with a :class:`ScaleMismatchWarning` when they disagree."""
+    fit, lattice_origin = lattice
+    others: list[tuple[float | None, str]] = []
+    if "microns_per_pixel" in factors:  # Visium HD records it
+        others.append((factors["microns_per_pixel"] / scale, "scalefactors: microns_per_pixel"))
+    elif "spot_diameter_fullres" in factors:
+        diameter = factors["spot_diameter_fullres"] * scale
+        others.append((
+            SCALEFACTOR_SPOT_UM / diameter,
+            f"scalefactors: {SCALEFACTOR_SPOT_UM:.0f} µm / spot_diameter_fullres "
+            f"{factors['spot_diameter_fullres']:g}",
+        ))
+    if image_mpp is not None:
+        others.append((image_mpp, "image metadata"))
+    candidates = [(mpp, "--mpp"), (fit.mpp if fit else None, lattice_origin), *others]
+    value, origin = _first_mpp(candidates, source, "pass --mpp")
+    if mpp is None and fit is not None:
+        for other, where in others:
+            if abs(other / fit.mpp - 1) > SCALE_TOLERANCE:
+                warnings.warn(
+                    f"{source}: µm/px {other:.4g} from {where} differs by "
+                    f"{100 * abs(other / fit.mpp - 1):.0f} % from {fit.mpp:.4g} from the "
+                    f"{lattice_origin}; using the lattice (pass --mpp to choose)",
+                    ScaleMismatchWarning,
+                    stacklevel=3,
+                )
+    return value, origin
+
+
 def import_visium(
     outs_dir: str | os.PathLike,
     image: str | os.PathLike | None = None,
     mpp: float | None = None,
     name: str | None = None,
 ) -> ad.AnnData:
-    """Import a 10x Visium Space Ranger ``outs/`` folder (in-tissue spots only).
+    """Import a 10x Visium Space Ranger ``outs/`` folder (in-tissue spots only), or a
+    scanpy/squidpy Visium ``.h5ad`` (see :func:`import_scanpy_visium`).
 
-    µm/px: ``mpp``, else 55 µm / ``spot_diameter_fullres`` from ``scalefactors_json.json``, else
-    the image's metadata.
+    Counts: ``filtered_feature_bc_matrix.h5``, else the ``filtered_feature_bc_matrix/`` folder.
+    Image: ``image``, else the only full-resolution image beside ``outs/``, else
+    ``spatial/tissue_hires_image.png`` (spots scaled by ``tissue_hires_scalef``).
+    µm/px: ``mpp``, else the spot lattice (:func:`lattice_mpp`, 100 µm pitch), else the scale
+    factors (65 µm / ``spot_diameter_fullres``), else the image's metadata.
     """
-    outs = _visium_outs(Path(outs_dir).expanduser())
-    positions = read_visium_positions(outs)
-    matrix = read_10x_h5(outs / "filtered_feature_bc_matrix.h5")
-    keep, lost = _match_spots(
-        matrix.obs_names, positions.index, outs / "filtered_feature_bc_matrix.h5", outs / "spatial"
-    )
+    source = Path(outs_dir).expanduser()
+    if source.suffix == ".h5ad" and not source.is_dir():
+        return import_scanpy_visium(source, image=image, mpp=mpp, name=name)
+    outs = _visium_outs(source)
+    every_spot, positions_path = _visium_positions(outs)
+    positions = every_spot[every_spot["in_tissue"] == 1]
+    matrix, matrix_path = _visium_matrix(outs)
+    keep, lost = _match_spots(matrix.obs_names, positions.index, matrix_path, positions_path)
     positions = positions.loc[keep]
 
-    slide = _probe_slide(image if image is not None else _find_image([outs, outs.parent], outs))
-    diameter_px = _visium_spot_diameter(outs / "spatial" / "scalefactors_json.json")
-    mpp_value, origin = _first_mpp(
-        [
-            (mpp, "--mpp"),
-            (
-                None if diameter_px is None else VISIUM_SPOT_UM / diameter_px,
-                f"scalefactors: {VISIUM_SPOT_UM:.0f} µm / spot_diameter_fullres {diameter_px}",
-            ),
-            (slide.mpp, "image metadata"),
-        ],
-        slide.path,
-        "pass --mpp",
+    factors = _visium_scalefactors(outs / "spatial" / "scalefactors_json.json")
+    image_path, scale, kind = _visium_image(outs, image, factors)
+    slide = _probe_slide(image_path)
+    columns = ["pxl_col_in_fullres", "pxl_row_in_fullres"]
+    lattice = _visium_lattice(every_spot, every_spot[columns].to_numpy(float) * scale, factors)
+    mpp_value, origin = _visium_mpp(
+        mpp, lattice, factors, scale, slide.mpp if kind == "fullres" else None, slide.path
     )
-    spatial = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
-    check_spots_inside(spatial, slide.shape, outs / "spatial", slide.path)
+    spatial = positions[columns].to_numpy(float) * scale
+    check_spots_inside(spatial, slide.shape, positions_path, slide.path)
+    extra = {"mpp_source": origin, **lost}
+    if kind != "fullres":
+        extra["fullres_scale"] = scale
     return new_section(
         spatial,
         slide=slide.path,
         mpp=mpp_value,
-        spot_diameter_um=VISIUM_SPOT_UM,
+        spot_diameter_um=factors.get("bin_size_um", VISIUM_SPOT_UM),
         name=name or (outs.parent.name if outs.name == "outs" else outs.name),
         source="visium",
         label=outs,
@@ -433,20 +726,172 @@ def import_visium(
         genes=matrix.var_names,
         array_row=positions["array_row"].astype(int),
         array_col=positions["array_col"].astype(int),
-        extra={"mpp_source": origin, **lost},
+        extra=extra,
     )
 
 
-def _visium_spot_diameter(path: Path) -> float | None:
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text())["spot_diameter_fullres"]
-        return float(value)
-    except (ValueError, KeyError, TypeError) as e:
+# ------------------------------------------------------------------------ scanpy / squidpy
+
+
+def _spatial_library(adata: ad.AnnData, path: Path, library_id: str | None) -> tuple[str, dict]:
+    spatial = adata.uns.get("spatial")
+    if not isinstance(spatial, dict) or not spatial:
         raise SectionError(
-            f"{path}: cannot read spot_diameter_fullres ({type(e).__name__}: {e})"
-        ) from e
+            f"{path}: not a scanpy/squidpy Visium AnnData (no uns['spatial'][library]); "
+            "read the run with scanpy.read_visium or import its Space Ranger outs/ folder"
+        )
+    if library_id is None:
+        if len(spatial) > 1:
+            raise SectionError(
+                f"{path}: uns['spatial'] holds {len(spatial)} libraries "
+                f"({', '.join(map(str, spatial))}); subset the AnnData to one library first"
+            )
+        library_id = next(iter(spatial))
+    if library_id not in spatial or not isinstance(spatial[library_id], dict):
+        raise SectionError(
+            f"{path}: no library {library_id!r} in uns['spatial'] "
+            f"(has {', '.join(map(str, spatial))})"
+        )
+    return str(library_id), spatial[library_id]
+
+
+def _is_raw_counts(matrix) -> bool:
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    return (
+        np.issubdtype(values.dtype, np.number)
+        and bool(np.isfinite(values).all())
+        and not (values < 0).any()
+        and np.array_equal(values, np.round(values))
+    )
+
+
+def _raw_counts(adata: ad.AnnData, path: Path) -> tuple[object, pd.Index, str]:
+    """The raw counts of a scanpy AnnData: ``X``, else ``layers['counts']``, else ``.raw``."""
+    if _is_raw_counts(adata.X):
+        return adata.X, adata.var_names, "X"
+    if "counts" in adata.layers and _is_raw_counts(adata.layers["counts"]):
+        return adata.layers["counts"], adata.var_names, "layers['counts']"
+    if adata.raw is not None and _is_raw_counts(adata.raw.X):
+        return adata.raw.X, adata.raw.var_names, "raw.X"
+    raise SectionError(
+        f"{path}: X holds normalised values and neither layers['counts'] nor .raw holds raw "
+        "counts; import the run's Space Ranger outs/ folder, or keep the raw counts in "
+        "layers['counts']"
+    )
+
+
+def _as_rgb8(image: np.ndarray) -> np.ndarray:
+    """scanpy keeps PNGs as float32 in [0, 1] (matplotlib's imread); the core wants uint8 RGB."""
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=-1)
+    a = a[..., :3]
+    if np.issubdtype(a.dtype, np.floating):
+        a = np.clip(a * (255.0 if a.max() <= 1.0 else 1.0), 0, 255).round()
+    return a.astype(np.uint8)
+
+
+def _embedded_image(path: Path, library_id: str, lib: dict) -> tuple[Path, str]:
+    """Write the AnnData's own hires (else lowres) image beside it, once, as a PNG slide."""
+    from PIL import Image
+
+    from .io_utils import atomic_path
+
+    images = lib.get("images") or {}
+    kind = next((k for k in ("hires", "lowres") if k in images), None)
+    if kind is None:
+        raise SlideError(
+            f"{path}: uns['spatial'][{library_id!r}] holds no hires or lowres image and "
+            "no source_image_path; pass --image"
+        )
+    out = path.with_name(f"{path.stem}.{library_id}.{kind}.png")
+    pixels = _as_rgb8(images[kind])
+    if not out.is_file() or Image.open(out).size != (pixels.shape[1], pixels.shape[0]):
+        try:
+            with atomic_path(out) as tmp:
+                Image.fromarray(pixels).save(tmp, format="PNG")
+        except OSError as e:
+            raise SlideError(
+                f"{out}: cannot write the AnnData's {kind} image as the slide ({e}); "
+                "pass --image"
+            ) from e
+    warnings.warn(
+        f"{path}: no full-resolution image, so the spots are placed on its own {kind} image "
+        f"(saved as {out.name}); predictions on it are coarse, pass the full-resolution image "
+        "for better ones",
+        CoarseImageWarning,
+        stacklevel=3,
+    )
+    return out, kind
+
+
+def import_scanpy_visium(
+    h5ad: str | os.PathLike,
+    image: str | os.PathLike | None = None,
+    mpp: float | None = None,
+    name: str | None = None,
+    library_id: str | None = None,
+) -> ad.AnnData:
+    """Import a scanpy/squidpy Visium AnnData (``scanpy.read_visium``, ``squidpy.read.visium``).
+
+    Spots: ``obsm['spatial']`` (full-resolution px); counts: ``X``, ``layers['counts']`` or
+    ``.raw``, whichever holds raw counts. Image: ``image``, else ``uns['spatial'][library]
+    ['metadata']['source_image_path']``, else the AnnData's own hires/lowres image (written
+    beside it as a PNG; spots scaled by its scalefactor). µm/px as :func:`import_visium`.
+    """
+    path = Path(h5ad).expanduser()
+    adata = read_h5ad(path, "AnnData not found")
+    library_id, lib = _spatial_library(adata, path, library_id)
+    if "spatial" not in adata.obsm:
+        raise SectionError(f"{path}: no spot centres in obsm['spatial']")
+    _check_unique(adata.obs_names, path, "AnnData")
+    counts, genes, _ = _raw_counts(adata, path)
+    factors = {
+        k: float(v) for k, v in (lib.get("scalefactors") or {}).items()
+        if isinstance(v, (int, float, np.number)) and np.isfinite(v) and v > 0
+    }
+    source_image = (lib.get("metadata") or {}).get("source_image_path")
+    if image is not None:
+        image_path, scale, kind = Path(image).expanduser(), 1.0, "fullres"
+    elif source_image and Path(str(source_image)).expanduser().is_file():
+        image_path, scale, kind = Path(str(source_image)).expanduser(), 1.0, "fullres"
+    else:
+        image_path, kind = _embedded_image(path, library_id, lib)
+        key = f"tissue_{kind}_scalef"
+        if key not in factors:
+            raise SectionError(
+                f"{path}: uns['spatial'][{library_id!r}]['scalefactors'] lacks {key}, so the "
+                "spots cannot be placed on its image; pass --image"
+            )
+        scale = factors[key]
+    slide = _probe_slide(image_path)
+    spatial = np.asarray(adata.obsm["spatial"], dtype=float)[:, :2] * scale
+    lattice = _visium_lattice(adata.obs, spatial, factors)
+    mpp_value, origin = _visium_mpp(
+        mpp, lattice, factors, scale, slide.mpp if kind == "fullres" else None, slide.path
+    )
+    check_spots_inside(spatial, slide.shape, path, slide.path)
+    obs = adata.obs
+    extra = {"mpp_source": origin, "library_id": library_id}
+    if kind != "fullres":
+        extra["fullres_scale"] = scale
+    if not pd.Index(genes).is_unique:
+        genes = ad.utils.make_index_unique(pd.Index(genes))
+    return new_section(
+        spatial,
+        slide=slide.path,
+        mpp=mpp_value,
+        spot_diameter_um=factors.get("bin_size_um", VISIUM_SPOT_UM),
+        name=name or library_id,
+        source="scanpy",
+        label=path,
+        obs_names=adata.obs_names,
+        counts=counts,
+        genes=genes,
+        array_row=obs["array_row"].astype(int) if "array_row" in obs else None,
+        array_col=obs["array_col"].astype(int) if "array_col" in obs else None,
+        extra=extra,
+    )
 
 
 # ------------------------------------------------------------------------------------ HEST

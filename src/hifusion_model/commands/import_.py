@@ -10,7 +10,15 @@ from pathlib import Path
 from anndata import AnnData
 
 from ..errors import SectionError
-from ..importers import SpotMismatchWarning, import_csv, import_her2st, import_hest, import_visium
+from ..importers import (
+    CoarseImageWarning,
+    ScaleMismatchWarning,
+    SpotMismatchWarning,
+    import_csv,
+    import_her2st,
+    import_hest,
+    import_visium,
+)
 from ..sections import UNS_KEY, write_section
 from ._options import add_any_mpp_option, add_overwrite_option, check_mpp, check_out
 
@@ -40,12 +48,18 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     )
     _common(p, "µm per full-resolution pixel (default: image metadata, else the array geometry)")
 
-    p = formats.add_parser("visium", help="10x Space Ranger outs/ folder")
-    p.add_argument("outs", type=Path, metavar="OUTS_DIR", help="Space Ranger outs/ folder")
+    p = formats.add_parser(
+        "visium", help="10x Space Ranger outs/ folder, or a scanpy/squidpy Visium .h5ad"
+    )
+    p.add_argument(
+        "outs", type=Path, metavar="OUTS_DIR",
+        help="Space Ranger outs/ folder, or an .h5ad with uns['spatial'] (scanpy.read_visium)",
+    )
     p.add_argument(
         "--image", type=Path, help="full-resolution image (default: the only *.tif beside outs/)"
     )
-    _common(p, "µm per full-resolution pixel (default: 55 µm / spot_diameter_fullres)")
+    _common(p, "µm per full-resolution pixel (default: from the 100 µm spot lattice, else "
+            "65 µm / spot_diameter_fullres)")
 
     p = formats.add_parser(
         "hest", help="HEST-1k sample (st/<id>.h5ad, metadata/<id>.json, wsis/<id>.tif)"
@@ -95,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", SpotMismatchWarning)
         adata = _import(args)
     for w in caught:
-        if issubclass(w.category, SpotMismatchWarning):
+        if issubclass(w.category, (SpotMismatchWarning, ScaleMismatchWarning, CoarseImageWarning)):
             print(f"hifusion import: warning: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
