@@ -248,3 +248,62 @@ def test_grid_on_a_bare_slide_covers_the_tissue(tmp_path: Path, model_file: Path
     assert adata.shape == (section.n_obs, 5) and "truth" not in adata.layers
     with pytest.raises(SlideError, match="mpp"):
         grid_section(Slide.open(tmp_path / "s.tif"))
+
+
+# -- the scanpy / squidpy convention ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def visium_predictions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ad.AnnData]:
+    """A real-shaped Space Ranger section (4 µm/px) and random predictions written for it."""
+    from spaceranger import write_spaceranger
+
+    from hifusion_model.checkpoint import load_checkpoint
+    from hifusion_model.importers import import_visium
+
+    root = tmp_path_factory.mktemp("visium")
+    section = import_visium(write_spaceranger(root, mpp=4.0))
+    genes = ["ERBB2", "GATA3", "KRT19"]
+    ckpt = load_checkpoint(save_checkpoint(root / "m.pt", HiFusion(tiny_config(genes)),
+                                           train_mean=-np.arange(1.0, 4.0)))
+    pred = np.random.default_rng(0).normal(-5, 1, (section.n_obs, 3)).astype(np.float32)
+    return write_predictions(predictions_to_anndata(section, pred, ckpt), root / "p.h5ad"), section
+
+
+def test_prediction_file_follows_the_scanpy_spatial_convention(visium_predictions) -> None:
+    import h5py
+
+    path, section = visium_predictions
+    pred = ad.read_h5ad(path)
+    [library] = pred.uns["spatial"]
+    lib = pred.uns["spatial"][library]
+    assert library == "run"
+    image = lib["images"]["hires"]
+    factors = lib["scalefactors"]
+    mpp = section.uns["hifusion"]["mpp"]
+    assert image.dtype == np.uint8 and image.ndim == 3 and max(image.shape[:2]) == 2000
+    with Slide.open(section.uns["hifusion"]["slide_abs"]) as slide:
+        assert factors["tissue_hires_scalef"] == pytest.approx(image.shape[1] / slide.shape[1])
+    assert factors["spot_diameter_fullres"] == pytest.approx(55.0 / mpp)
+    # each spot, scaled as scanpy scales it, lands on the tissue (pink) of the thumbnail
+    xy = np.round(pred.obsm["spatial"] * factors["tissue_hires_scalef"]).astype(int)
+    colours = image[xy[:, 1], xy[:, 0]].astype(int)
+    assert (np.abs(colours - [200, 110, 170]).max(axis=1) < 12).mean() > 0.95
+    with h5py.File(path) as f:  # the thumbnail is compressed: the file stays small
+        assert f[f"uns/spatial/{library}/images/hires"].compression == "gzip"
+    assert path.stat().st_size < 0.5 * image.nbytes
+    assert Path(lib["metadata"]["source_image_path"]) == Path(section.uns["hifusion"]["slide_abs"])
+
+
+def test_squidpy_and_scanpy_draw_predictions_unchanged(visium_predictions, tmp_path: Path) -> None:
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    sq = pytest.importorskip("squidpy")
+    sc = pytest.importorskip("scanpy")
+    import matplotlib.pyplot as plt
+
+    pred = ad.read_h5ad(visium_predictions[0])
+    sq.pl.spatial_scatter(pred, color="ERBB2")
+    plt.savefig(tmp_path / "squidpy.png")
+    sc.pl.spatial(pred, color="ERBB2", show=False)
+    plt.savefig(tmp_path / "scanpy.png")
+    plt.close("all")
+    assert (tmp_path / "squidpy.png").stat().st_size > 0 and (tmp_path / "scanpy.png").stat().st_size > 0

@@ -14,7 +14,7 @@ from hifusion_model.errors import SectionError
 from napari_hifusion import _sample_data
 from napari_hifusion._layers import PREDICTION, SPOT_ID, TRUTH, section_from_points
 from napari_hifusion._reader import get_reader
-from napari_hifusion._testing import MPP, SHAPE, synthetic_section
+from napari_hifusion._testing import MPP, SHAPE, synthetic_section, tiny_checkpoint
 from napari_hifusion._writer import export_csv, export_h5ad, write_points_h5ad
 
 
@@ -152,3 +152,145 @@ def test_headless_demo_reruns_under_xvfb_with_default_screenshot(monkeypatch: py
     argv = calls[0]
     assert argv[:2] == ["xvfb-run", "-a"]
     assert argv[argv.index("--screenshot") + 1] == "hifusion-demo.png"
+
+
+# -- a good napari citizen --------------------------------------------------------------------
+def _manifest_readers(path: str) -> set[str]:
+    from importlib.metadata import entry_points
+    from importlib.resources import files
+
+    from npe2 import PluginManager, PluginManifest
+
+    [entry] = [e for e in entry_points(group="napari.manifest") if e.name == "napari-hifusion"]
+    module, _, name = entry.value.partition(":")
+    manifest = files(module) / name
+    assert manifest.is_file() and not Path(str(manifest)).is_symlink()  # the packaged file is real
+    pm = PluginManager()
+    pm.register(PluginManifest.from_file(str(manifest)))
+    return {r.plugin_name for r in pm.iter_compatible_readers([path])}
+
+
+def test_manifest_claims_only_its_own_files(tmp_path: Path) -> None:
+    assert not (Path(__file__).parents[1] / "napari.yaml").exists()  # one manifest, in the package
+    for theirs in ("a.csv", "a.png", "a.npy", "a.tif", "a.jpg", "notes.txt", "points.json"):
+        assert _manifest_readers(str(tmp_path / theirs)) == set(), theirs
+    for ours in ("s.h5ad", "s.ome.tif", "s.OME.TIFF", "s.svs", "s.ndpi"):
+        assert _manifest_readers(str(tmp_path / ours)) == {"napari-hifusion"}, ours
+
+
+def test_get_reader_declines_foreign_paths_without_reading_them(tmp_path: Path) -> None:
+    (tmp_path / "store.zarr" / "spatial").mkdir(parents=True)  # even a store that looks like ours
+    (tmp_path / "store.zarr" / "spatial" / "tissue_positions.csv").write_text("barcode\n")
+    (tmp_path / "plain").mkdir()
+    for name in ("a.csv", "a.npy", "a.json"):
+        (tmp_path / name).write_text("x")
+    for p in ("store.zarr", "plain", "a.csv", "a.npy", "a.json", "missing.txt"):
+        assert get_reader(str(tmp_path / p)) is None, p
+    assert get_reader([str(tmp_path / "a.csv"), str(tmp_path / "s.h5ad")]) is None
+    assert get_reader(str(tmp_path / "not-yet-read.h5ad")) is not None  # decided by name alone
+
+
+# -- prediction files reopen ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_section(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic_section(tmp_path_factory.mktemp("small"), n_genes=6, pitch_um=300.0)
+
+
+def test_prediction_file_from_the_cli_reopens_as_prediction_layers(
+    small_section: Path, tmp_path: Path
+) -> None:
+    genes = list(ad.read_h5ad(small_section).var_names)
+    model = tiny_checkpoint(tmp_path / "tiny.pt", genes[:4])
+    out = tmp_path / "s.pred.h5ad"
+    argv = ["predict", str(small_section), "--model", str(model), "--out", str(out),
+            "--device", "cpu", "--workers", "0"]
+    assert cli_main(argv) == 0
+    pred = ad.read_h5ad(out)
+    (_, image_kw, image_kind), (yx_t, truth_kw, _), (yx_p, pred_kw, kind) = (
+        get_reader(str(out))(str(out)))
+    assert (image_kind, kind) == ("image", "points") and image_kw["scale"] == (MPP, MPP)
+    assert (truth_kw["name"], pred_kw["name"]) == ("synthetic measured", "synthetic predicted")
+    info = pred_kw["metadata"]["hifusion"]
+    assert info["kind"] == PREDICTION and truth_kw["metadata"]["hifusion"]["kind"] == TRUTH
+    assert info["spots_layer"] == "synthetic measured" and info["model"] == str(model)
+    np.testing.assert_allclose(yx_p, np.asarray(pred.obsm["spatial"])[:, ::-1])
+    np.testing.assert_allclose(pred_kw["features"][genes[:4]].to_numpy(), pred.X)
+    np.testing.assert_allclose(truth_kw["features"][genes[:4]].to_numpy(), pred.layers["truth"])
+    assert list(pred_kw["features"][SPOT_ID]) == list(pred.obs_names)
+    assert pred_kw["size"] == pytest.approx(55.0 / MPP)
+
+    # the plugin's writer writes it again, spots moved and deleted as on the layer
+    features = pred_kw["features"].iloc[1:].reset_index(drop=True)
+    features.loc[0, genes[0]] = 7.0
+    moved = yx_p[1:] + [0.0, 5.0]
+    attributes = {"name": pred_kw["name"], "features": features, "metadata": pred_kw["metadata"]}
+    [again] = write_points_h5ad(str(tmp_path / "again.h5ad"), moved, attributes)
+    back = ad.read_h5ad(again)
+    assert list(back.obs_names) == list(pred.obs_names[1:]) and back.X[0, 0] == 7.0
+    np.testing.assert_allclose(back.obsm["spatial"], moved[:, ::-1])
+    np.testing.assert_allclose(back.layers["truth"], pred.layers["truth"][1:])
+    assert back.uns["hifusion_model"]["source"] == str(model)
+    layers = get_reader(again)(again)
+    assert [kw["metadata"]["hifusion"]["kind"] for _, kw, _ in layers] == ["slide", TRUTH, PREDICTION]
+
+
+def test_prediction_file_without_its_slide_says_so(small_section: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from hifusion_model.checkpoint import load_checkpoint
+    from hifusion_model.inference import predictions_to_anndata, write_predictions
+    from hifusion_model.sections import read_section
+
+    section = read_section(small_section)
+    ckpt = load_checkpoint(tiny_checkpoint(tmp_path / "tiny.pt", list(section.var_names[:2])))
+    adata = predictions_to_anndata(section, np.zeros((section.n_obs, 2)), ckpt)
+    out = write_predictions(adata, tmp_path / "p.h5ad")
+    shutil.copy(out, tmp_path / "elsewhere.h5ad")
+    adata.uns["hifusion"]["slide_abs"] = str(tmp_path / "gone.ome.tif")
+    with pytest.warns(UserWarning, match="cannot read the slide"):
+        write_predictions(adata, tmp_path / "orphan.h5ad")
+    with pytest.raises(SectionError, match="gone.ome.tif does not exist"):
+        get_reader(str(tmp_path / "orphan.h5ad"))(str(tmp_path / "orphan.h5ad"))
+
+
+# -- scanpy / squidpy, Space Ranger and HEST folders -------------------------------------------
+def test_scanpy_visium_h5ad_and_spaceranger_folders_open(tmp_path: Path) -> None:
+    from spaceranger import write_spaceranger
+    from test_importers import scanpy_visium
+
+    outs = write_spaceranger(tmp_path, mpp=4.0)
+    adata, _ = scanpy_visium(outs, source_image=True)
+    adata.write_h5ad(tmp_path / "visium.h5ad")
+    (_, image_kw, _), (_, points_kw, _) = get_reader(str(tmp_path / "visium.h5ad"))(
+        str(tmp_path / "visium.h5ad"))
+    assert image_kw["scale"][0] == pytest.approx(4.0, rel=0.01)
+    assert points_kw["metadata"]["hifusion"]["kind"] == TRUTH
+    for folder in (outs, outs.parent):  # outs/ and the run folder above it
+        (_, kw, _), _ = get_reader(str(folder))(str(folder))
+        assert kw["scale"][0] == pytest.approx(4.0, rel=0.01)
+
+
+def test_gui_errors_speak_gui_not_cli_flags(tmp_path: Path) -> None:
+    from hifusion_model.errors import SlideError
+    from spaceranger import write_spaceranger
+
+    outs = write_spaceranger(tmp_path, mpp=4.0, fullres=False)
+    for png in (outs / "spatial").glob("*.png"):
+        png.unlink()
+    with pytest.raises(SlideError) as caught:
+        get_reader(str(outs))(str(outs))
+    message = str(caught.value)
+    assert "--" not in message and "leave exactly one full-resolution image" in message
+    from napari_hifusion._reader import gui_message
+
+    assert "--" not in gui_message("img.tif: unknown µm/px (the image does not record it); "
+                                   "pass --mpp, or a spot table with new_x/new_y columns to "
+                                   "derive it")
+
+
+def test_a_folder_of_many_hest_samples_lists_them(tmp_path: Path) -> None:
+    (tmp_path / "st").mkdir()
+    for sample in ("TENX95", "NCBI785", "MEND139"):
+        (tmp_path / "st" / f"{sample}.h5ad").write_bytes(b"")
+    with pytest.raises(SectionError, match=r"3 samples \(MEND139, NCBI785, TENX95\); open one"):
+        get_reader(str(tmp_path))(str(tmp_path))

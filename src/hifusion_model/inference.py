@@ -18,6 +18,7 @@ symmetries of the square, applied alike to spot and region: the model was traine
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -347,8 +348,48 @@ def predictions_to_anndata(
     )
 
 
-def write_predictions(adata: ad.AnnData, path: str | os.PathLike) -> Path:
-    """Write atomically; the slide path becomes relative to ``path``'s folder when below it."""
+#: Longest side (px) of the H&E image a prediction file carries for scanpy and squidpy (their
+#: ``hires`` convention of Space Ranger, whose hires image is at most 2000 px).
+SCANPY_IMAGE_PX = 2000
+
+
+def scanpy_spatial(meta: dict, slide_path: str | os.PathLike,
+                   image_px: int = SCANPY_IMAGE_PX) -> tuple[str, dict, np.ndarray | None]:
+    """``uns['spatial'][library]`` in the scanpy convention, and the slide's thumbnail.
+
+    ``scalefactors`` say how the image and the spots relate to ``obsm['spatial']`` (full-res
+    px): ``tissue_hires_scalef`` maps full-res px to the image, ``spot_diameter_fullres`` sizes
+    the spots (the section's true diameter, so circles cover the tissue the model read).
+    Without a readable slide (or with ``image_px=0``) there is no image, only the scale factors.
+    """
+    from .slide import Slide
+
+    library = str(meta["name"]).replace("/", "_")  # an HDF5 group name
+    factors = {"spot_diameter_fullres": float(meta["spot_diameter_um"]) / float(meta["mpp"]),
+               "tissue_hires_scalef": 1.0}
+    lib: dict[str, Any] = {"scalefactors": factors,
+                           "metadata": {"source_image_path": str(slide_path)}}
+    image = None
+    if image_px > 0:
+        try:
+            with Slide.open(slide_path, mpp=float(meta["mpp"])) as slide:
+                image, _ = slide.thumbnail(image_px)
+                factors["tissue_hires_scalef"] = image.shape[1] / slide.shape[1]
+        except Exception as e:  # a moved or unreadable slide: the predictions still count
+            warnings.warn(f"{slide_path}: cannot read the slide ({type(e).__name__}: {e}), so the "
+                          "prediction file carries no H&E image for scanpy/squidpy", stacklevel=3)
+    return library, lib, image
+
+
+def write_predictions(adata: ad.AnnData, path: str | os.PathLike,
+                      image_px: int = SCANPY_IMAGE_PX) -> Path:
+    """Write atomically; the slide path becomes relative to ``path``'s folder when below it.
+
+    The file also follows the scanpy/squidpy convention (``uns['spatial'][name]``: a ``hires``
+    thumbnail of the slide, at most ``image_px`` px, gzip-compressed, and its scale factors),
+    so ``squidpy.pl.spatial_scatter(pred, color="ERBB2")`` and ``scanpy.pl.spatial`` draw the
+    predictions over the H&E unchanged. A ``uns['spatial']`` already present is kept.
+    """
     path = Path(path)
     out = adata.copy()
     meta = dict(out.uns[UNS_KEY])
@@ -358,8 +399,19 @@ def write_predictions(adata: ad.AnnData, path: str | os.PathLike) -> Path:
         slide.relative_to(folder).as_posix() if slide.is_relative_to(folder) else str(slide)
     )
     out.uns[UNS_KEY] = meta
+    image, library = None, None
+    if "spatial" not in out.uns:
+        library, lib, image = scanpy_spatial(meta, slide, image_px)
+        out.uns["spatial"] = {library: {**lib, "images": {}}}
     with atomic_path(path) as tmp:
         out.write_h5ad(tmp)
+        if image is not None:  # the one large array that compresses well: written on its own
+            import h5py
+            from anndata.io import write_elem
+
+            with h5py.File(tmp, "r+") as f:
+                write_elem(f[f"uns/spatial/{library}/images"], "hires", image,
+                           dataset_kwargs={"compression": "gzip", "compression_opts": 4})
     return path
 
 

@@ -3,20 +3,40 @@
 A section (``.h5ad``, a Space Ranger output folder or a HEST-1k folder) opens as two layers that
 line up in µm: the slide, and a points layer whose ``features`` hold the measured expression,
 normalised like a model's targets. The section itself rides along in
-``layer.metadata['hifusion']['section']`` for the dock widgets.
+``layer.metadata['hifusion']['section']`` for the dock widgets. A prediction file (written by
+``hifusion predict`` or the plugin's writer) opens as the slide, its measured spots (when it
+holds the truth) and its predicted spots. A scanpy/squidpy Visium ``.h5ad`` is imported on the
+fly.
+
+``get_reader`` decides from names and a few ``stat`` calls only, never by opening a file, so
+napari asks other plugins at once about anything this one does not read.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._layers import SPOTS, TRUTH, LayerData, expression_features, points_layer_data, slide_layer_data
+from ._layers import (
+    PREDICTION,
+    SPOT_ID,
+    SPOTS,
+    TRUTH,
+    LayerData,
+    expression_features,
+    points_layer_data,
+    slide_layer_data,
+)
 
+#: Files this reader opens when asked (napari.yaml claims only the unambiguous ones: OME-TIFF,
+#: SVS, NDPI and .h5ad; plain TIFF/JPEG/PNG stay napari's own unless a caller picks this plugin).
 SLIDE_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".svs", ".ndpi", ".jpg", ".jpeg", ".png")
 SECTION_SUFFIXES = (".h5ad",)
+#: Folders never read here, whatever they hold (SpatialData / OME-Zarr stores and the like).
+FOREIGN_FOLDER_SUFFIXES = (".zarr", ".n5", ".zip")
 
 PathLike = str | os.PathLike
 
@@ -36,32 +56,72 @@ def read_paths(path: PathLike | list[PathLike]) -> list[LayerData]:
         read = _read_function(Path(p))
         if read is None:  # napari calls readers only for paths get_reader accepted
             raise ValueError(f"{p}: not a file napari-hifusion reads")
-        layers.extend(read(Path(p)))
+        layers.extend(_in_gui_terms(read, Path(p)))
     return layers
 
 
 def _read_function(path: Path) -> Callable[[Path], list[LayerData]] | None:
     name = path.name.lower()
-    if path.is_dir():
-        if _is_spaceranger(path):
-            return read_spaceranger
-        if _is_hest(path):
-            return read_hest
+    if name.endswith(FOREIGN_FOLDER_SUFFIXES):
         return None
     if name.endswith(SECTION_SUFFIXES):
         return read_section_file
     if name.endswith(SLIDE_SUFFIXES):
         return read_slide
+    if not path.is_dir():
+        return None
+    if _is_spaceranger(path):
+        return read_spaceranger
+    if _is_hest(path):
+        return read_hest
     return None
 
 
 def _is_spaceranger(folder: Path) -> bool:
-    spatial = folder / "spatial"
-    return spatial.is_dir() and any(spatial.glob("tissue_positions*"))
+    return any(
+        spatial.is_dir() and any(spatial.glob("tissue_positions*"))
+        for spatial in (folder / "spatial", folder / "outs" / "spatial")
+    )
 
 
 def _is_hest(folder: Path) -> bool:
     return (folder / "st").is_dir() and any((folder / "st").glob("*.h5ad"))
+
+
+# -- errors in the GUI's words ---------------------------------------------------------------
+#: CLI hints in the core's messages, and what a napari user does instead.
+GUI_HINTS = (
+    (r"pass --mpp, or a spot table with new_x/new_y columns to derive it",
+     "open the slide by itself and set its µm/px in the HiFusion Spots panel"),
+    (r"pass --metadata with the sample's HEST JSON, or --mpp",
+     "put the sample's HEST metadata JSON beside it or in ../metadata/"),
+    (r"\(--metadata\)", "(beside it or in ../metadata/)"),
+    (r"pass the full-resolution H&E image \(--image\)",
+     "put the full-resolution H&E image back where the files say"),
+    (r"pass --image", "leave exactly one full-resolution image (.tif) beside the files"),
+    (r"give it with --mpp", "set it in the HiFusion Spots panel"),
+    (r"pass --mpp", "open the slide by itself and set its µm/px in the HiFusion Spots panel"),
+    (r"\(pass --mpp to choose\)", "(set µm/px in the HiFusion Spots panel to choose)"),
+)
+
+
+def gui_message(message: str) -> str:
+    """``message`` with its command-line hints (``pass --image``) put as napari actions."""
+    for pattern, gui in GUI_HINTS:
+        message = re.sub(pattern, gui, message)
+    return message
+
+
+def _in_gui_terms(read: Callable[[Path], list[LayerData]], path: Path) -> list[LayerData]:
+    from hifusion_model.errors import HiFusionError
+
+    try:
+        return read(path)
+    except HiFusionError as e:
+        text = gui_message(str(e))
+        if text == str(e):
+            raise
+        raise type(e)(text) from e
 
 
 # -- readers ---------------------------------------------------------------------------------------
@@ -72,23 +132,48 @@ def read_slide(path: Path) -> list[LayerData]:
 
 
 def read_section_file(path: Path) -> list[LayerData]:
-    """A HiFusion section, or a HEST-1k sample's ``.h5ad`` (imported on the fly)."""
-    from hifusion_model.importers import import_hest
+    """A HiFusion section or prediction file, a HEST-1k sample or a scanpy/squidpy Visium
+    ``.h5ad`` (the last two imported on the fly)."""
+    from hifusion_model.importers import import_hest, import_scanpy_visium
     from hifusion_model.sections import read_section
 
-    if _is_hifusion_h5ad(path):
+    kind = h5ad_kind(path)
+    if kind == "prediction":
+        return prediction_layers(path)
+    if kind == "section":
         return section_layers(read_section(path))
+    if kind == "scanpy":
+        return section_layers(import_scanpy_visium(path))
     return section_layers(import_hest(path))
 
 
-def _is_hifusion_h5ad(path: Path) -> bool:
+def h5ad_kind(path: Path) -> str:
+    """``prediction``, ``section``, ``hest`` or ``scanpy``, from the file's ``uns`` keys alone.
+
+    A HEST-1k sample also carries ``uns['spatial']``; it is told apart by its metadata JSON or
+    whole-slide image beside it (``<id>.json``, ``../metadata/<id>.json``, ``../wsis/<id>.*``).
+    """
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            return "uns/hifusion" in f
+            keys = set(f["uns"].keys()) if "uns" in f else set()
     except OSError:  # not HDF5: let read_section name the problem
-        return True
+        return "section"
+    if "hifusion" in keys:
+        return "prediction" if "hifusion_model" in keys else "section"
+    if "spatial" in keys and not _beside_hest_files(path):
+        return "scanpy"
+    return "hest"
+
+
+def _beside_hest_files(path: Path) -> bool:
+    wsis = path.parent.parent / "wsis"
+    return (
+        path.with_suffix(".json").is_file()
+        or (path.parent.parent / "metadata" / f"{path.stem}.json").is_file()
+        or (wsis.is_dir() and any(wsis.glob(f"{path.stem}.*")))
+    )
 
 
 def read_spaceranger(path: Path) -> list[LayerData]:
@@ -98,13 +183,22 @@ def read_spaceranger(path: Path) -> list[LayerData]:
 
 
 def read_hest(path: Path) -> list[LayerData]:
+    """The sample of a HEST-1k folder (``st/<id>.h5ad`` with ``wsis/`` and ``metadata/``).
+
+    A folder of many samples is not opened whole (each is a whole-slide image): the error
+    lists them, so the user opens the one wanted.
+    """
+    from hifusion_model.errors import SectionError
     from hifusion_model.importers import import_hest
 
-    """Every sample of a HEST-1k folder (``st/<id>.h5ad`` with ``wsis/`` and ``metadata/``)."""
-    layers: list[LayerData] = []
-    for h5ad in sorted((path / "st").glob("*.h5ad")):
-        layers.extend(section_layers(import_hest(h5ad)))
-    return layers
+    samples = sorted((path / "st").glob("*.h5ad"))
+    if len(samples) > 1:
+        names = ", ".join(p.stem for p in samples[:12]) + (" …" if len(samples) > 12 else "")
+        raise SectionError(
+            f"{path}: a HEST folder of {len(samples)} samples ({names}); open one sample's "
+            f"st/<id>.h5ad (e.g. {samples[0].relative_to(path)}) rather than the whole folder"
+        )
+    return section_layers(import_hest(samples[0]))
 
 
 def section_layers(section: Any, slide: Any = None) -> list[LayerData]:
@@ -120,3 +214,74 @@ def section_layers(section: Any, slide: Any = None) -> list[LayerData]:
         features=expression_features(section),
     )
     return [image, points]
+
+
+def read_predictions(path: Path) -> tuple[Any, Any]:
+    """A prediction file and the (count-free) section of its spots, its slide path resolved."""
+    import numpy as np
+
+    from hifusion_model.errors import SectionError
+    from hifusion_model.inference import SECTION_KEYS
+    from hifusion_model.sections import UNS_KEY, new_section, read_h5ad
+
+    adata = read_h5ad(path, "prediction file not found")
+    meta = dict(adata.uns.get(UNS_KEY, {}))
+    missing = [f"uns['{UNS_KEY}']['{k}']" for k in SECTION_KEYS if k not in meta]
+    if "spatial" not in adata.obsm:
+        missing.append("obsm['spatial']")
+    if missing:
+        raise SectionError(
+            f"{path}: not a complete prediction file (lacks {', '.join(missing)}); "
+            "predict again with `hifusion predict` or the Predict panel"
+        )
+    slide = Path(str(meta["slide"])).expanduser()
+    slide = slide if slide.is_absolute() else (path.parent / slide).resolve()
+    obs = adata.obs
+    section = new_section(
+        np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2], slide=slide,
+        mpp=float(meta["mpp"]), spot_diameter_um=float(meta["spot_diameter_um"]),
+        name=str(meta["name"]), source=str(meta["source"]), obs_names=list(adata.obs_names),
+        array_row=obs["array_row"].to_numpy() if "array_row" in obs else None,
+        array_col=obs["array_col"].to_numpy() if "array_col" in obs else None, label=path,
+    )
+    return adata, section
+
+
+def prediction_layers(path: Path) -> list[LayerData]:
+    """The slide, the measured spots (when the file holds the truth) and the predicted spots.
+
+    Both spot layers carry the values as saved (normalised like the model's targets), so the
+    Genes panel colours and compares them as after a prediction in the panel; the predicted
+    layer keeps the file's AnnData, so saving it writes a complete prediction file again.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from hifusion_model.sections import section_name, section_slide
+
+    adata, section = read_predictions(path)
+    name = section_name(section)
+    ids = pd.DataFrame({SPOT_ID: np.asarray(section.obs_names, dtype=object)})
+    genes = [str(g) for g in adata.var_names]
+
+    def table(values: Any) -> pd.DataFrame:
+        dense = values.toarray() if hasattr(values, "toarray") else np.asarray(values)
+        return pd.concat([ids, pd.DataFrame(dense.astype(np.float32), columns=genes)], axis=1)
+
+    identity = dict(adata.uns.get("hifusion_model", {}))
+    layers = [slide_layer_data(section_slide(section), name=f"{name} H&E")]
+    measured = f"{name} measured"
+    if "truth" in adata.layers:
+        layers.append(points_layer_data(section, name=measured, layer_kind=TRUTH,
+                                        features=table(adata.layers["truth"])))
+    uncertainty = (pd.DataFrame(np.asarray(adata.layers["uncertainty"]),
+                                index=pd.Index(section.obs_names), columns=genes)
+                   if "uncertainty" in adata.layers else None)
+    layers.append(points_layer_data(
+        section, name=f"{name} predicted", layer_kind=PREDICTION, features=table(adata.X),
+        extra_meta={"model": identity.get("source"), "checkpoint": None, "predictions": adata,
+                    "spots_layer": measured, "normalization": identity.get("normalization"),
+                    "test_time_views": int(identity.get("test_time_views", 1)),
+                    "uncertainty": uncertainty, "prediction_file": str(path)},
+    ))
+    return layers

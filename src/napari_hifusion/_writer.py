@@ -65,6 +65,8 @@ def export_h5ad(layer: Any, path: str | os.PathLike) -> Path:
     info = meta(view)
     if info.get("kind") == PREDICTION:
         ckpt = info.get("checkpoint")
+        if ckpt is None and info.get("predictions") is not None:  # opened from a prediction file
+            return write_predictions(_reopened_predictions(view, info["predictions"]), path)
         if ckpt is None:
             raise SectionError(f"layer {view.name!r} does not know its model; predict again")
         section = section_from_points(view)
@@ -73,6 +75,48 @@ def export_h5ad(layer: Any, path: str | os.PathLike) -> Path:
                                        tta=info.get("test_time_views", 1))
         return write_predictions(adata, path)
     return write_section(section_from_points(view, counts=info.get("kind") == TRUTH), path)
+
+
+def _reopened_predictions(view: LayerView, source: Any) -> Any:
+    """The layer's spots as they are now, as a prediction file like the one it was opened from.
+
+    Values are the layer's (moved or added spots keep theirs); the truth and uncertainty follow
+    each spot by id (NaN for spots the file did not hold); the model's identity is the file's.
+    """
+    import anndata as ad
+
+    from hifusion_model.inference import SECTION_KEYS
+    from hifusion_model.sections import UNS_KEY, section_slide_path
+
+    section = section_from_points(view)
+    genes = [str(g) for g in source.var_names]
+    missing = [g for g in genes if g not in view.features]
+    if missing:
+        raise SectionError(f"layer {view.name!r} lacks the predicted gene(s) "
+                           f"{', '.join(missing[:3])}; open the prediction file again")
+    rows = pd.Index(source.obs_names).get_indexer(section.obs_names)
+    known = rows >= 0
+
+    def follow(values: Any) -> np.ndarray:
+        dense = values.toarray() if hasattr(values, "toarray") else np.asarray(values)
+        out = np.full((section.n_obs, len(genes)), np.nan, np.float32)
+        out[known] = dense[rows[known]]
+        return out
+
+    meta = section.uns[UNS_KEY]
+    uns = {UNS_KEY: {k: meta[k] for k in SECTION_KEYS} | {"slide_abs": str(section_slide_path(section))}}
+    if "hifusion_model" in source.uns:
+        uns["hifusion_model"] = source.uns["hifusion_model"]
+    obs = pd.DataFrame(index=section.obs_names.copy())
+    for col in ("array_row", "array_col"):
+        if col in source.obs and known.all():
+            obs[col] = source.obs[col].to_numpy()[rows]
+    return ad.AnnData(
+        X=view.features[genes].to_numpy(np.float32), obs=obs,
+        var=pd.DataFrame(index=pd.Index(genes, dtype=object)),
+        obsm={"spatial": np.asarray(section.obsm["spatial"], dtype=np.float64)},
+        layers={k: follow(v) for k, v in source.layers.items()}, uns=uns,
+    )
 
 
 def export_csv(layer: Any, path: str | os.PathLike) -> Path:
