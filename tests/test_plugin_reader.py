@@ -12,7 +12,7 @@ import pytest
 from hifusion_model.cli import main as cli_main
 from hifusion_model.errors import SectionError
 from napari_hifusion import _sample_data
-from napari_hifusion._layers import PREDICTION, SPOT_ID, TRUTH, section_from_points
+from napari_hifusion._layers import PREDICTION, SPOT_ID, TRUTH, kind, section_from_points
 from napari_hifusion._reader import get_reader
 from napari_hifusion._testing import MPP, SHAPE, synthetic_section, tiny_checkpoint
 from napari_hifusion._writer import export_csv, export_h5ad, write_points_h5ad
@@ -294,3 +294,29 @@ def test_a_folder_of_many_hest_samples_lists_them(tmp_path: Path) -> None:
         (tmp_path / "st" / f"{sample}.h5ad").write_bytes(b"")
     with pytest.raises(SectionError, match=r"3 samples \(MEND139, NCBI785, TENX95\); open one"):
         get_reader(str(tmp_path))(str(tmp_path))
+
+
+@pytest.mark.gui
+def test_viewer_opens_foreign_files_with_napari_and_predictions_with_us(
+    make_napari_viewer, small_section: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from hifusion_model.checkpoint import load_checkpoint
+    from hifusion_model.inference import predictions_to_anndata, write_predictions
+    from hifusion_model.sections import read_section
+
+    viewer = make_napari_viewer()
+    (tmp_path / "points.csv").write_text("index,axis-0,axis-1\n0,10,20\n1,30,40\n")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "picture.png")
+    np.save(tmp_path / "array.npy", np.zeros((4, 4)))
+    # plugin=None: napari chooses as in the GUI, and raises MultipleReaderError on a tie
+    for name in ("points.csv", "picture.png", "array.npy"):  # one reader each: napari's own
+        [layer] = viewer.open(str(tmp_path / name), plugin=None)
+        assert "hifusion" not in layer.metadata
+    section = read_section(small_section)
+    ckpt = load_checkpoint(tiny_checkpoint(tmp_path / "tiny.pt", list(section.var_names[:3])))
+    pred = np.random.default_rng(0).normal(size=(section.n_obs, 3))
+    out = write_predictions(predictions_to_anndata(section, pred, ckpt), tmp_path / "p.pred.h5ad")
+    layers = viewer.open(str(out), plugin=None)
+    assert [kind(layer) for layer in layers] == ["slide", TRUTH, PREDICTION]
