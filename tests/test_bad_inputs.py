@@ -479,7 +479,8 @@ def test_debug_shows_the_traceback(base: Path) -> None:
 
 
 def test_a_closed_pipe_is_no_traceback(base: Path, tmp_path: Path, capsys) -> None:
-    """``hifusion evaluate PRED --json | head -c 1``: the reader leaves, the command ends quietly."""
+    """``hifusion evaluate PRED --json | head -c 1``: the reader leaves, the command ends
+    quietly."""
     pred = tmp_path / "p.h5ad"
     assert main(["predict", str(base / "section.h5ad"), "--model", str(base / "model.pt"),
                  "--out", str(pred), "--device", "cpu", "--workers", "0"]) == 0

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -244,3 +249,48 @@ def test_level_heads_script_reports_every_head(
                                 train_mean=np.zeros(3))
     assert module.main([str(spot_only), str(section)]) == 2
     assert "no level heads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
+                         ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_a_signal_mid_training_leaves_files_that_resume(
+    tmp_path: Path, signum: int, capsys: pytest.CaptureFixture
+) -> None:
+    """Ctrl-C, ``kill`` or ``kill -9`` during epoch 2 of a real ``hifusion train`` process: a
+    loadable model and resume state (exit 130 and a hint where the process can still speak),
+    and ``--resume`` finishes the run."""
+    from napari_hifusion._testing import synthetic_section
+
+    from hifusion_model.checkpoint import load_checkpoint, safe_load
+    from hifusion_model.training import companion_paths
+
+    section = synthetic_section(tmp_path / "data")
+    config = tiny_config(1).to_dict()
+    del config["genes"]
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    out = tmp_path / "m.pt"
+    argv = ["train", str(section), "--out", str(out), "--model-config", str(tmp_path / "tiny.json"),
+            "--epochs", "2", "--batch-size", "16", "--genes", "4", "--set", "refit=false",
+            "--workers", "0", "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "hifusion_model", *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # see conftest.py
+    resume = companion_paths(out)["resume"]
+    deadline = time.monotonic() + 120
+    while not resume.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the state appears once epoch 1 is done
+    assert proc.poll() is None, proc.stderr.read()
+    time.sleep(0.2)  # inside epoch 2
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=120)[1]
+    if signum == signal.SIGKILL:  # no chance to clean up: the atomic writes are all there is
+        assert proc.returncode == -signal.SIGKILL, err
+    else:
+        assert proc.returncode == 130, err
+        assert "continue with --resume" in err and "Traceback" not in err, err
+    assert load_checkpoint(out).card["epoch"] >= 1
+    assert safe_load(resume, "resume state")["format"].startswith("napari-hifusion-resume")
+    assert main(["train", str(section), "--out", str(out), "--resume", "--workers", "0",
+                 "--device", "cpu"]) == 0
+    assert load_checkpoint(out).card["epoch"] >= 1 and not resume.exists()
+    assert "epoch   2" in capsys.readouterr().err

@@ -16,7 +16,9 @@ import importlib
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -91,7 +93,24 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, what a shell reports for a command whose pipe closed
 
 
+def _terminate_as_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (``kill``, a job scheduler) stops a command as Ctrl-C does: training leaves its
+    best model and a resume state instead of dying between two writes."""
+    raise KeyboardInterrupt
+
+
 def _run(args: argparse.Namespace) -> int:
+    under_torchrun = "RANK" in os.environ  # the launcher stops its processes itself
+    if under_torchrun or threading.current_thread() is not threading.main_thread():
+        return _run_command(args)
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        return _run_command(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
