@@ -392,6 +392,42 @@ def test_parquet_positions(tmp_path):
     assert import_visium(outs).uns["hifusion"]["mpp"] == pytest.approx(4.0, rel=0.01)
 
 
+def test_visium_hd_square_bins(tmp_path):
+    """A Visium HD binned output (square_008um/): a square array of 8 µm bins."""
+    binned = tmp_path / "binned_outputs" / "square_008um"
+    (binned / "spatial").mkdir(parents=True)
+    rows, cols = np.meshgrid(np.arange(40), np.arange(50), indexing="ij")
+    theta = np.deg2rad(0.8)
+    x_um, y_um = 8.0 * cols.ravel() + 60, 8.0 * rows.ravel() + 60
+    mpp = 0.85
+    px = np.column_stack([np.cos(theta) * x_um - np.sin(theta) * y_um,
+                          np.sin(theta) * x_um + np.cos(theta) * y_um]) / mpp
+    ids = [f"s_008um_{r:05d}_{c:05d}-1" for r, c in zip(rows.ravel(), cols.ravel(), strict=True)]
+    pd.DataFrame({"barcode": ids, "in_tissue": 1, "array_row": rows.ravel(),
+                  "array_col": cols.ravel(), "pxl_row_in_fullres": px[:, 1],
+                  "pxl_col_in_fullres": px[:, 0]}).to_csv(
+        binned / "spatial" / "tissue_positions.csv", index=False)
+    (binned / "spatial" / "scalefactors_json.json").write_text(json.dumps({
+        "bin_size_um": 8.0, "microns_per_pixel": 0.8, "spot_diameter_fullres": 8.0 / 0.8,
+        "tissue_hires_scalef": 0.2, "tissue_lowres_scalef": 0.05}))
+    counts = sp.csc_matrix(np.random.default_rng(0).poisson(1.0, (3, len(ids))))
+    with h5py.File(binned / "filtered_feature_bc_matrix.h5", "w") as f:
+        m = f.create_group("matrix")
+        m["data"], m["indices"], m["indptr"], m["shape"] = (
+            counts.data, counts.indices, counts.indptr, counts.shape)
+        m["barcodes"] = np.array(ids, dtype="S")
+        m.create_group("features")
+        m["features"]["name"] = np.array(["A", "B", "C"], dtype="S")
+        m["features"]["id"] = np.array(["1", "2", "3"], dtype="S")
+    tifffile.imwrite(tmp_path / "he.tif", np.full((600, 600, 3), 200, np.uint8), photometric="rgb")
+    # the recorded microns_per_pixel (0.8) is 6 % off the bins' 0.85: the lattice wins, with a word
+    with pytest.warns(ScaleMismatchWarning, match="microns_per_pixel differs by 6 %"):
+        section = import_visium(binned, image=tmp_path / "he.tif")
+    meta = section.uns["hifusion"]
+    assert meta["mpp"] == pytest.approx(mpp, rel=1e-6) and meta["spot_diameter_um"] == 8.0
+    assert meta["mpp_source"] == "spot lattice: 8 µm square bins over 2000 spots"
+
+
 def test_mtx_folder_that_does_not_match_its_lists(tmp_path):
     outs = write_spaceranger(tmp_path, mpp=4.0, matrix="mtx")
     with gzip.open(outs / "filtered_feature_bc_matrix" / "barcodes.tsv.gz", "wt") as f:
