@@ -249,6 +249,10 @@ CASES = [
                                                            _file("s.h5ad"))),
     Case("pseudolabel-out-is-input", "pseudolabel {section} --model {model} --out {section}",
          "one of the inputs"),
+    Case("pseudolabel-out-exists", "pseudolabel {section} --model {model} --out {tmp}/p.h5ad",
+         "already exists", _file("p.h5ad")),
+    Case("soup-out-exists", "soup {model} {model} --out {tmp}/s.pt --no-validation",
+         "already exists", _file("s.pt")),
     Case("soup-out-is-ingredient", "soup {model} {model} --out {model} --no-validation",
          "one of the inputs"),
     Case("pretrain-out-is-input", "pretrain {section} --out {section} --steps 1",
@@ -332,6 +336,7 @@ CASES = [
     Case("her2st-mpp-implausible", ST.replace("{slide}", "{tmp}/bare.png"),  # 0.5 px per 200 µm
          "400 (from array geometry", _both(_png, _st(ST_HEAD + "1\t1\t1.0\t1.0\t300\t300\n"
                                                      "2\t1\t2.0\t1.0\t300.5\t300\n"))),
+    Case("convert-mpp-tiny", "convert {slide} {tmp}/x.ome.tif --mpp 0.001", "outside the plausible"),
     Case("predict-mpp-tiny-grid", "predict {slide} --grid hex:100 --mpp 0.0001 --model {model} "
          "--out {tmp}/p.h5ad", "outside the plausible"),
     Case("predict-spots-mpp-tiny", "predict {slide} --spots {base}/spots.csv --mpp 0.001 "
