@@ -307,3 +307,20 @@ def test_squidpy_and_scanpy_draw_predictions_unchanged(visium_predictions, tmp_p
     plt.savefig(tmp_path / "scanpy.png")
     plt.close("all")
     assert (tmp_path / "squidpy.png").stat().st_size > 0 and (tmp_path / "scanpy.png").stat().st_size > 0
+
+
+def test_prediction_file_reuses_an_open_slide_or_goes_without_image(
+    visium_predictions, tmp_path: Path
+) -> None:
+    path, section = visium_predictions
+    adata = ad.read_h5ad(path)
+    del adata.uns["spatial"]
+    adata.uns["hifusion"]["slide_abs"] = section.uns["hifusion"]["slide_abs"]
+    with Slide.open(section.uns["hifusion"]["slide_abs"]) as slide:
+        again = ad.read_h5ad(write_predictions(adata, tmp_path / "a.h5ad", image_px=500,
+                                               slide=slide))
+    [lib] = again.uns["spatial"].values()
+    assert max(lib["images"]["hires"].shape[:2]) == 500
+    bare = ad.read_h5ad(write_predictions(adata, tmp_path / "b.h5ad", image_px=0))
+    [lib] = bare.uns["spatial"].values()
+    assert "hires" not in lib.get("images", {}) and lib["scalefactors"]["tissue_hires_scalef"] == 1

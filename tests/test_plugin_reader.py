@@ -272,6 +272,7 @@ def test_scanpy_visium_h5ad_and_spaceranger_folders_open(tmp_path: Path) -> None
 
 def test_gui_errors_speak_gui_not_cli_flags(tmp_path: Path) -> None:
     from hifusion_model.errors import SlideError
+    from hifusion_model.importers import ScaleMismatchWarning
     from spaceranger import write_spaceranger
 
     outs = write_spaceranger(tmp_path, mpp=4.0, fullres=False)
@@ -283,6 +284,11 @@ def test_gui_errors_speak_gui_not_cli_flags(tmp_path: Path) -> None:
     assert "--" not in message and "leave exactly one full-resolution image" in message
     from napari_hifusion._reader import gui_message
 
+    with pytest.warns(ScaleMismatchWarning) as warned:  # warnings, too, speak GUI
+        outs = write_spaceranger(tmp_path / "55", spot_diameter_um=55.0)
+        get_reader(str(outs))(str(outs))
+    [message] = [str(w.message) for w in warned if w.category is ScaleMismatchWarning]
+    assert "--" not in message and "set µm/px in the HiFusion Spots panel" in message
     assert "--" not in gui_message("img.tif: unknown µm/px (the image does not record it); "
                                    "pass --mpp, or a spot table with new_x/new_y columns to "
                                    "derive it")

@@ -353,14 +353,15 @@ def predictions_to_anndata(
 SCANPY_IMAGE_PX = 2000
 
 
-def scanpy_spatial(meta: dict, slide_path: str | os.PathLike,
-                   image_px: int = SCANPY_IMAGE_PX) -> tuple[str, dict, np.ndarray | None]:
+def scanpy_spatial(meta: dict, slide_path: str | os.PathLike, image_px: int = SCANPY_IMAGE_PX,
+                   slide: Any = None) -> tuple[str, dict, np.ndarray | None]:
     """``uns['spatial'][library]`` in the scanpy convention, and the slide's thumbnail.
 
     ``scalefactors`` say how the image and the spots relate to ``obsm['spatial']`` (full-res
     px): ``tissue_hires_scalef`` maps full-res px to the image, ``spot_diameter_fullres`` sizes
     the spots (the section's true diameter, so circles cover the tissue the model read).
     Without a readable slide (or with ``image_px=0``) there is no image, only the scale factors.
+    An open ``slide`` of ``slide_path`` saves opening (for a plain JPEG, decoding) it again.
     """
     from .slide import Slide
 
@@ -372,9 +373,13 @@ def scanpy_spatial(meta: dict, slide_path: str | os.PathLike,
     image = None
     if image_px > 0:
         try:
-            with Slide.open(slide_path, mpp=float(meta["mpp"])) as slide:
+            if slide is not None:
                 image, _ = slide.thumbnail(image_px)
                 factors["tissue_hires_scalef"] = image.shape[1] / slide.shape[1]
+            else:
+                with Slide.open(slide_path, mpp=float(meta["mpp"])) as opened:
+                    image, _ = opened.thumbnail(image_px)
+                    factors["tissue_hires_scalef"] = image.shape[1] / opened.shape[1]
         except Exception as e:  # a moved or unreadable slide: the predictions still count
             warnings.warn(f"{slide_path}: cannot read the slide ({type(e).__name__}: {e}), so the "
                           "prediction file carries no H&E image for scanpy/squidpy", stacklevel=3)
@@ -382,26 +387,28 @@ def scanpy_spatial(meta: dict, slide_path: str | os.PathLike,
 
 
 def write_predictions(adata: ad.AnnData, path: str | os.PathLike,
-                      image_px: int = SCANPY_IMAGE_PX) -> Path:
+                      image_px: int = SCANPY_IMAGE_PX, slide: Any = None) -> Path:
     """Write atomically; the slide path becomes relative to ``path``'s folder when below it.
 
     The file also follows the scanpy/squidpy convention (``uns['spatial'][name]``: a ``hires``
     thumbnail of the slide, at most ``image_px`` px, gzip-compressed, and its scale factors),
     so ``squidpy.pl.spatial_scatter(pred, color="ERBB2")`` and ``scanpy.pl.spatial`` draw the
-    predictions over the H&E unchanged. A ``uns['spatial']`` already present is kept.
+    predictions over the H&E unchanged. A ``uns['spatial']`` already present is kept. Pass
+    the open ``slide`` where the caller has it, to spare reading it again.
     """
     path = Path(path)
     out = adata.copy()
     meta = dict(out.uns[UNS_KEY])
-    slide = Path(meta.pop("slide_abs", meta["slide"])).resolve()
+    slide_path = Path(meta.pop("slide_abs", meta["slide"])).resolve()
     folder = path.parent.resolve()
     meta["slide"] = (
-        slide.relative_to(folder).as_posix() if slide.is_relative_to(folder) else str(slide)
+        slide_path.relative_to(folder).as_posix() if slide_path.is_relative_to(folder)
+        else str(slide_path)
     )
     out.uns[UNS_KEY] = meta
     image, library = None, None
     if "spatial" not in out.uns:
-        library, lib, image = scanpy_spatial(meta, slide, image_px)
+        library, lib, image = scanpy_spatial(meta, slide_path, image_px, slide)
         out.uns["spatial"] = {library: {**lib, "images": {}}}
     with atomic_path(path) as tmp:
         out.write_h5ad(tmp)

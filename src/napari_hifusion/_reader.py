@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,8 @@ GUI_HINTS = (
      "put the full-resolution H&E image back where the files say"),
     (r"pass --image", "leave exactly one full-resolution image (.tif) beside the files"),
     (r"give it with --mpp", "set it in the HiFusion Spots panel"),
-    (r"pass --mpp", "open the slide by itself and set its µm/px in the HiFusion Spots panel"),
     (r"\(pass --mpp to choose\)", "(set µm/px in the HiFusion Spots panel to choose)"),
+    (r"pass --mpp", "open the slide by itself and set its µm/px in the HiFusion Spots panel"),
 )
 
 
@@ -113,15 +114,23 @@ def gui_message(message: str) -> str:
 
 
 def _in_gui_terms(read: Callable[[Path], list[LayerData]], path: Path) -> list[LayerData]:
+    """``read(path)``, its errors and warnings (napari shows both) with GUI hints."""
     from hifusion_model.errors import HiFusionError
 
+    caught: list[warnings.WarningMessage] = []
     try:
-        return read(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return read(path)
     except HiFusionError as e:
         text = gui_message(str(e))
         if text == str(e):
             raise
         raise type(e)(text) from e
+    finally:  # outside the recording: napari sees them
+        for w in caught:
+            warnings.warn_explicit(gui_message(str(w.message)), w.category, w.filename,
+                                   w.lineno, source=w.source)
 
 
 # -- readers ---------------------------------------------------------------------------------------
