@@ -8,10 +8,6 @@ same :func:`hifusion_model.protocols.score` as the accuracy table::
 
     python benchmarks/ensemble_her2st.py runs/s0/3d-C/a/model.pt runs/s1/3d-C/a/model.pt \\
         --sections runs/s0/sections --test C3,C4 --bf16 --json runs/ensemble_a.json
-
-``--soup SOUP.pt`` also averages the models' weights (:mod:`hifusion_model.soups`; runs that
-differ only in ``data_seed``), measures that one model on the validation spots the runs held
-out, and scores it beside the ensemble.
 """
 
 from __future__ import annotations
@@ -25,13 +21,12 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from hifusion_model.checkpoint import load_checkpoint, load_model
+from hifusion_model.checkpoint import load_model
 from hifusion_model.errors import HiFusionError
 from hifusion_model.inference import check_tta
 from hifusion_model.io_utils import atomic_path
 from hifusion_model.protocols import NetworkPredictor, score
 from hifusion_model.sections import read_section
-from hifusion_model.soups import save_soup
 
 COLUMNS = ("mse", "mae", "spot_pcc", "gene_pcc")
 MARKERS = ("ERBB2", "KRT19", "CD74")
@@ -47,8 +42,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in inference")
     p.add_argument("--tta", type=int, default=1, metavar="N",
                    help="test-time views averaged per spot (1-8, as `hifusion predict --tta`)")
-    p.add_argument("--soup", type=Path, metavar="SOUP.pt",
-                   help="also write the weight average of the models here and score it")
     p.add_argument("--json", type=Path, help="write every score here")
     return p.parse_args(argv)
 
@@ -87,21 +80,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [n for n in args.test.split(",") if n]
     try:
         tests = read_tests(args.sections, names)
-        soup = make_soup(args) if args.soup else None
-        predictors = load_predictors([*args.models, *([args.soup] if soup else [])],
-                                     "bf16" if args.bf16 else "auto", args.tta)
+        predictors = load_predictors(args.models, "bf16" if args.bf16 else "auto", args.tta)
     except HiFusionError as e:
         print(f"ensemble_her2st: error: {e}", file=sys.stderr)
         return 2
     # the constant compared with: the training mean over every model's training spots
-    singles = predictors[:len(args.models)]
-    genes, mean = predictors[0].genes, np.mean([p.train_mean for p in singles], axis=0)
+    genes, mean = predictors[0].genes, np.mean([p.train_mean for p in predictors], axis=0)
     predictions = [{n: p.predict(s) for n, s in tests.items()} for p in predictors]
-    averaged = {n: np.mean([pr[n] for pr in predictions[:len(singles)]], axis=0) for n in tests}
+    averaged = {n: np.mean([pr[n] for pr in predictions], axis=0) for n in tests}
     scores = {str(m): score(pr, tests, genes, mean) for m, pr in zip(args.models, predictions)}
     scores["ensemble"] = score(averaged, tests, genes, mean)
-    if soup:
-        scores["soup"] = score(predictions[-1], tests, genes, mean)
     print("| model | " + " | ".join(f"{s} {k}" for s in names for k in (*COLUMNS, *MARKERS))
           + " |")
     for name, result in scores.items():
@@ -109,20 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps({"models": [str(m) for m in args.models],
-                                       "test": names, "tta": args.tta, "scores": scores,
-                                       "soup_validation": soup}, indent=1))
+                                       "test": names, "tta": args.tta, "scores": scores},
+                                      indent=1))
     return 0
-
-
-def make_soup(args: argparse.Namespace) -> dict:
-    """Write the weight average to ``args.soup``; its validation beside each model's."""
-    trained_on = [s["name"] for s in load_checkpoint(args.models[0]).card["sections"]]
-    path, validation = save_soup(args.models, args.soup, half=False, device="auto",
-                                 sections=[args.sections / f"{n}.h5ad" for n in trained_on])
-    models = {run["model"]: run["validation"] for run in load_checkpoint(path).card["soup"]}
-    for name, v in [*models.items(), ("soup", validation)]:
-        print(f"validation of {name}: MSE {v['mse']:.4f}, gene PCC {v['gene_pcc']:.3f}")
-    return {"soup": validation, **models}
 
 
 if __name__ == "__main__":

@@ -209,9 +209,9 @@ def test_spot_only_model_is_built_from_its_config_and_its_loss_is_the_mse():
 
 @pytest.fixture(scope="module")
 def work(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A work folder with C2, C3, C4 imported (the CLI test reuses these imports)."""
+    """A work folder with B4, C2, C3, C4 imported (the CLI tests reuse these imports)."""
     folder = tmp_path_factory.mktemp("benchmark")
-    import_sections(scan_her2st(her2st_dir), ("C2", "C3", "C4"), folder)
+    import_sections(scan_her2st(her2st_dir), IMAGED, folder)
     return folder
 
 
@@ -299,11 +299,11 @@ def test_cli_benchmark_her2st_quick_run(her2st_dir, work, tiny_json, tmp_path, c
 
 
 def test_cli_loso_runs_in_pieces_and_keeps_the_cells_it_has(
-    her2st_dir, tiny_json, tmp_path, capsys
+    her2st_dir, work, tiny_json, tmp_path, capsys
 ):
     out = tmp_path / "loso.json"
     argv = ["benchmark", "her2st", str(her2st_dir), "--epochs", "1", "--batch-size", "8",
-            "--model-config", str(tiny_json), "--work", str(tmp_path / "work"), "--max-spots",
+            "--model-config", str(tiny_json), "--work", str(work), "--max-spots",
             "12", "--workers", "0", "--device", "cpu", "--json", str(out)]
     assert main([*argv, "--variants", "constant", "--seeds", "0,1"]) == 0
     first = json.loads(out.read_text())
@@ -319,10 +319,27 @@ def test_cli_loso_runs_in_pieces_and_keeps_the_cells_it_has(
     assert summary["constant"]["metrics"]["gene_pcc"] == {
         "mean": 0.0, "sd_folds": 0.0, "sd_seeds": 0.0, "n_folds": 4}
     assert summary["ridge"]["metrics"]["mse"]["n_folds"] == 4
+    # every cell says how well the uncertainty ranked its errors, per fold in the summary
+    scores = result["runs"][0]["uncertainty"]["per_section"]["B4"]
+    assert set(scores) == {"per_gene", "per_spot", "pooled"}
+    assert all(-1 <= v <= 1 for v in scores.values())
+    assert set(summary["ridge"]["uncertainty"]) == set(IMAGED)
+    assert "| ridge on colour/texture features | Spearman per spot |" in printed
+    # a cell made before the uncertainty existed is scored again, not refitted
+    older = json.loads(out.read_text())
+    for r in older["runs"]:
+        del r["uncertainty"]
+    out.write_text(json.dumps(older))
+    assert main([*argv, "--variants", "ridge", "--seeds", "0"]) == 0
+    again = json.loads(out.read_text())
+    ridge = [r for r in again["runs"] if r["variant"] == "ridge"]
+    assert all(r["uncertainty"] for r in ridge) and len(again["runs"]) == 12
+    assert [r["metrics"] for r in ridge] == [r["metrics"] for r in result["runs"][8:]]
+    assert ridge[0]["uncertainty"] == result["runs"][8]["uncertainty"]
     # other settings are refused, not mixed in
     assert main([*argv, "--variants", "constant", "--set", "lr=0.1"]) == 2
     assert "holds runs with another settings" in capsys.readouterr().err
-    assert json.loads(out.read_text())["runs"] == result["runs"]
+    assert json.loads(out.read_text())["runs"] == again["runs"]
 
 
 def test_cli_benchmark_help_says_what_runs(capsys):

@@ -33,7 +33,6 @@ COMMANDS = {
     "predict": "predict",
     "pseudolabel": "pseudolabel",
     "evaluate": "evaluate",
-    "soup": "soup",
     "info": "info",
     "benchmark": "benchmark",
     "demo": "demo",

@@ -37,7 +37,16 @@ from .config import ModelConfig
 from .devices import cpu_has_native_bf16
 from .errors import ConfigError
 from .io_utils import atomic_path
-from .protocols import Fold, Plan, Predictor, fit_network, gene_panel, score
+from .checkpoint import load_model
+from .protocols import (
+    Fold,
+    NetworkPredictor,
+    Plan,
+    Predictor,
+    fit_network,
+    gene_panel,
+    score,
+)
 from .recipes import TrainConfig, get_recipe
 from .sections import section_slide
 from .uncertainty import error_correlation, fit_noise_model, library_sizes, section_stain_features
@@ -177,9 +186,9 @@ def save_results(path: Path | None, results: dict[str, Any]) -> None:
             tmp.write_text(json.dumps(results, indent=1))
 
 
-def _done(results: dict[str, Any], variant: str, fold: str, seed: int) -> bool:
-    return any((r["variant"], r["fold"], r["seed"]) == (variant, fold, seed)
-               for r in results["runs"])
+def _cell(results: dict[str, Any], variant: str, fold: str, seed: int) -> dict | None:
+    return next((r for r in results["runs"]
+                 if (r["variant"], r["fold"], r["seed"]) == (variant, fold, seed)), None)
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -216,18 +225,61 @@ def run_cells(
         results["fold_genes"][fold.name] = genes
         for variant in variants:
             for seed in seeds:
-                if _done(results, variant, fold.name, seed):
+                folder = Path(work) / plan.protocol / slug(fold.name) / f"{variant}-seed{seed}"
+                cell = _cell(results, variant, fold.name, seed)
+                if cell is None:
+                    results["runs"].append(run_cell(
+                        variant, fold, seed, train_sections, test, genes, folder,
+                        recipe=variant_recipe(variant, recipe, seed), model_config=model_config,
+                        normalization=normalization, stain=stain, device=device,
+                        workers=workers, log=log, on_epoch=on_epoch,
+                    ))
+                elif not cell.get("uncertainty"):  # a cell from before the uncertainty
+                    rescore_uncertainty(cell, train_sections, test, genes, folder,
+                                        recipe=variant_recipe(variant, recipe, seed),
+                                        model_config=model_config, stain=stain, device=device,
+                                        log=log)
+                else:
                     continue
-                results["runs"].append(run_cell(
-                    variant, fold, seed, train_sections, test, genes,
-                    Path(work) / plan.protocol / slug(fold.name) / f"{variant}-seed{seed}",
-                    recipe=variant_recipe(variant, recipe, seed), model_config=model_config,
-                    normalization=normalization, stain=stain, device=device,
-                    workers=workers, log=log, on_epoch=on_epoch,
-                ))
                 if save:
                     save(results)
     return results
+
+
+def rescore_uncertainty(
+    cell: dict[str, Any],
+    train_sections: Sequence[ad.AnnData],
+    test: Mapping[str, ad.AnnData],
+    genes: Sequence[str],
+    folder: Path,
+    *,
+    recipe: TrainConfig,
+    model_config: ModelConfig | None,
+    stain: StainCache,
+    device: str,
+    log: Log | None,
+) -> None:
+    """Add the uncertainty's scores to a cell made before it existed: a network is loaded from
+    its folder (no retraining), a closed-form variant is fitted again (seconds)."""
+    variant = cell["variant"]
+    if VARIANTS[variant].network:
+        path = folder / "model.pt"
+        if not path.is_file():
+            if log:
+                log(f"{cell['fold']} / {variant} / seed {cell['seed']}: no {path} to score the "
+                    "uncertainty with; skipped")
+            return
+        model, ckpt = load_model(path)
+        predictor: Predictor = NetworkPredictor(model, ckpt, device, recipe.precision)
+    else:
+        predictor = fit_variant(variant, train_sections, genes, folder / "model.pt",
+                                recipe=recipe, model_config=model_config, device=device)
+    preds = {n: predictor.predict(s) for n, s in test.items()}
+    template = (model_config or ModelConfig(genes=["-"])).replace(genes=list(predictor.genes))
+    cell["uncertainty"] = uncertainty_scores(
+        dict(zip(cell["train"], train_sections, strict=True)), test, preds, template, stain)
+    if log:
+        log(f"{cell['fold']} / {variant} / seed {cell['seed']}: uncertainty scored")
 
 
 def run_cell(

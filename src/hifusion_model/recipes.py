@@ -113,8 +113,8 @@ class TrainConfig(JsonDataclass):
     @property
     def order_seed(self) -> int:
         """The seed of what changes from step to step. Runs that share ``seed`` but not
-        ``data_seed`` start from the same weights and hold out the same spots, so their weights
-        can be averaged (:func:`~hifusion_model.soups.save_soup`)."""
+        ``data_seed`` start from the same weights and hold out the same spots: the spread between
+        them is the data order's alone."""
         return self.seed if self.data_seed is None else self.data_seed
 
     def validate(self) -> None:

@@ -150,14 +150,6 @@ def _pseudo_lines(sections: list[dict[str, Any]] | None) -> list[tuple[str, str]
             for s in sections or [] if isinstance(s, dict) and s.get("pseudo_labels_from")]
 
 
-def _soup_lines(soup: list[dict[str, Any]] | None) -> list[tuple[str, str]]:
-    if not soup:
-        return []
-    runs = [f"data_seed {c.get('data_seed') or 0} (epoch {c.get('epoch', '?')}, validation gene "
-            f"PCC {_num((c.get('validation') or {}).get('gene_pcc'))})" for c in soup]
-    return [("Weight average", f"of {len(soup)} runs from one start: " + "; ".join(runs))]
-
-
 def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
     """The human-readable card: one labelled line per fact."""
     c, card = ckpt.config, ckpt.card
@@ -183,7 +175,6 @@ def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
         ("Command", _as_text(card.get("command"))),
         ("Date", _as_text(card.get("date"))),
         *_refit_lines(card.get("refit"), card.get("command")),
-        *_soup_lines(card.get("soup")),
         *_validation_lines(_validation(ckpt), "Validation (of the selection run)"
                            if card.get("refit") else "Validation", _unvalidated(card)),
     ]

@@ -45,7 +45,7 @@ spots held out (neighbouring spots share tissue, so a random split would leak). 
 epoch with the highest mean per-gene validation PCC (recipe released, or --set select_on=mse:
 the lowest validation MSE); MODEL.curves.json/.csv hold per-epoch curves; MODEL.resume.pt lets
 --resume continue a stopped run (Ctrl-C is safe). --set data_seed=N changes only the data order,
-augmentation and dropout (same start and split), for runs that `hifusion soup` can average.
+augmentation and dropout (same start and split).
 With refit (recipe hifusion; --set refit=false turns it off) the validated run is written to
 MODEL.selection.pt, then MODEL.pt is retrained on every spot (validation spots and --val
 sections included) for the same schedule, up to the epoch the selection run chose; its card
