@@ -121,6 +121,10 @@ def write_spaceranger(
             features["name"] = np.array(names, dtype="S")
             features["id"] = np.array(ids, dtype="S")
             features["feature_type"] = np.array(kinds, dtype="S")
+            features["genome"] = np.array(["GRCh38"] * len(names), dtype="S")
+            f.attrs.update({"library_ids": np.array(["run"], dtype="S"), "filetype": "matrix",
+                            "chemistry_description": "Spatial 3' v1", "version": 2,
+                            "software_version": "spaceranger-2.0.0"})
     elif matrix == "mtx":
         folder = outs / "filtered_feature_bc_matrix"
         folder.mkdir()
