@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import tifffile
+from spaceranger import GENES as SR_GENES
+from spaceranger import HIRES_SCALEF, LOWRES_SCALEF, array_um, write_spaceranger
 
 from hifusion_model.cli import main
 from hifusion_model.errors import SectionError, SlideError
@@ -29,8 +31,6 @@ from hifusion_model.importers import (
     lattice_mpp,
 )
 from hifusion_model.sections import read_section
-from spaceranger import GENES as SR_GENES
-from spaceranger import HIRES_SCALEF, LOWRES_SCALEF, array_um, write_spaceranger
 
 H, W = 300, 400
 GENES = ["G0", "G1", "G2", "G3"]

@@ -206,7 +206,7 @@ def test_prediction_file_from_the_cli_reopens_as_prediction_layers(
             "--device", "cpu", "--workers", "0"]
     assert cli_main(argv) == 0
     pred = ad.read_h5ad(out)
-    (_, image_kw, image_kind), (yx_t, truth_kw, _), (yx_p, pred_kw, kind) = (
+    (_, image_kw, image_kind), (_, truth_kw, _), (yx_p, pred_kw, kind) = (
         get_reader(str(out))(str(out)))
     assert (image_kind, kind) == ("image", "points") and image_kw["scale"] == (MPP, MPP)
     assert (truth_kw["name"], pred_kw["name"]) == ("synthetic measured", "synthetic predicted")
@@ -271,9 +271,10 @@ def test_scanpy_visium_h5ad_and_spaceranger_folders_open(tmp_path: Path) -> None
 
 
 def test_gui_errors_speak_gui_not_cli_flags(tmp_path: Path) -> None:
+    from spaceranger import write_spaceranger
+
     from hifusion_model.errors import SlideError
     from hifusion_model.importers import ScaleMismatchWarning
-    from spaceranger import write_spaceranger
 
     outs = write_spaceranger(tmp_path, mpp=4.0, fullres=False)
     for png in (outs / "spatial").glob("*.png"):
@@ -284,8 +285,8 @@ def test_gui_errors_speak_gui_not_cli_flags(tmp_path: Path) -> None:
     assert "--" not in message and "leave exactly one full-resolution image" in message
     from napari_hifusion._reader import gui_message
 
+    outs = write_spaceranger(tmp_path / "55", spot_diameter_um=55.0)
     with pytest.warns(ScaleMismatchWarning) as warned:  # warnings, too, speak GUI
-        outs = write_spaceranger(tmp_path / "55", spot_diameter_um=55.0)
         get_reader(str(outs))(str(outs))
     [message] = [str(w.message) for w in warned if w.category is ScaleMismatchWarning]
     assert "--" not in message and "set µm/px in the HiFusion Spots panel" in message

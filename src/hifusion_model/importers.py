@@ -653,11 +653,9 @@ def _visium_mpp(
         others.append((factors["microns_per_pixel"] / scale, "scalefactors: microns_per_pixel"))
     elif "spot_diameter_fullres" in factors:
         diameter = factors["spot_diameter_fullres"] * scale
-        others.append((
-            SCALEFACTOR_SPOT_UM / diameter,
-            f"scalefactors: {SCALEFACTOR_SPOT_UM:.0f} µm / spot_diameter_fullres "
-            f"{factors['spot_diameter_fullres']:g}",
-        ))
+        origin = (f"scalefactors: {SCALEFACTOR_SPOT_UM:.0f} µm / spot_diameter_fullres "
+                  f"{factors['spot_diameter_fullres']:g}")
+        others.append((SCALEFACTOR_SPOT_UM / diameter, origin))
     if image_mpp is not None:
         others.append((image_mpp, "image metadata"))
     candidates = [(mpp, "--mpp"), (fit.mpp if fit else None, lattice_origin), *others]

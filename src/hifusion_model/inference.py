@@ -380,7 +380,7 @@ def scanpy_spatial(meta: dict, slide_path: str | os.PathLike, image_px: int = SC
                 with Slide.open(slide_path, mpp=float(meta["mpp"])) as opened:
                     image, _ = opened.thumbnail(image_px)
                     factors["tissue_hires_scalef"] = image.shape[1] / opened.shape[1]
-        except Exception as e:  # a moved or unreadable slide: the predictions still count
+        except Exception as e:  # noqa: BLE001 (a moved or unreadable slide: still write)
             warnings.warn(f"{slide_path}: cannot read the slide ({type(e).__name__}: {e}), so the "
                           "prediction file carries no H&E image for scanpy/squidpy", stacklevel=3)
     return library, lib, image
