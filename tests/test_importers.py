@@ -346,7 +346,8 @@ def test_scalefactors_serve_when_the_array_gives_no_scale(tmp_path):
     table = pd.read_csv(path)
     table["array_col"] = table["array_row"] = 0  # array coordinates lost
     table.to_csv(path, index=False)
-    meta = import_visium(outs).uns["hifusion"]
+    with pytest.warns(ScaleMismatchWarning, match="less than one array step.*; using 4 from"):
+        meta = import_visium(outs).uns["hifusion"]
     assert meta["mpp"] == pytest.approx(4.0, rel=1e-6)
     assert meta["mpp_source"].startswith("scalefactors: 65 µm / spot_diameter_fullres")
 

@@ -660,6 +660,13 @@ def _visium_mpp(
         others.append((image_mpp, "image metadata"))
     candidates = [(mpp, "--mpp"), (fit.mpp if fit else None, lattice_origin), *others]
     value, origin = _first_mpp(candidates, source, "pass --mpp")
+    if mpp is None and fit is None and lattice_origin != "no array coordinates":
+        warnings.warn(
+            f"{source}: the spot lattice gives no µm/px to check against ({lattice_origin}); "
+            f"using {value:.4g} from {origin}",
+            ScaleMismatchWarning,
+            stacklevel=3,
+        )
     if mpp is None and fit is not None:
         for other, where in others:
             if abs(other / fit.mpp - 1) > SCALE_TOLERANCE:
