@@ -182,11 +182,11 @@ def _fail_probe(code: int) -> Callable[[pytest.MonkeyPatch], None]:
 
 
 def _out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hifusion_model.commands import predict
+    from hifusion_model import inference
 
     def predict_section(*args, **kwargs):
         raise MemoryError
-    monkeypatch.setattr(predict, "predict_section", predict_section)
+    monkeypatch.setattr(inference, "predict_section", predict_section)
 
 
 def _h5py_text(name: str) -> BaseException:

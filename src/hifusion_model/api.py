@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, load_model
-from .errors import ConfigError, SectionError
+from .errors import CheckpointError, ConfigError, SectionError
 from .metrics import MARKER_GENES, evaluate_predictions, gene_pcc
 from .sections import read_section, section_slide
 from .slide import Slide
@@ -127,6 +127,7 @@ def predict(
     workers: int = 4,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    source: str | os.PathLike | None = None,
 ) -> ad.AnnData:
     """Predicted expression of every spot, as an AnnData ready for scanpy and ``evaluate``.
 
@@ -137,7 +138,8 @@ def predict(
     model's targets), ``layers['uncertainty']`` how much to trust each value (the counting
     noise expected at that spot, :mod:`~.uncertainty`; absent for models trained before it
     existed), ``obsm['spatial']`` the spot centres in full-resolution pixels and
-    ``uns['hifusion_model']`` the model's card summary.
+    ``uns['hifusion_model']`` the model's card summary (``source`` names the model there;
+    default: its path). A NaN or infinite prediction is an error, never a result.
 
     >>> pred = predict("C4.h5ad")                                  # doctest: +SKIP
     >>> pred[:, "ERBB2"].X.mean()                                  # doctest: +SKIP
@@ -162,9 +164,21 @@ def predict(
                                  observe=observe if noise else None)
     finally:
         slide.close()
-    source = model if not isinstance(model, tuple) else ckpt.path
+    source = source or (model if not isinstance(model, tuple) else ckpt.path)
+    check_finite_prediction(values, source)
     return predictions_to_anndata(section, values, ckpt, source=source, tta=tta,
                                   uncertainty=noise.uncertainty(values, stain) if noise else None)
+
+
+def check_finite_prediction(pred: np.ndarray, model: object) -> None:
+    """A NaN or infinite prediction is garbage, never a result: refuse it."""
+    bad = ~np.isfinite(np.asarray(pred, dtype=np.float64))
+    if bad.any():
+        raise CheckpointError(
+            f"the model {model} predicted {int(bad.sum())} NaN or infinite value(s) "
+            f"({int(bad.any(axis=1).sum())} of {len(bad)} spots); nothing was written: the model "
+            "is broken (retrain it, with a lower --lr) or use another one"
+        )
 
 
 def evaluate(

@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -155,7 +156,9 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint", hint: str = "")
     """
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not for users
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         culprit = re.search(r"GLOBAL (\S+)", str(e))
         raise CheckpointError(

@@ -14,19 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import anndata as ad
-import numpy as np
 
+from ..api import parse_grid, predict
 from ..checkpoint import load_model
 from ..devices import autocast_dtype, resolve_device
-from ..errors import CheckpointError, ConfigError, SectionError
+from ..errors import ConfigError, SectionError
 from ..importers import import_csv
-from ..inference import (
-    check_section_genes,
-    grid_section,
-    predict_section,
-    predictions_to_anndata,
-    write_predictions,
-)
+from ..inference import grid_section, write_predictions
 from ..io_utils import anndata_nbytes, check_space
 from ..sections import read_section, section_slide
 from ..slide import Slide
@@ -97,19 +91,6 @@ LARGE_GRID = 100_000
 CPU_SPOTS_PER_S = 10
 
 
-def parse_grid(value: str) -> tuple[str, float | None]:
-    """``hex``, ``hex:100``, ``square:200`` → (kind, pitch µm or None)."""
-    kind, _, pitch = value.partition(":")
-    if kind not in ("hex", "square"):
-        raise ConfigError(f"--grid {value!r}: the kind must be hex or square, e.g. hex:100")
-    try:
-        return kind, float(pitch) if pitch else None
-    except ValueError:
-        raise ConfigError(
-            f"--grid {value!r}: the pitch must be a number of µm, e.g. hex:100"
-        ) from None
-
-
 def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
     """The section to predict and its opened slide, from a section file or a bare slide."""
     path: Path = args.input
@@ -146,65 +127,54 @@ def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
     return section, slide
 
 
-def check_finite_prediction(pred: np.ndarray, model: object) -> None:
-    """A NaN or infinite prediction is garbage, never a result: refuse to write it."""
-    bad = ~np.isfinite(np.asarray(pred, dtype=np.float64))
-    if bad.any():
-        raise CheckpointError(
-            f"the model {model} predicted {int(bad.sum())} NaN or infinite value(s) "
-            f"({int(bad.any(axis=1).sum())} of {len(bad)} spots); nothing was written: the model "
-            "is broken (retrain it, with a lower --lr) or use another one"
-        )
-
-
 def run(args: argparse.Namespace) -> int:
     check_inference_options(args, "prediction")
     check_out(args, [args.input, args.spots, args.model])
     check_mpp(args, args.mpp, args.input, "--mpp")
     device = resolve_device(args.device)
     section, slide = load_input(args)
+    slide.close()  # checked here; predict opens it again as the section says
     model, ckpt = load_model(args.model, device)
-    check_section_genes(section, ckpt.genes, args.input)
     dtype = autocast_dtype(device, args.precision)
     start = time.perf_counter()
     with _progress_bar(section.n_obs) as progress:
-        pred = predict_section(
-            model,
-            ckpt,
-            section,
-            slide,
-            batch_size=args.batch_size,
-            device=device,
-            precision=args.precision,
-            workers=args.workers,
-            progress=progress,
-            tta=args.tta,
+        result = predict(
+            section, (model, ckpt), mpp=args.mpp if args.input.suffix == ".h5ad" else None,
+            tta=args.tta, device=device, precision=args.precision, batch_size=args.batch_size,
+            workers=args.workers, progress=progress, source=args.model,
         )
     seconds = time.perf_counter() - start
-    check_finite_prediction(pred, args.model)
-    result = predictions_to_anndata(section, pred, ckpt, source=args.model, tta=args.tta)
     check_space(args.out, anndata_nbytes(result))
     write_predictions(result, args.out)
     precision = str(dtype).removeprefix("torch.") if dtype else "fp32"
     print(
-        f"{args.out}: {pred.shape[0]} spots × {pred.shape[1]} genes predicted on {device} "
-        f"({precision}) "
-        f"in {seconds:.1f} s ({pred.shape[0] / max(seconds, 1e-9):.0f} spots/s)"
+        f"{args.out}: {result.n_obs} spots × {result.n_vars} genes predicted on {device} "
+        f"({precision}) in {seconds:.1f} s ({result.n_obs / max(seconds, 1e-9):.0f} spots/s)"
         + ("" if section.n_vars else "; no measured counts, so no truth to evaluate against")
+        + ("" if "uncertainty" in result.layers else
+           "; this model has no noise model, so no uncertainty layer")
     )
     return 0
 
 
 class _progress_bar:
-    """A tqdm bar on stderr, fed by ``predict_section``'s progress callback."""
+    """A tqdm bar on stderr, fed by ``predict``'s progress callback; it appears with the first
+    spot, so an error found before the work is the only line printed."""
 
     def __init__(self, total: int) -> None:
-        from tqdm.auto import tqdm
+        self.total, self.bar = total, None
 
-        self.bar = tqdm(total=total, unit="spot", dynamic_ncols=True, file=sys.stderr, leave=False)
+    def update(self, done: int, total: int, message: str) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, unit="spot", dynamic_ncols=True, file=sys.stderr,
+                            leave=False)
+        self.bar.update(done - self.bar.n)
 
     def __enter__(self):
-        return lambda done, total, message: self.bar.update(done - self.bar.n)
+        return self.update
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()

@@ -24,7 +24,7 @@ from ._options import (
     check_inference_options,
     check_out,
 )
-from .predict import check_finite_prediction
+from ..api import check_finite_prediction
 from .train import Reporter
 
 
