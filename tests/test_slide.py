@@ -239,7 +239,7 @@ def test_convert_command(tmp_path, capsys):
                  "--compression", "zlib"]) == 0
     printed = capsys.readouterr().out
     assert str(out) in printed and "4 levels" in printed and "0.5 µm/px" in printed
-    assert main(["convert", str(tmp_path / "missing.jpg"), str(out)]) == 2
+    assert main(["convert", str(tmp_path / "missing.jpg"), str(tmp_path / "new.ome.tif")]) == 2
     err = capsys.readouterr().err.strip()
     assert "missing.jpg" in err and len(err.splitlines()) == 1
 

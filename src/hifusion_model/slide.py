@@ -13,11 +13,15 @@ Pixel ``i`` spans ``[i, i + 1)``: a window of ``n`` px centred on ``c`` starts a
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import re
+import struct
 import tempfile
 import threading
+import warnings
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
@@ -41,7 +45,17 @@ PLAUSIBLE_MPP = (0.05, 20.0)
 #: In-memory pyramids stop halving once the longest side is at most this many px.
 MIN_LEVEL_PX = 512
 #: Pyramid levels of ``convert_to_ome_tiff`` larger than this are buffered on disk, not in RAM.
-MAX_BUFFER_BYTES = 512 * 2**20
+MAX_BUFFER_BYTES = 64 * 2**20
+#: JPEG, PNG and untiled TIFF are decoded whole on open; above this many pixels they are refused
+#: (Pillow's decompression-bomb guard stays on at this limit) and ``hifusion convert`` streams
+#: them into a tiled OME-TIFF instead. HER2ST's JPEGs hold 92 Mpx; 200 Mpx take ~0.8 GB as RGB.
+#: The environment variable ``HIFUSION_MAX_IMAGE_PIXELS`` raises or lowers it.
+MAX_OPEN_PIXELS = 200_000_000
+#: One region read never allocates more than this; a larger one means an absurd µm/px or
+#: region size, and is refused rather than swapping the machine to death.
+MAX_WINDOW_BYTES = 2**30
+#: A thumbnail's source level larger than this is read in bands and halved on the way.
+THUMBNAIL_BYTES = 256 * 2**20
 #: Decoded tiles kept per slide. Neighbouring spots' regions share most of their tiles, so a
 #: section's patches decode each tile about once instead of several times (BENCHMARKS.md).
 TILE_CACHE_BYTES = 128 * 2**20
@@ -143,7 +157,10 @@ class Slide:
             raise SlideError(f"{self.path}: thumbnail size must be at least 1 px, got {max_px}")
         level = self._level_for(max(self.shape) / max_px)
         h, w = self.levels[level].shape[:2]
-        image = _to_rgb8(self._fetch(level, 0, h, 0, w))
+        if _nbytes(self.levels[level], h, w) <= THUMBNAIL_BYTES:
+            image = _to_rgb8(self._fetch(level, 0, h, 0, w))
+        else:  # one big level (a tiled TIFF without a pyramid): halve it band by band
+            image = self._halved(level, max(0, int(math.log2(max(h, w) / max_px))))
         scale = max_px / max(h, w)
         if scale < 1:
             image = _resize(image, (max(1, round(h * scale)), max(1, round(w * scale))))
@@ -156,6 +173,19 @@ class Slide:
         self._handle, self._closed = None, True
 
     # -- internals ---------------------------------------------------------------------------
+    def _halved(self, level: int, times: int) -> np.ndarray:
+        """Level ``level`` halved ``times`` times, read in bands of rows of bounded size."""
+        h, w = self.levels[level].shape[:2]
+        step = 2**times
+        band = max(step, THUMBNAIL_BYTES // 4 // (w * 3) // step * step)
+        parts = []
+        for r0 in range(0, h // step * step, band):
+            part = _to_rgb8(self._fetch(level, r0, min(r0 + band, h // step * step), 0, w))
+            for _ in range(times):
+                part = _half(part)
+            parts.append(part)
+        return np.concatenate(parts) if parts else _to_rgb8(self._fetch(level, 0, h, 0, w))
+
     def _level_for(self, px_size: float) -> int:
         """The coarsest level whose pixels are no larger than ``px_size`` level-0 px.
 
@@ -171,6 +201,7 @@ class Slide:
         y0, x0 = math.floor(cy - ny / 2 + 0.5), math.floor(cx - nx / 2 + 0.5)
         h, w = self.levels[level].shape[:2]
         r0, r1, c0, c1 = max(y0, 0), min(y0 + ny, h), max(x0, 0), min(x0 + nx, w)
+        _check_window(self.path, ny, nx, self.levels[level], f"a region of {ny} × {nx} px")
         if (r0, r1, c0, c1) == (y0, y0 + ny, x0, x0 + nx):
             return _to_rgb8(self._fetch(level, r0, r1, c0, c1))
         out = np.full((ny, nx, 3), 255, np.uint8)
@@ -188,6 +219,8 @@ class Slide:
             if self._tiles[level] is None:
                 return np.asarray(self.levels[level][r0:r1, c0:c1])
             return self._assemble(level, r0, r1, c0, c1)
+        except SlideError:
+            raise
         except Exception as e:  # codec and I/O errors of a damaged file
             raise SlideError(f"cannot decode {self.path} (level {level}, rows {r0}:{r1}, "
                              f"columns {c0}:{c1}): {e}; the file may be truncated or corrupt"
@@ -277,8 +310,13 @@ def _tile_shape(level: Any) -> tuple[int, int] | None:
 
 
 # -- TIFF ------------------------------------------------------------------------------------
-def _open_tiff(path: Path) -> tuple[list[Any], float | None, tifffile.TiffFile | None]:
-    """Levels of the first series; untiled single-level files are decoded into memory."""
+def _open_tiff(path: Path, lazy: bool = False
+               ) -> tuple[list[Any], float | None, tifffile.TiffFile | None]:
+    """Levels of the first series; untiled single-level files are decoded into memory.
+
+    ``lazy`` reads untiled files strip by strip instead (for conversion): nothing is decoded
+    whole unless one strip holds it all.
+    """
     try:
         tif = tifffile.TiffFile(path)
     except Exception as e:
@@ -287,13 +325,23 @@ def _open_tiff(path: Path) -> tuple[list[Any], float | None, tifffile.TiffFile |
     try:
         series = tif.series[0]
         mpp = _tiff_mpp(tif)
-        if len(series.levels) == 1 and not series.keyframe.is_tiled:
+        if len(series.levels) == 1 and not series.keyframe.is_tiled and not lazy:
+            y, x = series.axes.index("Y"), series.axes.index("X")
+            _check_open_size(path, series.shape[y], series.shape[x], "an untiled TIFF",
+                             series.size * series.dtype.itemsize)
             levels = _memory_pyramid(_axes_to_yxs(series.asarray(), series.axes, path))
             tif.close()
             return levels, mpp, None
         root = zarr.open(series.aszarr(), mode="r")
         arrays = ([root[k] for k in sorted(root.keys(), key=int)]
                   if isinstance(root, zarr.Group) else [root])
+        for a in arrays:
+            chunk = math.prod(a.chunks) * a.dtype.itemsize
+            if chunk > MAX_WINDOW_BYTES:
+                raise SlideError(
+                    f"{path} stores its pixels in blocks of {' × '.join(map(str, a.chunks))} "
+                    f"values ({chunk / 1e9:.1f} GB each once decoded), too big to read a part "
+                    "at a time; save it again as a tiled TIFF (e.g. with QuPath or vips)")
         return [_axes_to_yxs(a, series.axes, path) for a in arrays], mpp, tif
     except SlideError:
         tif.close()
@@ -383,27 +431,279 @@ class _AxesView:
 
 
 # -- plain images -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def _no_pixel_limit() -> Iterator[None]:
-    """Pillow refuses images above ~89 MP as 'decompression bombs'; slides are that big."""
-    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+def max_open_pixels() -> int:
+    """:data:`MAX_OPEN_PIXELS`, or ``HIFUSION_MAX_IMAGE_PIXELS`` when that is set."""
+    value = os.environ.get("HIFUSION_MAX_IMAGE_PIXELS", "").strip()
+    if not value:
+        return MAX_OPEN_PIXELS
     try:
-        yield
+        return max(1, int(float(value)))
+    except ValueError:
+        raise SlideError(f"HIFUSION_MAX_IMAGE_PIXELS must be a number of pixels, got {value!r}"
+                         ) from None
+
+
+def _check_open_size(path: Path, height: int, width: int, kind: str, nbytes: int) -> None:
+    """Refuse, before any allocation, an image that would be decoded whole above the limit."""
+    limit = max_open_pixels()
+    if height * width <= limit:
+        return
+    raise SlideError(
+        f"{path} is {width} × {height} px ({height * width / 1e6:.0f} Mpx, {nbytes / 1e9:.1f} GB "
+        f"decoded), more than the {limit / 1e6:.0f} Mpx that {kind} may have to be opened "
+        f"whole; convert it once with `hifusion convert {path} {_stem(path)}.ome.tif` (add --mpp "
+        "if the file does not record its µm/px), which writes a tiled pyramidal OME-TIFF, and "
+        "open that")
+
+
+def _stem(path: Path) -> Path:
+    """Where the converted copy of ``path`` could go: ``X.png`` → ``X`` (+ ``.ome.tif``)."""
+    stem = path.with_name(path.name.split(".")[0] or path.stem)
+    return stem if stem.with_name(stem.name + ".ome.tif") != path else \
+        stem.with_name(stem.name + "_tiled")
+
+
+def _nbytes(level: Any, height: int, width: int) -> int:
+    channels = level.shape[2] if len(level.shape) > 2 else 1
+    return height * width * channels * np.dtype(level.dtype).itemsize
+
+
+def _check_window(path: Path, height: int, width: int, level: Any, what: str) -> None:
+    nbytes = height * width * max(3, level.shape[2] if len(level.shape) > 2 else 1) * \
+        np.dtype(level.dtype).itemsize
+    if nbytes > MAX_WINDOW_BYTES:
+        raise SlideError(f"{path}: {what} would take {nbytes / 1e9:.1f} GB of memory; the µm per "
+                         "pixel (--mpp) or the region size is far off, check them")
+
+
+@contextlib.contextmanager
+def _pixel_limit() -> Iterator[None]:
+    """Pillow's decompression-bomb guard at our limit (its default, ~89 Mpx, is below a slide).
+
+    Pillow warns above ``MAX_IMAGE_PIXELS`` and refuses above twice that; images above the
+    limit are refused by :func:`_check_open_size` first, with a message that says what to do,
+    so the warning is silenced and the error stays as a second line of defence.
+    """
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_open_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def _decode_plain(path: Path) -> np.ndarray:
+def _decode_plain(path: Path, check_size: bool = True) -> np.ndarray:
     """JPEG/PNG pixels as stored (no EXIF rotation: spot coordinates refer to stored pixels)."""
     try:
-        with _no_pixel_limit(), Image.open(path) as im:
+        with contextlib.ExitStack() as stack:
+            if check_size:
+                stack.enter_context(_pixel_limit())
+            im = stack.enter_context(Image.open(path))
+            if check_size:
+                _check_open_size(path, im.height, im.width, f"a {im.format or 'plain'} image",
+                                 im.width * im.height * len(im.getbands()))
             im.load()
             if im.mode not in ("RGB", "RGBA", "L", "LA", "I;16", "I;16B", "I;16L"):
                 im = im.convert("RGBA" if "transparency" in im.info or "A" in im.mode else "RGB")
             return np.asarray(im)
+    except Image.DecompressionBombError as e:  # Pillow's guard (twice the limit): say the same
+        with _pixel_limit_off(), Image.open(path) as im:
+            _check_open_size(path, im.height, im.width, f"a {im.format or 'plain'} image",
+                             im.width * im.height * len(im.getbands()))
+        raise SlideError(f"{path} is too large to decode whole ({e}); convert it with "
+                         "`hifusion convert`, which writes a tiled pyramidal OME-TIFF") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise SlideError(f"cannot decode {path} ({e}); the file may be truncated or not a "
                          f"{path.suffix} image") from e
+
+
+class PngRows:
+    """Rows of a PNG decoded in order, a band at a time: bounded memory for any size.
+
+    Pillow decodes a PNG only whole. Here the zlib stream is inflated just far enough for the
+    rows asked for, and Pillow's C code undoes the row filters: each band is handed to it as a
+    small PNG of its own (stored, not recompressed), led by the last row of the band before,
+    which the filters of the first row refer to. The band PNG pretends to be 8-bit grey, grey +
+    alpha, RGB or RGBA with the real file's bytes per pixel, so the filter arithmetic is the
+    same and the bytes come back exactly as stored; they are then read in the real format
+    (palette, 1-16 bits). Interlaced and 16-bit colour PNGs cannot be read this way
+    (:attr:`streamable` is False).
+    """
+
+    _FAKE = {1: 0, 2: 4, 3: 2, 4: 6}  # bytes per pixel → a colour type with as many, 8-bit
+    _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+    SIGNATURE = b"\x89PNG\r\n\x1a\n"
+    STEP_BYTES = 4 * 2**20
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        try:
+            self._read_header()
+        except BaseException:
+            self._file.close()
+            raise
+        self._next_row = 0
+        self._previous: bytes | None = None
+        self._inflate = zlib.decompressobj()
+        self._pending = b""
+        self._chunk_left = self._first_idat_length
+
+    def _read_header(self) -> None:
+        f = self._file
+        if f.read(8) != self.SIGNATURE:
+            raise SlideError(f"{self.path} is not a PNG file")
+        self.palette: bytes | None = None
+        self.transparency: bytes | None = None
+        header = None
+        while True:
+            length, kind = self._chunk_head()
+            if kind == b"IDAT":
+                self._first_idat_length = length
+                break
+            if length > 2**26:
+                raise SlideError(f"{self.path}: a {kind!r} chunk of {length} bytes; the file is "
+                                 "corrupt")
+            data = f.read(length)
+            f.read(4)  # CRC
+            if kind == b"IHDR":
+                header = struct.unpack(">IIBBBBB", data[:13])
+            elif kind == b"PLTE":
+                self.palette = data
+            elif kind == b"tRNS":
+                self.transparency = data
+            elif kind == b"IEND":
+                raise SlideError(f"{self.path} holds no image data (no IDAT chunk)")
+        if header is None:
+            raise SlideError(f"{self.path} has no PNG header (IHDR)")
+        width, height, self.depth, self.colour, _, _, interlace = header
+        if self.colour not in self._CHANNELS or width < 1 or height < 1:
+            raise SlideError(f"{self.path}: unsupported PNG header {header}")
+        self.shape_hw = (height, width)
+        channels = self._CHANNELS[self.colour]
+        self.bpp = max(1, channels * self.depth // 8)
+        self.row_bytes = (width * channels * self.depth + 7) // 8
+        self.streamable = interlace == 0 and self.bpp in self._FAKE
+        if self.colour == 3:
+            self.channels = 4 if self.transparency else 3
+        else:
+            self.channels = channels
+        self.dtype = np.dtype(np.uint16 if self.depth == 16 and channels == 1 else np.uint8)
+        self.shape = (height, width) if self.channels == 1 else (height, width, self.channels)
+        self.ndim = len(self.shape)
+
+    def _chunk_head(self) -> tuple[int, bytes]:
+        head = self._file.read(8)
+        if len(head) < 8:
+            raise SlideError(f"{self.path} ends before its image data; the file is truncated")
+        return struct.unpack(">I", head[:4])[0], head[4:]
+
+    def _compressed(self) -> bytes:
+        """The next piece of the zlib stream (IDAT chunks joined), b"" at its end."""
+        while self._chunk_left == 0:
+            self._file.read(4)  # CRC of the chunk before
+            length, kind = self._chunk_head()
+            if kind != b"IDAT":
+                return b""
+            self._chunk_left = length
+        piece = self._file.read(min(self._chunk_left, 2**20))
+        if not piece:
+            return b""
+        self._chunk_left -= len(piece)
+        return piece
+
+    def _filtered(self, n: int) -> bytes:
+        """The next ``n`` rows as stored: a filter byte and ``row_bytes`` bytes each."""
+        need = n * (self.row_bytes + 1)
+        out = bytearray()
+        while len(out) < need:
+            if self._pending:
+                data, self._pending = self._pending, b""
+            else:
+                data = self._compressed()
+                if not data:
+                    got = self._next_row + len(out) // (self.row_bytes + 1)
+                    raise SlideError(f"{self.path} is truncated or corrupt: its image data ends "
+                                     f"at row {got} of {self.shape_hw[0]}")
+            try:
+                out += self._inflate.decompress(data, need - len(out))
+            except zlib.error as e:
+                raise SlideError(f"cannot decode {self.path} ({e}); the file is corrupt") from e
+            self._pending = self._inflate.unconsumed_tail
+        return out
+
+    def _unfilter(self, filtered: bytearray, n: int) -> bytes:
+        """Raw row bytes of ``n`` filtered rows, through Pillow (see the class docstring)."""
+        lead = b"" if self._previous is None else b"\0" + self._previous
+        rows = n + (self._previous is not None)
+        header = struct.pack(">IIBBBBB", self.row_bytes // self.bpp, rows, 8,
+                             self._FAKE[self.bpp], 0, 0, 0)
+        store = zlib.compressobj(0)
+        data = store.compress(lead) + store.compress(filtered) + store.flush()
+        del filtered
+        png = b"".join((self.SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", data),
+                        _png_chunk(b"IEND", b"")))
+        del data
+        try:
+            with Image.open(io.BytesIO(png)) as im:
+                raw = im.tobytes()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise SlideError(f"cannot decode {self.path} ({e}); the file is corrupt") from e
+        raw = raw[self.row_bytes:] if lead else raw
+        self._previous = raw[-self.row_bytes:]
+        return raw
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        """``rows[r0:r1]`` or ``rows[r0:r1, c0:c1]``, rows following the ones read before."""
+        key = key if isinstance(key, tuple) else (key,)
+        rows, cols = key[0], key[1] if len(key) > 1 else slice(None)
+        r0, r1, _ = rows.indices(self.shape_hw[0])
+        if not self.streamable:
+            raise SlideError(f"{self.path} is an interlaced or 16-bit colour PNG, which cannot "
+                             "be decoded a band at a time")
+        if r0 != self._next_row:
+            raise ValueError(f"rows must be read in order: {r0} asked, {self._next_row} next")
+        out = np.empty((max(0, r1 - r0), *self.shape[1:]), self.dtype)
+        step = max(1, self.STEP_BYTES // self.row_bytes)  # a few copies of this much at a time
+        for a in range(r0, r1, step):
+            n = min(step, r1 - a)
+            out[a - r0:a - r0 + n] = self._pixels(self._unfilter(self._filtered(n), n), n)
+            self._next_row = a + n
+        return out[:, cols]
+
+    def _pixels(self, raw: bytes, n: int) -> np.ndarray:
+        """Raw row bytes in the real format as (n, W[, C]), the way Pillow + Slide show them."""
+        width = self.shape_hw[1]
+        flat = np.frombuffer(raw, np.uint8).reshape(n, self.row_bytes)
+        if self.depth < 8:
+            bits = np.unpackbits(flat, axis=1).reshape(n, -1, self.depth)
+            weights = 1 << np.arange(self.depth - 1, -1, -1, dtype=np.uint8)
+            values = (bits * weights).sum(axis=2, dtype=np.uint8)[:, :width]
+            if self.colour == 0:  # Pillow scales grey to 0..255
+                return values * np.uint8(255 // (2**self.depth - 1))
+            flat = values
+        if self.colour == 3:
+            lut = np.zeros((256, 4), np.uint8)
+            lut[:, 3] = 255
+            colours = np.frombuffer(self.palette or b"", np.uint8)[: 256 * 3].reshape(-1, 3)
+            lut[: len(colours), :3] = colours
+            alpha = np.frombuffer(self.transparency or b"", np.uint8)[:256]
+            lut[: len(alpha), 3] = alpha
+            return lut[flat[:, :width], : self.channels]
+        if self.depth == 16:
+            pixels = flat.reshape(n, width, -1, 2)
+            if self.colour == 0:
+                return (pixels[..., 0, 0].astype(np.uint16) << 8) | pixels[..., 0, 1]
+            return pixels[..., 0].copy()  # grey + alpha: Pillow keeps the high bytes
+        return flat.reshape(n, width, self.channels) if self.channels > 1 else flat.copy()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def _memory_pyramid(image: np.ndarray) -> list[np.ndarray]:
@@ -476,6 +776,93 @@ def _checked_mpp(mpp: float, path: Path) -> float:
 
 
 # -- conversion -------------------------------------------------------------------------------
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(path: Path, nbytes: int, why: str) -> None:
+    available = _available_memory()
+    if available is not None and nbytes > 0.8 * available:
+        raise SlideError(f"{path}: {why} needs {nbytes / 1e9:.1f} GB of memory and "
+                         f"{available / 1e9:.1f} GB are available; convert it on a machine with "
+                         "more memory, or save it as a tiled TIFF with another tool (vips, QuPath)")
+
+
+def _open_for_streaming(path: str | os.PathLike, mpp: float | None) -> Slide:
+    """``path`` as a one-level slide whose rows can be read in order with bounded memory.
+
+    PNG rows are decoded a band at a time (:class:`PngRows`); TIFF strips and tiles are read
+    as needed. A JPEG cannot be decoded in parts: it is decoded once, straight into one array
+    (libjpeg-turbo via imagecodecs: the same pixels as Pillow, without Pillow's 4 bytes per
+    pixel and the copy to numpy), after checking that the memory is there.
+    """
+    path = Path(path)
+    mpp_arg = None if mpp is None else _checked_mpp(mpp, path)
+    suffix = path.suffix.lower()
+    if not path.is_file() or suffix not in PLAIN_SUFFIXES:
+        if suffix in TIFF_SUFFIXES and path.is_file():
+            levels, file_mpp, handle = _open_tiff(path, lazy=True)
+            _check_channels(levels[0], path)
+            return Slide(path, levels[:1], mpp_arg if mpp_arg is not None else file_mpp,
+                         handle=handle, mpp_arg=mpp_arg)
+        return Slide.open(path, mpp)  # its errors: missing file, unknown format
+    try:  # the header only: the size decides how to decode
+        with _pixel_limit_off(), Image.open(path) as im:
+            kind, (w, h), bands = im.format, im.size, len(im.getbands())
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SlideError(f"cannot decode {path} ({e}); the file may be truncated or not a "
+                         f"{path.suffix} image") from e
+    if kind == "PNG":
+        rows = PngRows(path)
+        if rows.streamable:
+            return Slide(path, [rows], mpp_arg, handle=rows, mpp_arg=mpp_arg)  # type: ignore[arg-type]
+        rows.close()
+    _check_memory(path, w * h * max(bands, 3) * 2, f"decoding this {w} × {h} px {kind} whole")
+    image = _decode_jpeg(path) if kind == "JPEG" else None
+    if image is None:
+        with _pixel_limit_off():
+            image = _decode_plain(path, check_size=False)
+    _check_channels(image, path)
+    return Slide(path, [image], mpp_arg, mpp_arg=mpp_arg)
+
+
+@contextlib.contextmanager
+def _pixel_limit_off() -> Iterator[None]:
+    """For conversion only, which streams or has checked the memory first."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _decode_jpeg(path: Path) -> np.ndarray | None:
+    """An RGB or grey JPEG straight into numpy, or None to let Pillow do it (CMYK, odd files)."""
+    try:
+        import imagecodecs
+
+        with _pixel_limit(), Image.open(path) as im:
+            mode, size = im.mode, im.size
+        if mode not in ("RGB", "L"):
+            return None
+        image = imagecodecs.jpeg8_decode(path.read_bytes())
+    except Exception:  # noqa: BLE001 (Pillow gets its chance, and names the problem)
+        return None
+    expected = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    return image if image.dtype == np.uint8 and image.shape == expected else None
+
+
 def convert_to_ome_tiff(src: str | os.PathLike, dst: str | os.PathLike, mpp: float | None = None,
                         tile: int = 512, progress: Progress | None = None, *,
                         compression: str = "jpeg", quality: int = 90,
@@ -492,7 +879,7 @@ def convert_to_ome_tiff(src: str | os.PathLike, dst: str | os.PathLike, mpp: flo
     if compression not in COMPRESSIONS:
         raise SlideError(f"compression must be one of {', '.join(COMPRESSIONS)}, "
                          f"got {compression!r}")
-    with Slide.open(src, mpp=mpp) as slide:
+    with _open_for_streaming(src, mpp) as slide:
         if slide.mpp is None:
             raise SlideError(f"{slide.path} does not record its µm per pixel; give it with --mpp "
                              "(mpp=...) so that the OME-TIFF carries it")
@@ -514,11 +901,14 @@ def convert_to_ome_tiff(src: str | os.PathLike, dst: str | os.PathLike, mpp: flo
         codec = {"compression": "jpeg", "compressionargs": {"level": quality}} \
             if compression == "jpeg" else {"compression": "zlib", "predictor": True}
         with atomic_path(dst) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as scratch, \
+                contextlib.ExitStack() as buffers, \
                 tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as writer:
             rows: Callable[[int, int], np.ndarray] = level0_rows
             for k, (h, w) in enumerate(shapes):
-                below = _scratch_array(shapes[k + 1], Path(scratch) / f"{k + 1}.npy") \
+                below = _scratch_array(shapes[k + 1], Path(scratch) / f"{k + 1}.rows") \
                     if k + 1 < len(shapes) else None
+                if isinstance(below, DiskRows):
+                    buffers.callback(below.close)
                 level_um = slide.mpp * 2**k
                 extra: dict[str, Any] = {"subfiletype": 1} if k else {
                     "subifds": len(shapes) - 1,
@@ -542,10 +932,38 @@ def _pyramid_shapes(shape: tuple[int, int], tile: int) -> list[tuple[int, int]]:
     return shapes
 
 
-def _scratch_array(shape: tuple[int, int], path: Path) -> np.ndarray:
+def _scratch_array(shape: tuple[int, int], path: Path) -> Any:
     if shape[0] * shape[1] * 3 <= MAX_BUFFER_BYTES:
         return np.empty((*shape, 3), np.uint8)
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(*shape, 3))
+    return DiskRows(path, (*shape, 3))
+
+
+class DiskRows:
+    """A (H, W, C) uint8 array in a scratch file, written and read by whole rows.
+
+    Plain reads and writes rather than a memory map: the pages of a map count as the process's
+    own memory (RSS) until the kernel writes them back; these stay in the page cache.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        self.shape, self.dtype = shape, np.dtype(np.uint8)
+        self._row = int(np.prod(shape[1:]))
+        self._file = open(path, "w+b")  # noqa: SIM115 (closed with the scratch folder's file)
+        self._file.truncate(shape[0] * self._row)
+
+    def __setitem__(self, rows: slice, value: np.ndarray) -> None:
+        r0, r1, _ = rows.indices(self.shape[0])
+        value = np.ascontiguousarray(np.broadcast_to(value, (r1 - r0, *self.shape[1:])),
+                                     np.uint8)
+        os.pwrite(self._file.fileno(), value.tobytes(), r0 * self._row)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        r0, r1, _ = rows.indices(self.shape[0])
+        data = os.pread(self._file.fileno(), (r1 - r0) * self._row, r0 * self._row)
+        return np.frombuffer(data, np.uint8).reshape(r1 - r0, *self.shape[1:])
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _level_tiles(rows: Callable[[int, int], np.ndarray], shape: tuple[int, int], tile: int,
