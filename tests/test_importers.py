@@ -713,3 +713,18 @@ def test_real_her2st(her2st_dir, name, n_spots):
     assert section.n_obs == n_spots and section.n_vars > 15000
     assert section.uns["hifusion"]["mpp"] == pytest.approx(0.69, abs=0.03)
     assert "array geometry" in section.uns["hifusion"]["mpp_source"]
+
+
+def test_a_scanpy_visium_anndata_predicts_in_one_command(tmp_path, capsys):
+    from napari_hifusion._testing import tiny_checkpoint
+
+    outs = write_spaceranger(tmp_path, mpp=4.0)
+    adata, measured = scanpy_visium(outs, normalised=False, source_image=True)
+    adata.write_h5ad(tmp_path / "visium.h5ad")
+    model = tiny_checkpoint(tmp_path / "tiny.pt", list(adata.var_names[:3]))
+    argv = ["predict", str(tmp_path / "visium.h5ad"), "--model", str(model), "--out",
+            str(tmp_path / "pred.h5ad"), "--device", "cpu", "--workers", "0"]
+    assert main(argv) == 0, capsys.readouterr().err
+    pred = ad.read_h5ad(tmp_path / "pred.h5ad")
+    assert pred.n_obs == measured.n_obs and "truth" in pred.layers
+    np.testing.assert_allclose(pred.obsm["spatial"], measured.obsm["spatial"])

@@ -31,6 +31,7 @@ _API = {
     "create_model": "registry",
     "available_models": "registry",
     "get_recipe": "recipes",
+    "sample_section_path": "samples",
 }
 
 

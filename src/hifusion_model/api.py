@@ -58,7 +58,8 @@ def open_input(
 ) -> tuple[ad.AnnData, Slide]:
     """The section to predict and its opened slide (the caller closes it).
 
-    ``data`` is a section (``.h5ad`` path or AnnData), or a slide image with spots from ``grid``
+    ``data`` is a section (``.h5ad`` path or AnnData; a scanpy/squidpy Visium ``.h5ad`` is
+    imported on the fly), or a slide image with spots from ``grid``
     (``"hex:100"``: over the tissue, or the whole slide with ``whole_slide``) or ``spots`` (a
     CSV of centres).
     """
@@ -69,7 +70,7 @@ def open_input(
         if grid or spots:
             raise ConfigError(f"{_name(data)} is a section: it has its own spots, so give "
                               "no grid or spot file")
-        section = data if isinstance(data, ad.AnnData) else _read(Path(data))
+        section = data if isinstance(data, ad.AnnData) else read_input_section(data)
         return section, section_slide(section, mpp_override=mpp)
     path = Path(data)
     if not path.exists():
@@ -94,10 +95,28 @@ def open_input(
         raise
 
 
-def _read(path: Path) -> ad.AnnData:
+def read_input_section(path: str | os.PathLike) -> ad.AnnData:
+    """A section ``.h5ad`` of this project, or a scanpy/squidpy Visium AnnData (``uns['spatial']``
+    with images and scale factors), imported on the fly."""
+    path = Path(path)
     if not path.is_file():
         raise SectionError(f"{path} does not exist; give a section .h5ad or a slide image")
+    if _is_scanpy_visium(path):
+        from .importers import import_scanpy_visium
+
+        return import_scanpy_visium(path)
     return read_section(path)
+
+
+def _is_scanpy_visium(path: Path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            uns = f.get("uns")
+            return uns is not None and "spatial" in uns and "hifusion" not in uns
+    except OSError:
+        return False  # not HDF5: read_section says what is wrong
 
 
 def _name(data: Any) -> str:
@@ -214,4 +233,12 @@ def _evaluate_anndata(pred: ad.AnnData, marker_genes: Sequence[str]) -> dict[str
     return result
 
 
-__all__ = ["evaluate", "open_input", "parse_grid", "predict", "resolve_model"]
+__all__ = [
+    "check_finite_prediction",
+    "evaluate",
+    "open_input",
+    "parse_grid",
+    "predict",
+    "read_input_section",
+    "resolve_model",
+]

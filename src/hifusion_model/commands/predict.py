@@ -15,14 +15,14 @@ from typing import Any
 
 import anndata as ad
 
-from ..api import parse_grid, predict
+from ..api import parse_grid, predict, read_input_section
 from ..checkpoint import load_model
 from ..devices import autocast_dtype, resolve_device
 from ..errors import ConfigError, SectionError
 from ..importers import import_csv
 from ..inference import grid_section, write_predictions
 from ..io_utils import anndata_nbytes, check_space
-from ..sections import read_section, section_slide
+from ..sections import section_slide
 from ..slide import Slide
 from ._options import (
     add_any_mpp_option,
@@ -99,7 +99,7 @@ def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
     if path.suffix == ".h5ad":
         if args.grid or args.spots:
             raise ConfigError(f"{path} is a section: it has its own spots, so drop --grid/--spots")
-        section = read_section(path)
+        section = read_input_section(path)
         check_mpp(args, section.uns["hifusion"]["mpp"], path, "the section")
         return section, section_slide(section, mpp_override=args.mpp)
     if args.spots:
