@@ -135,3 +135,19 @@ def test_train_then_predict_gives_the_uncertainty_of_the_trained_model(section_p
     pred = hifusion_model.predict(section_path, model=str(result.checkpoint), device="cpu",
                                   workers=0)
     assert pred.layers["uncertainty"].shape == pred.shape == (noise.n_spots, 6)
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's example, as written, on the packaged sample with the bundled model."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"gene PCC 0\.3\d\d, ERBB2 0\.[67]\d\d", printed[0]), printed
+    assert re.fullmatch(r"184 spots, uncertainty 0\.\d\d-0\.\d\d", printed[1]), printed
+    pred = ad.read_h5ad(tmp_path / "C4.pred.h5ad")
+    assert {"truth", "uncertainty"} <= set(pred.layers)
