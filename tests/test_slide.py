@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 import pickle
+import struct
+import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
+from PIL import Image, ImageFile
 
 from hifusion_model.cli import main
 from hifusion_model.errors import Cancelled, SlideError
@@ -262,3 +266,218 @@ def test_shrinking_is_anti_aliased(tmp_path):
     Image.fromarray(checkerboard).save(tmp_path / "fine.png")
     patch = Slide.open(tmp_path / "fine.png", mpp=1).read_region_px((32, 32), 64, 16)
     assert np.abs(patch.astype(int) - 127.5).max() <= 8  # grey, not a moiré of black and white
+
+
+# -- memory bombs and big plain images (issue 24) ---------------------------------------------
+def uniform_png(path, width, height, rows_present=None, value=235):
+    """A one-colour RGB PNG compressed row by row; ``rows_present=k`` stores only k rows' data.
+
+    With ``rows_present=1``, a 40,000 × 40,000 px PNG takes a few hundred bytes: a header that
+    claims 4.8 GB of pixels, the classic decompression bomb.
+    """
+    from hifusion_model.slide import _png_chunk
+
+    z = zlib.compressobj(9)
+    row = b"\0" + bytes([value]) * (3 * width)
+    data = b"".join(z.compress(row) for _ in range(height if rows_present is None else rows_present))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header))
+        f.write(_png_chunk(b"IDAT", data + z.flush()) + _png_chunk(b"IEND", b""))
+    return path
+
+
+def filtered_png(path, width, height, depth, colour, channels, seed=0):
+    """Random bytes behind every PNG row filter (0-4) at random, split over two IDAT chunks."""
+    from hifusion_model.slide import _png_chunk
+
+    rng = np.random.default_rng(seed)
+    row_bytes = (width * channels * depth + 7) // 8
+    data = zlib.compress(b"".join(
+        bytes([rng.integers(0, 5)]) + rng.integers(0, 256, row_bytes, dtype=np.uint8).tobytes()
+        for _ in range(height)))
+    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+                     + _png_chunk(b"IDAT", data[:40]) + _png_chunk(b"IDAT", data[40:])
+                     + _png_chunk(b"IEND", b""))
+    return path
+
+
+def _pillow_pngs(folder):
+    img = np.random.default_rng(1).integers(0, 256, (50, 37, 4), dtype=np.uint8)
+    for mode, pixels in (("RGB", img[..., :3]), ("RGBA", img), ("L", img[..., 0]),
+                         ("LA", img[..., :2])):
+        Image.fromarray(pixels, mode).save(folder / f"{mode}.png")
+    palette = Image.fromarray(img[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE,
+                                                    colors=16)
+    palette.save(folder / "P.png")
+    palette.save(folder / "P-alpha.png", transparency=bytes(range(0, 160, 10)))
+    palette.save(folder / "P-4bit.png", bits=4)
+    Image.fromarray(img[..., 0] > 128).save(folder / "1bit.png")
+    Image.fromarray(img[..., 0].astype(np.uint16) * 257 + 3).save(folder / "grey16.png")
+    kinds = [(8, 2, 3), (8, 6, 4), (8, 0, 1), (8, 4, 2), (16, 0, 1), (16, 4, 2), (1, 0, 1),
+             (2, 0, 1), (4, 0, 1)]
+    for depth, colour, channels in kinds:
+        filtered_png(folder / f"raw-{depth}-{colour}.png", 41, 33, depth, colour, channels)
+    return sorted(folder.iterdir())
+
+
+def test_png_rows_decode_band_by_band_as_pillow_does(tmp_path, monkeypatch):
+    from hifusion_model.slide import PngRows, _decode_plain, _to_rgb8
+
+    monkeypatch.setattr(PngRows, "STEP_BYTES", 100)  # several small steps inside each band
+    for path in _pillow_pngs(tmp_path):
+        expected = _to_rgb8(_decode_plain(path))
+        rows = PngRows(path)
+        assert rows.streamable and rows.shape[:2] == expected.shape[:2]
+        edges = [0, 1, 8, 30, 31, expected.shape[0]]
+        got = np.concatenate([_to_rgb8(rows[a:b]) for a, b in zip(edges, edges[1:])])
+        rows.close()
+        np.testing.assert_array_equal(got, expected, err_msg=path.name)
+    with pytest.raises(ValueError, match="in order"):
+        PngRows(tmp_path / "RGB.png")[5:9]
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
+    bomb = uniform_png(tmp_path / "bomb.png", 40_000, 40_000, rows_present=1)
+    assert bomb.stat().st_size < 1000
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded the bomb"))
+    with pytest.raises(SlideError) as caught:
+        Slide.open(bomb, mpp=0.5)
+    message = str(caught.value)
+    assert "40000 × 40000 px" in message and "1600 Mpx" in message
+    assert "hifusion convert" in message and "OME-TIFF" in message and "\n" not in message
+    assert "4.8 GB" in message
+
+
+def test_the_pixel_limit_keeps_pillows_guard_and_can_be_moved(tmp_path, monkeypatch):
+    image = smooth_image()  # 60,000 px
+    Image.fromarray(image).save(tmp_path / "s.jpg")
+    Image.fromarray(image).save(tmp_path / "s.png")
+    monkeypatch.setenv("HIFUSION_MAX_IMAGE_PIXELS", "50000")
+    for name in ("s.jpg", "s.png"):
+        with pytest.raises(SlideError, match=r"more than the 0 Mpx .*hifusion convert"):
+            Slide.open(tmp_path / name, mpp=1)
+    tifffile.imwrite(tmp_path / "s.tif", image, photometric="rgb")  # untiled: decoded whole
+    with pytest.raises(SlideError, match="untiled TIFF"):
+        Slide.open(tmp_path / "s.tif", mpp=1)
+    monkeypatch.setattr("hifusion_model.slide._check_open_size", lambda *a: None)
+    with pytest.raises(SlideError, match="too large to decode whole"):  # Pillow's own guard
+        Slide.open(tmp_path / "s.png", mpp=1)
+    monkeypatch.undo()
+    monkeypatch.setenv("HIFUSION_MAX_IMAGE_PIXELS", "70000")
+    with Slide.open(tmp_path / "s.png", mpp=1) as slide:
+        np.testing.assert_array_equal(slide.levels[0], image)
+    monkeypatch.setenv("HIFUSION_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(SlideError, match="HIFUSION_MAX_IMAGE_PIXELS"):
+        Slide.open(tmp_path / "s.png", mpp=1)
+
+
+@pytest.mark.parametrize("name", ["s.png", "s.jpg", "s.tif"])
+def test_convert_streams_images_above_the_limit(tmp_path, monkeypatch, name):
+    image = smooth_image(210, 300)
+    if name.endswith(".tif"):
+        tifffile.imwrite(tmp_path / name, image, photometric="rgb", rowsperstrip=16)
+    else:
+        Image.fromarray(image).save(tmp_path / name, quality=95)
+    expected = np.asarray(Image.open(tmp_path / name).convert("RGB"))
+    monkeypatch.setenv("HIFUSION_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(SlideError, match="hifusion convert"):
+        Slide.open(tmp_path / name, mpp=0.5)
+    out = convert_to_ome_tiff(tmp_path / name, tmp_path / "o.ome.tif", mpp=0.5, tile=32,
+                              compression="zlib")
+    with Slide.open(out) as slide:
+        np.testing.assert_array_equal(np.asarray(slide.levels[0][:, :]), expected)
+        assert len(slide.levels) == 5
+
+
+def test_convert_of_a_truncated_bomb_fails_fast_naming_the_row(tmp_path):
+    bomb = uniform_png(tmp_path / "bomb.png", 40_000, 40_000, rows_present=3)
+    with pytest.raises(SlideError, match=r"bomb.png is truncated or corrupt: its image data ends "
+                                         r"at row 3 of 40000$"):
+        convert_to_ome_tiff(bomb, tmp_path / "b.ome.tif", mpp=0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.png"]
+
+
+def test_absurd_regions_and_big_thumbnails_are_bounded(tmp_path, pyramid, rgb, monkeypatch):
+    import hifusion_model.slide as slide_module
+
+    with Slide.open(pyramid, mpp=0.0001) as slide:  # a 55 µm spot: 550,000 px, 137,500 at 4×
+        with pytest.raises(SlideError, match=r"a region of 137500 × 137500 px \(level 2\) would take .* GB "
+                                             r"of memory; the µm per pixel \(--mpp\)"):
+            slide.read_region((20, 15), 55, 224)
+    single = write_ome(tmp_path / "one.ome.tif", [rgb], tile=32)  # tiled, no pyramid
+    with Slide.open(single) as slide:
+        direct, d1 = slide.thumbnail(max_px=100)
+        monkeypatch.setattr(slide_module, "THUMBNAIL_BYTES", 40_000)  # ~33 rows a band
+        fetched = []
+        fetch = slide._fetch
+        monkeypatch.setattr(slide, "_fetch", lambda *a: fetched.append(a[2] - a[1]) or fetch(*a))
+        banded, d2 = slide.thumbnail(max_px=100)
+    assert banded.shape == direct.shape == (80, 100, 3) and d1 == d2 == 4.0
+    assert max(fetched) * 400 * 3 <= 40_000 and len(fetched) > 5
+    np.testing.assert_array_equal(banded, slide_module._half(slide_module._half(rgb)))
+
+
+# The peak RSS of this process alone: VmHWM starts afresh at exec, while getrusage's ru_maxrss
+# carries the high-water mark of the forking parent (pytest: gigabytes) across it.
+PEAK_MB = ("def peak_mb():\n"
+           "    for line in open('/proc/self/status'):\n"
+           "        if line.startswith('VmHWM:'):\n"
+           "            return int(line.split()[1]) / 1024\n")
+MEASURE = PEAK_MB + """
+from hifusion_model.errors import SlideError
+from hifusion_model.slide import Slide, convert_to_ome_tiff
+base = peak_mb()
+try:
+    {call}
+except SlideError as e:
+    print("error:", e)
+print("extra MB", peak_mb() - base)
+"""
+
+
+def _extra_mb(call: str) -> tuple[float, str]:
+    """Peak memory a slide call adds in a fresh interpreter, over its imports; and its output."""
+    done = subprocess.run([sys.executable, "-c", MEASURE.format(call=call)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return float(done.stdout.split("extra MB")[1]), done.stdout
+
+
+def test_opening_or_converting_a_bomb_costs_no_memory(tmp_path):
+    bomb = uniform_png(tmp_path / "bomb.png", 40_000, 40_000, rows_present=1)
+    extra, out = _extra_mb(f"Slide.open({str(bomb)!r}, mpp=0.5)")
+    assert extra < 20 and "40000 × 40000 px" in out
+    extra, out = _extra_mb(f"convert_to_ome_tiff({str(bomb)!r}, {str(tmp_path / 'b.tif')!r}, "
+                           "mpp=0.5)")
+    assert extra < 60 and "ends at row 1 of 40000" in out
+
+
+def test_convert_holds_a_big_png_a_band_at_a_time(tmp_path):
+    """A 7,000 × 7,000 px PNG is 147 MB as RGB; decoded whole (Pillow's 4 bytes a pixel, the
+    copy to numpy, the in-memory pyramid) it took ~400 MB. Streamed: a band, level 1 (37 MB)."""
+    png = uniform_png(tmp_path / "big.png", 7_000, 7_000)
+    out = tmp_path / "big.ome.tif"
+    extra, _ = _extra_mb(f"convert_to_ome_tiff({str(png)!r}, {str(out)!r}, mpp=0.5)")
+    assert extra < 100, f"{extra:.0f} MB"
+    with Slide.open(out) as slide:
+        assert slide.shape == (7000, 7000) and (slide.read_region_px((3500, 3500), 64, 64) > 225
+                                                ).all()
+
+
+def test_the_cli_refuses_a_bomb_within_500_mb(tmp_path):
+    """The target of issue 24: hifusion predict on the 40k × 40k PNG, peak RSS and message."""
+    from napari_hifusion._testing import tiny_checkpoint
+
+    bomb = uniform_png(tmp_path / "bomb.png", 40_000, 40_000, rows_present=1)
+    model = tiny_checkpoint(tmp_path / "m.pt", ["A", "B"])
+    script = PEAK_MB + ("import sys\nfrom hifusion_model.cli import main\ncode = main(sys.argv[1:])\n"
+                        "print('peak MB', peak_mb(), file=sys.stderr)\nsys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", script, "predict", str(bomb), "--grid", "hex:100",
+                           "--mpp", "0.5", "--model", str(model), "--out", str(tmp_path / "p.h5ad")],
+                          capture_output=True, text=True, timeout=120)
+    error, peak = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "40000 × 40000 px" in error and "hifusion convert" in error
+    assert float(peak.split()[-1]) < 500
+    assert not (tmp_path / "p.h5ad").exists()

@@ -201,7 +201,8 @@ class Slide:
         y0, x0 = math.floor(cy - ny / 2 + 0.5), math.floor(cx - nx / 2 + 0.5)
         h, w = self.levels[level].shape[:2]
         r0, r1, c0, c1 = max(y0, 0), min(y0 + ny, h), max(x0, 0), min(x0 + nx, w)
-        _check_window(self.path, ny, nx, self.levels[level], f"a region of {ny} × {nx} px")
+        _check_window(self.path, ny, nx, self.levels[level],
+                      f"a region of {ny} × {nx} px (level {level})")
         if (r0, r1, c0, c1) == (y0, y0 + ny, x0, x0 + nx):
             return _to_rgb8(self._fetch(level, r0, r1, c0, c1))
         out = np.full((ny, nx, 3), 255, np.uint8)
@@ -480,11 +481,11 @@ def _check_window(path: Path, height: int, width: int, level: Any, what: str) ->
 def _pixel_limit() -> Iterator[None]:
     """Pillow's decompression-bomb guard at our limit (its default, ~89 Mpx, is below a slide).
 
-    Pillow warns above ``MAX_IMAGE_PIXELS`` and refuses above twice that; images above the
-    limit are refused by :func:`_check_open_size` first, with a message that says what to do,
-    so the warning is silenced and the error stays as a second line of defence.
+    Pillow warns above ``MAX_IMAGE_PIXELS`` and refuses above twice that, so it is set to half
+    the limit and its warning is silenced: it refuses exactly what :func:`_check_open_size`
+    refuses first (with a message that says what to do), as a second line of defence.
     """
-    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_open_pixels()
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_open_pixels() // 2
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
