@@ -6,6 +6,9 @@ square and keeps, per view, the final prediction and each HISM level head's. Can
 * ``levels``  SD over the final and the level heads' predictions, plain view only (free: one pass)
 * ``views``   SD over the eight views of the final prediction (eight passes)
 * ``both``    SD over every view and every head
+* ``noise``   what the project ships (:mod:`hifusion_model.uncertainty`): the Poisson noise of
+              the target at the library size the model's noise model reads from the stain
+* ``library`` the same with the spot's true library size (an oracle: the ceiling of ``noise``)
 
 Each is scored by Spearman's rank correlation with the absolute error of the reported
 prediction (the mean over views for ``views``/``both``, the plain view for ``levels``):
@@ -36,6 +39,8 @@ from hifusion_model.devices import autocast, autocast_dtype, resolve_device
 from hifusion_model.expression import counts_matrix, normalize_counts
 from hifusion_model.inference import MAX_TTA, dihedral, prefetch_batches
 from hifusion_model.sections import read_section, section_slide
+from hifusion_model.uncertainty import NoiseModel, library_sizes, poisson_log_sd, \
+    section_stain_features
 
 
 @torch.inference_mode()
@@ -88,14 +93,21 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         heads = heads_by_view(model, ckpt, section, slide, args.device, args.precision)
+        stain = section_stain_features(section, slide, ckpt.config)
     finally:
         slide.close()
     truth = normalize_counts(counts_matrix(section, ckpt.config.genes), ckpt.config.normalization)
+    plain = heads[0, 0]
     candidates = {
-        "levels": (heads[0, 0], heads[0].std(0)),
+        "levels": (plain, heads[0].std(0)),
         "views": (heads[:, 0].mean(0), heads[:, 0].std(0)),
         "both": (heads[:, 0].mean(0), heads.reshape(-1, *heads.shape[2:]).std(0)),
     }
+    noise = NoiseModel.from_card(ckpt.card)
+    if noise is not None:
+        candidates["noise"] = (plain, noise.uncertainty(plain, stain))
+    library = library_sizes(section, ckpt.config.genes)[:, None]
+    candidates["library"] = (plain, poisson_log_sd(np.maximum(np.exp(plain) * library - 1, 0)))
     result = {"model": args.model, "section": str(args.section), "n_spots": int(section.n_obs),
               "n_heads": int(heads.shape[1]), "seconds": time.perf_counter() - start}
     for name, (pred, spread) in candidates.items():

@@ -92,6 +92,21 @@ def test_2d_plan_keeps_the_folds_with_imaged_sections(tmp_path):
     assert "trains on 3 of the 25 sections" in plan.notes[0]
 
 
+def test_saving_keeps_the_cells_another_run_wrote_meanwhile(tmp_path):
+    from hifusion_model.protocol_runs import save_results
+
+    path = tmp_path / "r.json"
+    base = {"format": "hifusion-benchmark/2", "settings": {"k": 1}, "folds": [{"name": "B4"}],
+            "fold_genes": {}}
+    other = {**base, "runs": [_cell("ridge", "B4", 0, 0.2, 0.4)], "fold_genes": {"B4": ["G"]}}
+    save_results(path, other)
+    mine = {**base, "runs": [_cell("net", "B4", 0, 0.3, 0.3)], "fold_genes": {}}
+    save_results(path, mine)
+    saved = json.loads(path.read_text())
+    assert [r["variant"] for r in saved["runs"]] == ["net", "ridge"]
+    assert saved["fold_genes"] == {"B4": ["G"]} and set(saved["summary"]) == {"net", "ridge"}
+
+
 def test_loso_plan_tests_every_imaged_section_once(tmp_path):
     plan = plan_protocol("loso", scan_her2st(fake_her2st(tmp_path)))
     assert [(f.name, f.train, f.test) for f in plan.folds] == [

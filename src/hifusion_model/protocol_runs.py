@@ -180,10 +180,26 @@ def load_results(path: Path | None, plan: Plan, settings: dict[str, Any]) -> dic
 
 
 def save_results(path: Path | None, results: dict[str, Any]) -> None:
-    if path is not None:
-        results["summary"] = summarize(results)
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(results, indent=1))
+    """Write ``results`` atomically, keeping the cells another run of the same protocol added
+    to the file meanwhile (two machines, or two variants run side by side, share one file)."""
+    if path is None:
+        return
+    try:
+        on_disk = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        on_disk = {}
+    if on_disk.get("format") == FORMAT and on_disk.get("settings") == results.get("settings"):
+        for run in on_disk.get("runs", []):
+            mine = _cell(results, run["variant"], run["fold"], run["seed"])
+            if mine is None:
+                results["runs"].append(run)
+            elif run.get("uncertainty") and not mine.get("uncertainty"):
+                mine["uncertainty"] = run["uncertainty"]
+        for fold, genes in on_disk.get("fold_genes", {}).items():
+            results["fold_genes"].setdefault(fold, genes)
+    results["summary"] = summarize(results)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=1))
 
 
 def _cell(results: dict[str, Any], variant: str, fold: str, seed: int) -> dict | None:
