@@ -294,3 +294,18 @@ def test_a_signal_mid_training_leaves_files_that_resume(
                  "--device", "cpu"]) == 0
     assert load_checkpoint(out).card["epoch"] >= 1 and not resume.exists()
     assert "epoch   2" in capsys.readouterr().err
+
+
+def test_version_and_help_answer_without_loading_torch() -> None:
+    """Only the command being run is imported: `hifusion --version` is instant."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom hifusion_model.cli import main\n"
+            "for argv in (['--version'], ['--help'], ['train', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "    print(argv[0], 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--version False" in out and "--help False" in out
+    assert "train True" in out and "--resume" in out  # the named command is built in full

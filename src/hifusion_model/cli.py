@@ -20,37 +20,50 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import HiFusionError
 
-#: Subcommand name -> module in ``hifusion_model.commands``.
+#: Subcommand name -> (module in ``hifusion_model.commands``, the one line ``--help`` shows).
+#: Only the module of the command being run is imported, so ``hifusion --version`` and
+#: ``hifusion --help`` answer without loading torch.
 COMMANDS = {
-    "convert": "convert",
-    "import": "import_",
-    "pretrain": "pretrain",
-    "train": "train",
-    "predict": "predict",
-    "pseudolabel": "pseudolabel",
-    "evaluate": "evaluate",
-    "info": "info",
-    "benchmark": "benchmark",
-    "demo": "demo",
+    "convert": ("convert", "write a slide as a tiled pyramidal OME-TIFF with its µm/px"),
+    "import": ("import_", "import spots (and counts) into a section .h5ad"),
+    "pretrain": ("pretrain", "pretrain an encoder on the tissue of sections (no labels needed)"),
+    "train": ("train", "train a model on sections with measured expression"),
+    "predict": ("predict", "predict expression on a section's spots or on a grid over a slide"),
+    "pseudolabel": ("pseudolabel", "predict the tissue between a section's spots with trained "
+                    "models (pseudo-labels)"),
+    "evaluate": ("evaluate", "score predictions against measured expression, beside the "
+                 "constant baseline"),
+    "info": ("info", "show a model's card: genes, patch sizes, training data, validation "
+             "metrics"),
+    "benchmark": ("benchmark", "measure accuracy on sections never seen (leave one out) or by "
+                  "the paper's protocols"),
+    "demo": ("demo", "open napari with the HER2ST C4 sample, predictions and truth side by side"),
 }
 
 
-def _available_commands() -> dict[str, object]:
-    modules = {}
-    for name, module in COMMANDS.items():
-        try:
-            modules[name] = importlib.import_module(f"{__package__}.commands.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.commands.{module}":
-                raise
-    return modules
+class _OneLineHelp:
+    """The subparsers object a command module sees: its parser gets the table's help line."""
+
+    def __init__(self, subparsers: Any, help: str) -> None:
+        self.subparsers, self.help = subparsers, help
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return self.subparsers.add_parser(name, **{**kwargs, "help": self.help})
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is one), if any."""
+    return next((a for a in argv if a in COMMANDS), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, only the named command's module is imported (the others get
+    a placeholder that shows their help line). Without, every command is built in full."""
     parser = argparse.ArgumentParser(
         prog="hifusion",
         description="Predict spatial gene expression from H&E histology with HiFusion.",
@@ -59,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, module in _available_commands().items():
-        p = module.add_parser(sub, name)
+    chosen = None if argv is None else _chosen(argv)
+    for name, (module_name, help) in COMMANDS.items():
+        if argv is not None and name != chosen:
+            sub.add_parser(name, help=help)
+            continue
+        module = importlib.import_module(f"{__package__}.commands.{module_name}")
+        p = module.add_parser(_OneLineHelp(sub, help), name)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks on errors")
         p.set_defaults(_run=module.run)
@@ -82,7 +100,8 @@ _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
         code = _run(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit

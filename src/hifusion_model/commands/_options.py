@@ -18,11 +18,13 @@ from ..recipes import DEFAULT_RECIPE, PRECISIONS, RECIPES, TrainConfig, get_reci
 DEVICE_HELP = "auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps"
 
 
-def add_command(subparsers: Any, name: str, help: str, description: str,
-                epilog: str) -> argparse.ArgumentParser:
-    """A subcommand whose ``epilog`` is shown as written (examples, tables)."""
-    return subparsers.add_parser(name, help=help, description=description, epilog=epilog,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_command(subparsers: Any, name: str, description: str, epilog: str,
+                help: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose ``epilog`` is shown as written (examples, tables). A top-level
+    command's one-line ``help`` comes from :data:`hifusion_model.cli.COMMANDS`."""
+    extra = {} if help is None else {"help": help}
+    return subparsers.add_parser(name, description=description, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, **extra)
 
 
 def add_recipe_options(p: argparse.ArgumentParser) -> None:

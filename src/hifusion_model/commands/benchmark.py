@@ -70,7 +70,6 @@ and the PCC of ERBB2, KRT19 and CD74.
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="reproduce the paper's accuracy protocols on a dataset",
         description="Reproduce the HiFusion paper's evaluation protocols.",
     )
     datasets = p.add_subparsers(dest="dataset", metavar="DATASET")

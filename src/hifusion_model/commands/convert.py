@@ -16,7 +16,7 @@ from ._options import add_any_mpp_option, add_overwrite_option, check_mpp, check
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        name, help="write a slide as a tiled pyramidal OME-TIFF with its µm/px",
+        name,
         description="Convert a slide (JPEG, PNG, TIFF, SVS, NDPI, …) into a tiled, compressed, "
                     "pyramidal OME-TIFF that records its µm per pixel.")
     p.add_argument("slide", type=Path, help="the source image")

@@ -26,7 +26,6 @@ HEADLESS_SCREENSHOT = "hifusion-demo.png"
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="open napari with the HER2ST C4 sample, predictions and truth side by side",
         description="Open napari with the HER2ST C4 sample slide and spots, predict with the "
                     "bundled model, and show predicted and measured ERBB2 side by side.",
     )

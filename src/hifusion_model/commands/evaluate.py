@@ -23,7 +23,6 @@ from ..metrics import MARKER_GENES, evaluate_predictions, gene_pcc
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="score predictions against measured expression, beside the constant baseline",
         description="Score prediction files (from `hifusion predict` on sections with counts): "
         "MSE, MAE, per-spot PCC, per-gene PCC (per section, then averaged), beside the "
         "constant predictor that always answers the training mean.",

@@ -26,7 +26,6 @@ from ._options import add_any_mpp_option, add_overwrite_option, check_mpp, check
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         name,
-        help="import spots (and counts) into a section .h5ad",
         description="Import a spatial-transcriptomics section (spots, counts, slide, µm/px) "
         "into one .h5ad.",
     )

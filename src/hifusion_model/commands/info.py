@@ -24,7 +24,6 @@ NORMALIZATION_FORMULAS = {
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="show a model's card: genes, patch sizes, training data, validation metrics",
         description="Show the model card of a napari-hifusion checkpoint.",
     )
     p.add_argument("model", nargs="?", default="bundled", metavar="MODEL",

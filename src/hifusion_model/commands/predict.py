@@ -37,7 +37,6 @@ from ._options import (
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="predict expression on a section's spots or on a grid over a slide",
         description="Predict spatial gene expression from H&E with a HiFusion model.",
     )
     p.add_argument(

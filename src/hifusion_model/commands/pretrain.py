@@ -32,7 +32,6 @@ added about 0.01 to HiFusion's (one seed).
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = add_command(
         subparsers, name,
-        help="pretrain an encoder on the tissue of sections (no labels needed)",
         description="Self-supervised pretraining of HiFusion's spot or region encoder (SimCLR).",
         epilog=EPILOG,
     )

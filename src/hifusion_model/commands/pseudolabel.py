@@ -31,7 +31,6 @@ from .train import Reporter
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="predict the tissue between a section's spots with trained models (pseudo-labels)",
         description="Place spots in the gaps of a section's spot array, on tissue, and write "
         "the mean prediction of the given models there: extra training spots for `hifusion "
         "train --pseudo`.",

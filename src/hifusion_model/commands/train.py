@@ -73,7 +73,6 @@ chosen and the output heads are re-initialised.
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = add_command(
         subparsers, name,
-        help="train a model on sections with measured expression",
         description="Train HiFusion on one or more section .h5ad files.",
         epilog=EPILOG,
     )
