@@ -481,3 +481,13 @@ def test_the_cli_refuses_a_bomb_within_500_mb(tmp_path):
     assert done.returncode == 2 and "40000 × 40000 px" in error and "hifusion convert" in error
     assert float(peak.split()[-1]) < 500
     assert not (tmp_path / "p.h5ad").exists()
+
+
+def test_a_truncated_pyramid_is_refused_on_open(tmp_path, rgb):
+    """Its smallest level is decoded at once, as napari will for its contrast limits."""
+    path = write_ome(tmp_path / "p.ome.tif", [rgb, rgb[::2, ::2], rgb[::4, ::4]], tile=32)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.ome.tif"
+    cut.write_bytes(data[: len(data) // 3])
+    with pytest.raises(SlideError, match=r"cut.ome.tif.*truncated or corrupt"):
+        Slide.open(cut)

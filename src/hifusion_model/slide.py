@@ -54,6 +54,9 @@ MAX_OPEN_PIXELS = 200_000_000
 #: One region read never allocates more than this; a larger one means an absurd µm/px or
 #: region size, and is refused rather than swapping the machine to death.
 MAX_WINDOW_BYTES = 2**30
+#: Opening a lazy slide decodes its smallest level when it is at most this big, so that a
+#: truncated or corrupt file is refused at once (napari reads that level for its contrast).
+CHECK_BYTES = 16 * 2**20
 #: A thumbnail's source level larger than this is read in bands and halved on the way.
 THUMBNAIL_BYTES = 256 * 2**20
 #: Decoded tiles kept per slide. Neighbouring spots' regions share most of their tiles, so a
@@ -112,8 +115,16 @@ class Slide:
             raise SlideError(f"{path}: unknown image format {suffix!r}; supported: "
                              f"{', '.join(SUPPORTED_SUFFIXES)}")
         _check_channels(levels[0], path)
-        return cls(path, levels, mpp_arg if mpp_arg is not None else file_mpp,
-                   handle=handle, mpp_arg=mpp_arg)
+        slide = cls(path, levels, mpp_arg if mpp_arg is not None else file_mpp,
+                    handle=handle, mpp_arg=mpp_arg)
+        smallest = levels[-1]
+        if handle is not None and _nbytes(smallest, *smallest.shape[:2]) <= CHECK_BYTES:
+            try:  # a truncated or corrupt file fails here, with a SlideError, not in a viewer
+                slide._fetch(len(levels) - 1, 0, smallest.shape[0], 0, smallest.shape[1])
+            except SlideError:
+                slide.close()
+                raise
+        return slide
 
     def require_mpp(self) -> float:
         """The µm/px, or a SlideError saying how to supply it (never a silent default)."""
