@@ -165,7 +165,7 @@ def noisy_model_path(section_path: Path, model_path: Path) -> Path:
 
 
 def test_uncertainty_colours_the_predictions_where_not_to_trust_them(
-    app, qtbot, model_path, noisy_model_path
+    app, qtbot, model_path, noisy_model_path, tmp_path
 ) -> None:
     viewer, widget = app
     genes = widget.genes
@@ -189,6 +189,14 @@ def test_uncertainty_colours_the_predictions_where_not_to_trust_them(
     genes.show_uncertainty.setChecked(False)
     assert meta(pred)["color_by"] == "GENE5" and genes.colorbar.label.startswith("ln")
     np.testing.assert_allclose(pred.face_color, expression)
+    # the exported file keeps it, spot by spot
+    import anndata as ad
+
+    from napari_hifusion._writer import export_h5ad
+
+    written = ad.read_h5ad(export_h5ad(pred, tmp_path / "pred.h5ad"))
+    np.testing.assert_allclose(written.layers["uncertainty"],
+                               table.loc[written.obs_names, GENES].to_numpy(), rtol=1e-6)
 
 
 def test_side_by_side_puts_truth_on_a_slide_copy(app, qtbot, model_path) -> None:

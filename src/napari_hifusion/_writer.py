@@ -70,9 +70,15 @@ def export_h5ad(layer: Any, path: str | os.PathLike) -> Path:
         if ckpt is None:
             raise SectionError(f"layer {view.name!r} does not know its model; predict again")
         section = section_from_points(view)
-        values = view.features[list(ckpt.config.genes)].to_numpy(np.float32)
+        genes = list(ckpt.config.genes)
+        values = view.features[genes].to_numpy(np.float32)
+        table = info.get("uncertainty")  # by spot id: spots added since have none (NaN)
+        uncertainty = None if table is None else (
+            table.reindex(index=pd.Index(section.obs_names, dtype=object), columns=genes)
+            .to_numpy(np.float32))
         adata = predictions_to_anndata(section, values, ckpt, source=info.get("model"),
-                                       tta=info.get("test_time_views", 1))
+                                       tta=info.get("test_time_views", 1),
+                                       uncertainty=uncertainty)
         return write_predictions(adata, path)
     return write_section(section_from_points(view, counts=info.get("kind") == TRUTH), path)
 
