@@ -220,3 +220,55 @@ def test_the_pickle_payload_is_live(base) -> None:
     finally:
         marker.unlink(missing_ok=True)
 
+
+
+# -- the Train panel never writes over a file silently ---------------------------------------------
+def test_training_asks_before_replacing_a_checkpoint(app, qtbot, base, tmp_path, errors,
+                                                     monkeypatch) -> None:
+    from qtpy.QtWidgets import QMessageBox
+
+    from hifusion_model.checkpoint import load_checkpoint
+    from napari_hifusion._widgets import _train
+
+    _, widget = app
+    panel = widget.train
+    panel.architecture.setCurrentIndex(1)  # tiny, one epoch, 4 genes: seconds
+    panel.epochs.setValue(1)
+    panel.n_genes.setValue(4)
+    panel.batch_size.setValue(16)
+    out = tmp_path / "kept.pt"
+    out.write_bytes(b"the user's earlier model")
+    asked: list[str] = []
+    infos: list[str] = []
+    monkeypatch.setattr(_jobs, "show_info", infos.append)
+
+    def answer(button):
+        def question(parent, title, text, *args):
+            asked.append(text)
+            return button
+        return question
+
+    panel.out.setText(str(out))
+    monkeypatch.setattr(_train.QMessageBox, "question", answer(QMessageBox.StandardButton.No))
+    assert panel.train() is None and not panel.jobs.running
+    assert asked == [f"kept.pt already exists in {tmp_path}. Training will replace it."]
+    assert out.read_bytes() == b"the user's earlier model" and not errors
+    assert infos == [f"Training not started: {out} is kept; choose another 'save to' file"]
+
+    asked.clear()  # a companion file alone (a resume state) is asked about too
+    lone = tmp_path / "fresh.pt"
+    (tmp_path / "fresh.resume.pt").write_bytes(b"state")
+    panel.out.setText(str(lone))
+    assert panel.train() is None and asked == [
+        f"fresh.resume.pt already exists in {tmp_path}. Training will replace it."]
+
+    panel.encoders["spot"].setText(str(out))  # and never over one of its own inputs
+    panel.out.setText(str(out))
+    assert panel.train() is None and "one of the inputs" in errors[-1]
+    panel.encoders["spot"].setText("")
+
+    asked.clear()
+    monkeypatch.setattr(_train.QMessageBox, "question", answer(QMessageBox.StandardButton.Yes))
+    assert panel.train() is not None and len(asked) == 1
+    qtbot.waitUntil(lambda: not panel.jobs.running, timeout=TIMEOUT_MS)
+    assert load_checkpoint(out).config.n_genes == 4 and errors == [errors[0]]

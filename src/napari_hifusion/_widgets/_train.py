@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QListWidget,
     QListWidgetItem,
+    QMessageBox,
     QVBoxLayout,
     QWidget,
 )
@@ -30,6 +31,7 @@ from hifusion_model.config import ENCODERS
 from hifusion_model.errors import CheckpointError, ConfigError, SectionError
 from hifusion_model.recipes import get_recipe
 
+from .. import _jobs
 from .._jobs import JobContext, JobRunner, guarded
 from .._layers import TRUTH, kind, section_from_points
 from ._common import ModelState, button, buttons, group, spin
@@ -217,6 +219,9 @@ class TrainPanel(QWidget):
             raise ConfigError("pseudo-labels come from models trained on these sections, so "
                               "held-out blocks would validate nothing: choose validation "
                               "'none', or a section those models never saw")
+        if not self.may_write(out, [*encoders.values(), *pseudo]):
+            _jobs.show_info(f"Training not started: {out} is kept; choose another 'save to' file")
+            return None
 
         def job(ctx: JobContext) -> Any:
             from hifusion_model.checkpoint import load_checkpoint
@@ -233,6 +238,26 @@ class TrainPanel(QWidget):
         self.cancel_button.setEnabled(True)
         return self.jobs.start(job, self._done,
                                on_finished=lambda: self.cancel_button.setEnabled(False))
+
+    def may_write(self, out: Path, inputs: list[Any]) -> bool:
+        """Whether training may write ``out`` and its companion files: never over one of its
+        inputs, and over existing files only when the user says so (never silently)."""
+        from hifusion_model.io_utils import check_output
+        from hifusion_model.training import companion_paths
+
+        companions = list(companion_paths(out).values())
+        check_output(out, [p for p in inputs if p], overwrite=True, flag="'save to' file",
+                     companions=companions)
+        existing = [p.name for p in (out, *companions) if p.exists() or p.is_symlink()]
+        if not existing:
+            return True
+        answer = QMessageBox.question(
+            self, "Replace the model?",
+            f"{', '.join(existing)} already {'exists' if len(existing) == 1 else 'exist'} in "
+            f"{out.parent}. Training will replace {'it' if len(existing) == 1 else 'them'}.",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
 
     def cancel(self) -> None:
         self.jobs.cancel()
