@@ -151,3 +151,26 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert re.fullmatch(r"184 spots, uncertainty 0\.\d\d-0\.\d\d", printed[1]), printed
     pred = ad.read_h5ad(tmp_path / "C4.pred.h5ad")
     assert {"truth", "uncertainty"} <= set(pred.layers)
+
+
+def test_plot_draws_a_gene_beside_its_measurement(section_path, model_path, tmp_path, capsys):
+    from PIL import Image
+
+    from hifusion_model.cli import main
+    from hifusion_model.inference import write_predictions
+
+    pred = api.predict(section_path, model=str(model_path), device="cpu", workers=0)
+    write_predictions(pred, tmp_path / "p.h5ad")
+    assert "spatial" in ad.read_h5ad(tmp_path / "p.h5ad").uns  # the H&E the figure draws on
+    out = tmp_path / "fig.png"
+    assert main(["plot", str(tmp_path / "p.h5ad"), "--gene", "GENE3", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        width, height = im.size
+    assert width > 3 * height  # predicted, measured and the PCC panel side by side
+    assert main(["plot", str(tmp_path / "p.h5ad"), "--gene", "erbb2", "--out",
+                 str(tmp_path / "g.png")]) == 2
+    assert "erbb2 is not among the 12 predicted genes; did you mean ERBB2?" in \
+        capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "p.h5ad"), "--out", str(tmp_path / "f.tiff")]) == 2
+    assert main(["plot", str(tmp_path / "p.h5ad"), "--out", str(out)]) == 2  # exists
+    assert not (tmp_path / "g.png").exists()

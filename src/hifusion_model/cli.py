@@ -38,6 +38,7 @@ COMMANDS = {
                     "models (pseudo-labels)"),
     "evaluate": ("evaluate", "score predictions against measured expression, beside the "
                  "constant baseline"),
+    "plot": ("plot", "draw one gene of a prediction file over the H&E, beside the measurement"),
     "info": ("info", "show a model's card: genes, patch sizes, training data, validation "
              "metrics"),
     "benchmark": ("benchmark", "measure accuracy on sections never seen (leave one out) or by "

@@ -41,8 +41,8 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     return p
 
 
-def read_predictions(path: Path) -> ad.AnnData:
-    """A prediction file with truth and the model's training mean, or a clear error."""
+def read_predictions(path: Path, *, need_truth: bool = True) -> ad.AnnData:
+    """A prediction file (with its truth, unless ``need_truth`` is off), or a clear error."""
     if not path.is_file():
         raise SectionError(f"{path}: prediction file not found")
     try:
@@ -54,7 +54,7 @@ def read_predictions(path: Path) -> ad.AnnData:
             f"{path}: not a prediction file (no uns['hifusion_model']); make one with "
             "`hifusion predict`"
         )
-    if "truth" not in adata.layers:
+    if need_truth and "truth" not in adata.layers:
         raise SectionError(
             f"{path}: has no measured truth (layers['truth']); it was predicted on spots "
             "without counts. Predict on a section imported with its counts to evaluate"
