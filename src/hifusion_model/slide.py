@@ -25,7 +25,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import tifffile
@@ -543,8 +543,8 @@ class PngRows:
     (:attr:`streamable` is False).
     """
 
-    _FAKE = {1: 0, 2: 4, 3: 2, 4: 6}  # bytes per pixel → a colour type with as many, 8-bit
-    _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+    _FAKE: ClassVar[dict[int, int]] = {1: 0, 2: 4, 3: 2, 4: 6}  # bytes/px → 8-bit colour type
+    _CHANNELS: ClassVar[dict[int, int]] = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
     SIGNATURE = b"\x89PNG\r\n\x1a\n"
     STEP_BYTES = 4 * 2**20
 
@@ -992,4 +992,4 @@ def _level_tiles(rows: Callable[[int, int], np.ndarray], shape: tuple[int, int],
             yield np.ascontiguousarray(band[:, c0:c0 + tile])
 
 
-__all__ = ["Slide", "convert_to_ome_tiff", "SUPPORTED_SUFFIXES", "COMPRESSIONS"]
+__all__ = ["COMPRESSIONS", "SUPPORTED_SUFFIXES", "Slide", "convert_to_ome_tiff"]
