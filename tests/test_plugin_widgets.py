@@ -199,6 +199,21 @@ def test_uncertainty_colours_the_predictions_where_not_to_trust_them(
                                table.loc[written.obs_names, GENES].to_numpy(), rtol=1e-6)
 
 
+def test_the_genes_panel_saves_the_figure_of_its_gene(app, qtbot, model_path, errors,
+                                                     tmp_path) -> None:
+    from PIL import Image
+
+    viewer, widget = app
+    assert widget.genes.save_figure(str(tmp_path / "none.png")) is None
+    assert errors and "predict first" in errors[-1] and not (tmp_path / "none.png").exists()
+    predict(qtbot, widget, model_path)
+    widget.genes.set_gene("GENE5")
+    out = widget.genes.save_figure(str(tmp_path / "gene5.png"))
+    with Image.open(out) as im:
+        width, height = im.size
+    assert width > 2 * height
+
+
 def test_side_by_side_puts_truth_on_a_slide_copy(app, qtbot, model_path) -> None:
     viewer, widget = app
     predict(qtbot, widget, model_path)

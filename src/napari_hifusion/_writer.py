@@ -55,7 +55,7 @@ def write_points_h5ad(path: str, data: Any, attributes: dict) -> list[str]:
 
 def export_h5ad(layer: Any, path: str | os.PathLike) -> Path:
     """Write the layer's spots (and predictions or counts) to ``path`` atomically."""
-    from hifusion_model.inference import predictions_to_anndata, write_predictions
+    from hifusion_model.inference import write_predictions
     from hifusion_model.sections import write_section
 
     view = layer if isinstance(layer, LayerView) else LayerView.of(layer)
@@ -64,23 +64,31 @@ def export_h5ad(layer: Any, path: str | os.PathLike) -> Path:
         raise SectionError(f"{path}: an AnnData file must end in .h5ad")
     info = meta(view)
     if info.get("kind") == PREDICTION:
-        ckpt = info.get("checkpoint")
-        if ckpt is None and info.get("predictions") is not None:  # opened from a prediction file
-            return write_predictions(_reopened_predictions(view, info["predictions"]), path)
-        if ckpt is None:
-            raise SectionError(f"layer {view.name!r} does not know its model; predict again")
-        section = section_from_points(view)
-        genes = list(ckpt.config.genes)
-        values = view.features[genes].to_numpy(np.float32)
-        table = info.get("uncertainty")  # by spot id: spots added since have none (NaN)
-        uncertainty = None if table is None else (
-            table.reindex(index=pd.Index(section.obs_names, dtype=object), columns=genes)
-            .to_numpy(np.float32))
-        adata = predictions_to_anndata(section, values, ckpt, source=info.get("model"),
-                                       tta=info.get("test_time_views", 1),
-                                       uncertainty=uncertainty)
-        return write_predictions(adata, path)
+        return write_predictions(prediction_anndata(view), path)
     return write_section(section_from_points(view, counts=info.get("kind") == TRUTH), path)
+
+
+def prediction_anndata(layer: Any) -> Any:
+    """A prediction layer's spots as they are now, as the AnnData ``hifusion predict`` writes
+    (predictions, truth and uncertainty by spot id, the model's identity)."""
+    from hifusion_model.inference import predictions_to_anndata
+
+    view = layer if isinstance(layer, LayerView) else LayerView.of(layer)
+    info = meta(view)
+    ckpt = info.get("checkpoint")
+    if ckpt is None and info.get("predictions") is not None:  # opened from a prediction file
+        return _reopened_predictions(view, info["predictions"])
+    if ckpt is None:
+        raise SectionError(f"layer {view.name!r} does not know its model; predict again")
+    section = section_from_points(view)
+    genes = list(ckpt.config.genes)
+    values = view.features[genes].to_numpy(np.float32)
+    table = info.get("uncertainty")  # by spot id: spots added since have none (NaN)
+    uncertainty = None if table is None else (
+        table.reindex(index=pd.Index(section.obs_names, dtype=object), columns=genes)
+        .to_numpy(np.float32))
+    return predictions_to_anndata(section, values, ckpt, source=info.get("model"),
+                                  tta=info.get("test_time_views", 1), uncertainty=uncertainty)
 
 
 def _reopened_predictions(view: LayerView, source: Any) -> Any:

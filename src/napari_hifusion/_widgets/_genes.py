@@ -16,6 +16,7 @@ from qtpy.QtGui import QColor, QLinearGradient, QPainter
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QFileDialog,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -24,6 +25,8 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
+from hifusion_model.errors import SectionError
 
 from .._jobs import guarded
 from .._layers import (
@@ -42,7 +45,7 @@ from .._layers import (
     robust_limits,
     uncertainty_values,
 )
-from ._common import ModelState, group
+from ._common import ModelState, button, group
 
 COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "gray")
 SLIDE_COPY = "slide-copy"
@@ -125,8 +128,13 @@ class GenesPanel(QWidget):
         line.addWidget(self.colormap, 1)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
+        self.figure_button = button(
+            "Save figure…", self._save_figure_dialog,
+            "the current gene predicted beside measured over the H&E, its uncertainty and "
+            "every gene's PCC (as hifusion plot)")
         layout.addWidget(group("Genes", self.search, self.gene_list, row, self.colorbar,
-                               self.side_by_side, self.show_uncertainty, self.pcc_label))
+                               self.side_by_side, self.show_uncertainty, self.pcc_label,
+                               self.figure_button))
         self.refresh_genes()
 
     # -- the gene list ---------------------------------------------------------------------------
@@ -244,6 +252,45 @@ class GenesPanel(QWidget):
             return f"{gene}: no measured layer to compare with"
         value, n = result
         return f"{gene}: PCC(predicted, measured) = {value:+.3f} over {n} spots"
+
+    # -- figure ----------------------------------------------------------------------------------
+    def _save_figure_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save figure", f"{self.current_gene}.png",
+                                              "Images (*.png *.pdf *.svg)")
+        if path:
+            self.save_figure(path)
+
+    @guarded("Figure")
+    def save_figure(self, path: str) -> str:
+        """Write :func:`hifusion_model.figures.gene_figure` of the current gene and the
+        prediction layer (beside its measured one) to ``path``."""
+        from hifusion_model.figures import gene_figure
+        from hifusion_model.inference import scanpy_spatial
+        from hifusion_model.sections import UNS_KEY
+
+        from .._writer import prediction_anndata
+
+        predictions = [l for l in self.expression_layers() if kind(l) == PREDICTION]
+        pair = self.pair()
+        layer = pair[0] if pair else (predictions[0] if predictions else None)
+        if layer is None or self.current_gene is None:
+            raise SectionError("no prediction to draw: predict first, or open a prediction file")
+        pred = prediction_anndata(layer)
+        genes = list(pred.var_names)
+        if pair and "truth" not in pred.layers and set(genes) <= set(pair[1].features):
+            measured = pair[1].features.set_index(SPOT_ID)[genes]
+            pred.layers["truth"] = measured.reindex(pd.Index(pred.obs_names, dtype=object)
+                                                    ).to_numpy(np.float32)
+        slide = next((meta(l).get("slide") for l in self.viewer.layers if is_slide_layer(l)
+                      and meta(l).get("path") == meta(layer).get("slide_path")), None)
+        info = pred.uns[UNS_KEY]
+        library, lib, image = scanpy_spatial(info, info.get("slide_abs", info["slide"]),
+                                             slide=slide)
+        pred.uns["spatial"] = {library: {**lib, "images": {} if image is None else
+                                         {"hires": image}}}
+        gene_figure(pred, self.current_gene, cmap=self.colormap.currentText()).savefig(
+            path, dpi=150)
+        return path
 
     # -- side by side ----------------------------------------------------------------------------
     @guarded("Side by side")
