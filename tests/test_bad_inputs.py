@@ -150,6 +150,19 @@ def _png(base: Path, tmp: Path) -> None:
     Image.new("RGB", (800, 600), (230, 180, 200)).save(tmp / "bare.png")
 
 
+def _spaceranger(**factors: object) -> Callable[[Path, Path], None]:
+    """A real-shaped Space Ranger outs in ``tmp/run/outs`` with scale factors overridden."""
+    def make(base: Path, tmp: Path) -> None:
+        import json
+
+        from spaceranger import write_spaceranger
+
+        outs = write_spaceranger(tmp)
+        path = outs / "spatial" / "scalefactors_json.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **factors}))
+    return make
+
+
 def _both(*makers: Callable[[Path, Path], None]) -> Callable[[Path, Path], None]:
     def make(base: Path, tmp: Path) -> None:
         for m in makers:
@@ -309,6 +322,10 @@ CASES = [
     Case("csv-no-coordinates", CSV, "no spot-centre columns", _csv("a,b\n1,2\n")),
     Case("csv-duplicate-ids", CSV, "duplicated spot ids", _csv("id,x,y\na,300,300\na,400,300\n")),
     Case("csv-outside-slide", CSV, "outside the slide", _csv("x,y\n99999,300\n")),
+    Case("visium-spot-diameter-zero", "import visium {tmp}/run/outs --out {tmp}/v.h5ad",
+         "spot_diameter_fullres must be a positive number", _spaceranger(spot_diameter_fullres=0)),
+    Case("visium-negative-scalef", "import visium {tmp}/run/outs --out {tmp}/v.h5ad",
+         "tissue_hires_scalef must be a positive number", _spaceranger(tissue_hires_scalef=-0.2)),
     Case("csv-spot-diameter-zero", CSV + " --spot-diameter-um 0", "spot diameter",
          _csv("x,y\n300,300\n")),
     Case("csv-spot-diameter-negative", CSV + " --spot-diameter-um -5", "spot diameter",
