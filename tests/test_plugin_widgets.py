@@ -92,6 +92,26 @@ def test_grid_inside_a_polygon(app, qtbot, errors) -> None:
     assert shapes in viewer.layers
 
 
+def test_a_large_grid_is_placed_only_when_the_user_agrees(app, qtbot, monkeypatch) -> None:
+    from hifusion_model import grids
+
+    viewer, widget = app
+    monkeypatch.setattr(grids, "LARGE_GRID", 5)  # the synthetic tissue holds a few dozen
+    asked: list[str] = []
+    infos: list[str] = []
+    monkeypatch.setattr(_jobs, "show_info", infos.append)
+    from napari_hifusion._widgets import _spots
+
+    monkeypatch.setattr(_spots, "show_info", infos.append)
+    for answer in (False, True):
+        monkeypatch.setattr(widget.spots, "confirm", lambda q, a=answer: asked.append(q) or a)
+        widget.spots.generate_grid()
+        wait_done(qtbot, widget.spots.jobs)
+        assert ("synthetic H&E spots" in viewer.layers) is answer
+    assert len(asked) == 2 and "h to predict on a CPU" in asked[0]
+    assert any("no grid placed" in i for i in infos)
+
+
 def test_prediction_layer_holds_every_gene(app, qtbot, model_path, errors) -> None:
     viewer, widget = app
     layer = predict(qtbot, widget, model_path)

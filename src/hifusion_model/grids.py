@@ -175,3 +175,16 @@ def _saturation(image: np.ndarray) -> np.ndarray:
     rgb = image[..., :3]
     hi, lo = rgb.max(axis=2).astype(np.float32), rgb.min(axis=2).astype(np.float32)
     return np.divide(hi - lo, hi, out=np.zeros_like(hi), where=hi > 0)
+
+#: Grids above this many spots get a warning with a time estimate, at the CPU speed measured
+#: for the released architecture (BENCHMARKS.md: 10 to 18 spots/s on 2 cores).
+LARGE_GRID = 100_000
+CPU_SPOTS_PER_S = 10
+
+
+def large_grid_warning(n_spots: int) -> str | None:
+    """What to tell a user about to predict ``n_spots`` (None below :data:`LARGE_GRID`)."""
+    if n_spots <= LARGE_GRID:
+        return None
+    return (f"the grid has {n_spots:,} spots, roughly {n_spots / CPU_SPOTS_PER_S / 3600:.1f} h "
+            "to predict on a CPU; a larger pitch or the tissue mask needs fewer")

@@ -20,6 +20,7 @@ from ..checkpoint import load_model
 from ..devices import autocast_dtype, resolve_device
 from ..errors import ConfigError, SectionError
 from ..importers import import_csv
+from ..grids import large_grid_warning
 from ..inference import grid_section, write_predictions
 from ..io_utils import anndata_nbytes, check_space
 from ..sections import section_slide
@@ -84,10 +85,6 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     return p
 
 
-#: Grids above this many spots get a warning with a time estimate, at the CPU speed measured
-#: for the released architecture (BENCHMARKS.md: 10 to 18 spots/s on 2 cores).
-LARGE_GRID = 100_000
-CPU_SPOTS_PER_S = 10
 
 
 def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
@@ -119,10 +116,10 @@ def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
         if args.whole_slide:
             raise
         raise SectionError(f"{e} (or add --whole-slide to ignore the tissue mask)") from e
-    if section.n_obs > LARGE_GRID:
-        print(f"hifusion predict: warning: the grid has {section.n_obs:,} spots, roughly "
-              f"{section.n_obs / CPU_SPOTS_PER_S / 3600:.1f} h on a CPU; a larger pitch or the "
-              "tissue mask (without --whole-slide) needs fewer, Ctrl-C stops", file=sys.stderr)
+    warning = large_grid_warning(section.n_obs)
+    if warning:
+        print(f"hifusion predict: warning: {warning} (without --whole-slide); Ctrl-C stops",
+              file=sys.stderr)
     return section, slide
 
 

@@ -10,11 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QLabel,
+    QMessageBox,
+    QVBoxLayout,
+    QWidget,
+)
 
 from hifusion_model.errors import SlideError
 
-from .._jobs import JobContext, JobRunner, guarded
+from .._jobs import JobContext, JobRunner, guarded, show_info
 from .._layers import SPOTS, is_slide_layer, meta, points_layer_data
 from ._common import LayerCombo, ModelState, button, buttons, group, spin
 
@@ -171,15 +179,26 @@ class SpotsPanel(QWidget):
             return xy, rows, cols
 
         def done(result: Any) -> None:
+            from hifusion_model.grids import large_grid_warning
             from hifusion_model.sections import new_section
 
             xy, rows, cols = result
+            warning = large_grid_warning(len(xy))
+            if warning and not self.confirm(f"{warning[0].upper()}{warning[1:]}. Place them?"):
+                show_info(f"no grid placed: {len(xy):,} spots declined")
+                return
             section = new_section(xy, slide=slide.path, mpp=mpp, spot_diameter_um=diameter,
                                   name=Path(slide.path).stem, source=f"{kind} grid",
                                   array_row=rows, array_col=cols)
             self._add_spots(section, f"{image.name} spots")
 
         return self.jobs.start(job, done)
+
+    def confirm(self, question: str) -> bool:
+        """Ask the user (a test answers through a monkeypatch)."""
+        answer = QMessageBox.question(self, "Large grid", question,
+                                      QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+        return answer == QMessageBox.Yes
 
     def _import_csv_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Spot centres", "", "CSV (*.csv *.tsv *.txt)")
