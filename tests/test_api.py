@@ -174,3 +174,15 @@ def test_plot_draws_a_gene_beside_its_measurement(section_path, model_path, tmp_
     assert main(["plot", str(tmp_path / "p.h5ad"), "--out", str(tmp_path / "f.tiff")]) == 2
     assert main(["plot", str(tmp_path / "p.h5ad"), "--out", str(out)]) == 2  # exists
     assert not (tmp_path / "g.png").exists()
+
+
+def test_the_cli_is_quiet_when_stderr_is_not_a_terminal(section_path, model_path, tmp_path,
+                                                         capsys):
+    """A log file or a job scheduler gets the result line, not progress-bar frames."""
+    from hifusion_model.cli import main
+
+    out = tmp_path / "p.h5ad"
+    assert main(["predict", str(section_path), "--model", str(model_path), "--out", str(out),
+                 "--device", "cpu", "--workers", "0", "--batch-size", "4"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "spots/s" in captured.out

@@ -12,10 +12,45 @@ from typing import Any
 from ..errors import ConfigError
 from ..inference import MAX_TTA, check_tta
 from ..io_utils import check_output
-from ..sections import MPP_RANGE, check_mpp_plausible
 from ..recipes import DEFAULT_RECIPE, PRECISIONS, RECIPES, TrainConfig, get_recipe
+from ..sections import MPP_RANGE, check_mpp_plausible
 
 DEVICE_HELP = "auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps"
+
+
+class Reporter:
+    """The one progress bar of the CLI: tqdm over all steps (or spots, or per cent of a
+    budget), plus one line per epoch; created on the first report, so an error found before
+    the work is the only line printed. Quiet when stderr is not a terminal (a log file, a job
+    scheduler): tqdm's ``disable=None``."""
+
+    def __init__(self, unit: str = "step") -> None:
+        self.bar, self.unit = None, unit
+
+    def progress(self, done: int, total: int, message: str) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit=self.unit, dynamic_ncols=True, file=sys.stderr,
+                            disable=None, leave=False)
+            self.bar.update(max(done - 1, 0))
+        self.bar.set_description_str(message, refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def epoch(self, r: dict[str, Any]) -> None:
+        from ..training import format_epoch
+
+        (self.bar.write if self.bar is not None else print)(format_epoch(r), file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> Reporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def add_command(subparsers: Any, name: str, description: str, epilog: str,

@@ -19,13 +19,14 @@ from ..api import parse_grid, predict, read_input_section
 from ..checkpoint import load_model
 from ..devices import autocast_dtype, resolve_device
 from ..errors import ConfigError, SectionError
-from ..importers import import_csv
 from ..grids import large_grid_warning
+from ..importers import import_csv
 from ..inference import grid_section, write_predictions
 from ..io_utils import anndata_nbytes, check_space
 from ..sections import section_slide
 from ..slide import Slide
 from ._options import (
+    Reporter,
     add_any_mpp_option,
     add_inference_options,
     add_overwrite_option,
@@ -133,11 +134,11 @@ def run(args: argparse.Namespace) -> int:
     model, ckpt = load_model(args.model, device)
     dtype = autocast_dtype(device, args.precision)
     start = time.perf_counter()
-    with _progress_bar(section.n_obs) as progress:
+    with Reporter(unit="spot") as reporter:
         result = predict(
             section, (model, ckpt), mpp=args.mpp if args.input.suffix == ".h5ad" else None,
             tta=args.tta, device=device, precision=args.precision, batch_size=args.batch_size,
-            workers=args.workers, progress=progress, source=args.model,
+            workers=args.workers, progress=reporter.progress, source=args.model,
         )
     seconds = time.perf_counter() - start
     check_space(args.out, anndata_nbytes(result))
@@ -151,26 +152,3 @@ def run(args: argparse.Namespace) -> int:
            "; this model has no noise model, so no uncertainty layer")
     )
     return 0
-
-
-class _progress_bar:
-    """A tqdm bar on stderr, fed by ``predict``'s progress callback; it appears with the first
-    spot, so an error found before the work is the only line printed."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.bar = total, None
-
-    def update(self, done: int, total: int, message: str) -> None:
-        if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.total, unit="spot", dynamic_ncols=True, file=sys.stderr,
-                            leave=False)
-        self.bar.update(done - self.bar.n)
-
-    def __enter__(self):
-        return self.update
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -16,8 +16,14 @@ from typing import Any
 from ..config import ENCODERS
 from ..io_utils import atomic_path
 from ..pretraining import PretrainConfig, describe, pretrain_encoder
-from ._options import add_command, add_device_options, add_overwrite_option, check_out
-from .train import Reporter, load_model_config
+from ._options import (
+    Reporter,
+    add_command,
+    add_device_options,
+    add_overwrite_option,
+    check_out,
+)
+from .train import load_model_config
 
 EPILOG = """\
 Two overlapping crops of the same place must find each other among the crops of every other

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..api import check_finite_prediction
 from ..checkpoint import load_model
 from ..devices import resolve_device
 from ..inference import write_predictions
@@ -19,13 +20,12 @@ from ..io_utils import anndata_nbytes, check_space
 from ..pseudo_labels import pseudo_label
 from ..sections import read_section, section_slide
 from ._options import (
+    Reporter,
     add_inference_options,
     add_overwrite_option,
     check_inference_options,
     check_out,
 )
-from ..api import check_finite_prediction
-from .train import Reporter
 
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:

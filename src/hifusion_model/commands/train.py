@@ -18,8 +18,9 @@ from ..config import ModelConfig
 from ..errors import ConfigError, HiFusionError
 from ..metrics import MetricInputError
 from ..recipes import DEFAULT_RECIPE
-from ..training import companion_paths, format_epoch, read_gene_list, train
+from ..training import companion_paths, read_gene_list, train
 from ._options import (
+    Reporter,
     add_command,
     add_device_options,
     add_overwrite_option,
@@ -152,30 +153,6 @@ def _genes(value: str | None) -> int | list[str] | None:
     if value is None:
         return None
     return int(value) if value.isdigit() else read_gene_list(value)
-
-
-class Reporter:
-    """tqdm bar over all steps (or per cent of a budget) plus one line per epoch; created on the
-    first report."""
-
-    def __init__(self, unit: str = "step") -> None:
-        self.bar, self.unit = None, unit
-
-    def progress(self, done: int, total: int, message: str) -> None:
-        if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit=self.unit, dynamic_ncols=True, file=sys.stderr)
-            self.bar.update(max(done - 1, 0))
-        self.bar.set_description_str(message, refresh=False)
-        self.bar.update(done - self.bar.n)
-
-    def epoch(self, r: dict[str, Any]) -> None:
-        (self.bar.write if self.bar is not None else print)(format_epoch(r), file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def check_resume_flags(args: argparse.Namespace) -> None:
