@@ -109,7 +109,7 @@ def test_load_torchvision_resnet18_rejects_bad_files(tmp_path):
         load_torchvision_resnet18(trunk, tmp_path / "list.pth")
 
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match="junk.pth: not a loadable"):
+    with pytest.raises(CheckpointError, match="junk.pth: it is not a safe weights file"):
         load_torchvision_resnet18(trunk, tmp_path / "junk.pth")
 
 

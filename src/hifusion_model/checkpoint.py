@@ -160,6 +160,9 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint", hint: str = "")
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # not torch.save's pickle, or no pickle at all
+            raise CheckpointError(f"refused {path}: it is not a safe {what} (not written by "
+                                  "torch.save, or damaged)" + (f"; {hint}" if hint else "")) from e
         culprit = re.search(r"GLOBAL (\S+)", str(e))
         raise CheckpointError(
             f"refused {path}: it is not a safe {what}, it holds Python objects other than "
