@@ -233,6 +233,13 @@ def test_info_prints_the_card(tmp_path, model, card, capsys):
     assert f"ERBB2 {v['genes']['ERBB2']:.3f}" in out
     best = max(v["gene_pcc_all"], key=v["gene_pcc_all"].get)
     assert f"top genes  {best} " in out
+    assert "Uncertainty" in out and "none (trained before" in out
+    noise = {"kind": "poisson_stain_library", "features": ["haematoxylin"], "intercept": 5.0,
+             "coef": [30.0], "residual_sd": 0.7, "n_spots": 650}
+    path = save_checkpoint(tmp_path / "n.pt", model, train_mean=torch.zeros(6),
+                           card={**card, "noise_model": noise})
+    assert main(["info", str(path)]) == 0
+    assert "read from the haematoxylin (fitted on 650 training spots" in capsys.readouterr().out
 
 
 def test_info_json_and_genes(tmp_path, model, card, capsys):

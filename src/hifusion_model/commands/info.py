@@ -180,6 +180,11 @@ def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
     title, test = _test(ckpt)
     if test:
         lines += _validation_lines(test, title)
+    noise = card.get("noise_model")
+    lines.append(("Uncertainty", (
+        f"counting noise at a library read from the {', '.join(noise['features'])} (fitted on "
+        f"{noise['n_spots']} training spots, residual SD {noise['residual_sd']:.2f} ln units)"
+        if noise else "none (trained before the per-spot uncertainty existed)")))
     if card.get("notes"):
         lines.append(("Notes", _as_text(card["notes"])))
     width = max(len(label) for label, _ in lines) + 2
