@@ -14,7 +14,7 @@ from hifusion_model import api, registry, uncertainty
 from hifusion_model.checkpoint import load_checkpoint, save_checkpoint
 from hifusion_model.errors import ConfigError, SectionError
 from hifusion_model.sections import read_section, section_slide
-from napari_hifusion._testing import synthetic_section, tiny_checkpoint
+from synthetic import synthetic_section, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

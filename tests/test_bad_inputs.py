@@ -33,7 +33,7 @@ from hifusion_model.recipes import get_recipe
 from hifusion_model.model import HiFusion
 from hifusion_model.sections import read_section, write_section
 from hifusion_model.training import train
-from napari_hifusion._testing import synthetic_section, tiny_checkpoint
+from synthetic import synthetic_section, tiny_checkpoint
 
 
 class _Evil:

@@ -259,7 +259,7 @@ def test_a_signal_mid_training_leaves_files_that_resume(
     """Ctrl-C, ``kill`` or ``kill -9`` during epoch 2 of a real ``hifusion train`` process: a
     loadable model and resume state (exit 130 and a hint where the process can still speak),
     and ``--resume`` finishes the run."""
-    from napari_hifusion._testing import synthetic_section
+    from synthetic import synthetic_section
 
     from hifusion_model.checkpoint import load_checkpoint, safe_load
     from hifusion_model.training import companion_paths

@@ -27,7 +27,7 @@ from test_slide import PEAK_MB, uniform_png
 from hifusion_model.errors import HiFusionError
 from hifusion_model.sections import read_section, write_section
 from napari_hifusion import _jobs
-from napari_hifusion._testing import synthetic_section, tiny_checkpoint
+from synthetic import synthetic_section, tiny_checkpoint
 from napari_hifusion._widgets import HiFusionWidget
 
 pytestmark = pytest.mark.gui

@@ -716,7 +716,7 @@ def test_real_her2st(her2st_dir, name, n_spots):
 
 
 def test_a_scanpy_visium_anndata_predicts_in_one_command(tmp_path, capsys):
-    from napari_hifusion._testing import tiny_checkpoint
+    from synthetic import tiny_checkpoint
 
     outs = write_spaceranger(tmp_path, mpp=4.0)
     adata, measured = scanpy_visium(outs, normalised=False, source_image=True)

@@ -14,7 +14,7 @@ from hifusion_model.errors import SectionError
 from napari_hifusion import _sample_data
 from napari_hifusion._layers import PREDICTION, SPOT_ID, TRUTH, kind, section_from_points
 from napari_hifusion._reader import get_reader
-from napari_hifusion._testing import MPP, SHAPE, synthetic_section, tiny_checkpoint
+from synthetic import MPP, SHAPE, synthetic_section, tiny_checkpoint
 from napari_hifusion._writer import export_csv, export_h5ad, write_points_h5ad
 
 

@@ -10,7 +10,7 @@ import pytest
 from napari.utils.colormaps import ensure_colormap
 from napari_hifusion import _jobs, _sample_data
 from napari_hifusion._layers import PREDICTION, TRUTH, kind, meta
-from napari_hifusion._testing import MPP, synthetic_section, tiny_checkpoint
+from synthetic import MPP, synthetic_section, tiny_checkpoint
 from napari_hifusion._widgets import HiFusionWidget
 
 pytestmark = pytest.mark.gui

@@ -24,7 +24,7 @@ from hifusion_model.pseudo_labels import (
 )
 from hifusion_model.sections import read_section, section_slide
 from hifusion_model.training import train
-from napari_hifusion._testing import tiny_checkpoint
+from synthetic import tiny_checkpoint
 
 N_GENES = 12
 

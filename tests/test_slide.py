@@ -469,7 +469,7 @@ def test_convert_holds_a_big_png_a_band_at_a_time(tmp_path):
 
 def test_the_cli_refuses_a_bomb_within_500_mb(tmp_path):
     """The target of issue 24: hifusion predict on the 40k × 40k PNG, peak RSS and message."""
-    from napari_hifusion._testing import tiny_checkpoint
+    from synthetic import tiny_checkpoint
 
     bomb = uniform_png(tmp_path / "bomb.png", 40_000, 40_000, rows_present=1)
     model = tiny_checkpoint(tmp_path / "m.pt", ["A", "B"])
