@@ -1,7 +1,8 @@
 """Training engine: recipes, the leak-free validation split, schedules, resume, cancel, fine-tuning.
 
-The end-to-end tests train a tiny model (``tiny_config``: 56 px spots, width 8) on a real HER2ST
-section cut to 40 neighbouring spots, with the image cropped around them so reading is fast.
+The end-to-end tests train a tiny model (``tiny_config``: 56 px spots, width 8) on 40 neighbouring
+spots of a synthetic ST array (``spot_array``: HER2ST's geometry, the image cropped around them);
+one ``her2st`` test trains on a real HER2ST section cut the same way (``her2st_crop``).
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def tiny_recipe(**changes) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def section(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return her2st_crop(her2st_dir, tmp_path_factory.mktemp("her2st"))
+def section(spot_array: Path) -> Path:
+    return spot_array
 
 
 def _train(section: Path, out: Path, **kwargs):
@@ -197,9 +198,22 @@ def test_gene_dependent_weights_are_the_heads() -> None:
     assert keys == {"level_head.weight", "level_head.bias", "head.2.weight", "head.2.bias"}
 
 
-# -- end to end on real data ------------------------------------------------------------------
+# -- end to end ------------------------------------------------------------------------------
 def test_train_writes_best_model_curves_and_card(full_run) -> None:
-    result, epochs = full_run
+    _check_full_run(*full_run)
+
+
+@pytest.mark.her2st
+def test_train_on_a_real_her2st_crop(her2st_dir: Path, tmp_path: Path) -> None:
+    """The same run and checks on 40 spots of a real HER2ST section (B4)."""
+    epochs: list[dict] = []
+    section = her2st_crop(her2st_dir, tmp_path)
+    result = _train(section, tmp_path / "m.pt", on_epoch=epochs.append,
+                    command=["hifusion", "train"])
+    _check_full_run(result, epochs)
+
+
+def _check_full_run(result, epochs: list[dict]) -> None:
     model, ckpt = load_model(result.checkpoint)
     assert ckpt.config.n_genes == N_GENES and ckpt.config.head_dropout == 0.2
     assert [e["epoch"] for e in epochs] == [1, 2]
