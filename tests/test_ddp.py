@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_training import her2st_crop
+import pytest
+from synthetic import spot_array_section
 
 from hifusion_model.checkpoint import load_model
 from hifusion_model.config import tiny_config
@@ -21,10 +22,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_run_writes_one_loadable_checkpoint(
-    her2st_dir: Path, tmp_path: Path
-) -> None:
-    section = her2st_crop(her2st_dir, tmp_path)
+@pytest.mark.slow
+def test_two_process_ddp_run_writes_one_loadable_checkpoint(tmp_path: Path) -> None:
+    section = spot_array_section(tmp_path)
     config = tiny_config(1).to_dict()
     del config["genes"]
     (tmp_path / "tiny.json").write_text(json.dumps(config))

@@ -85,6 +85,7 @@ def test_counts_matrix_names_missing_genes():
         counts_matrix(s, ["ERBB2", "A", "KRT19"])
 
 
+@pytest.mark.her2st
 def test_her2st_top_genes_hold_erbb2(her2st_dir):
     from hifusion_model.importers import import_her2st
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import her2st_crop, tiny_recipe
+from test_training import tiny_recipe
 
 from hifusion_model.backbones import load_torchvision_resnet18
 from hifusion_model.baselines import spot_only_config
@@ -30,8 +30,9 @@ TINY = PretrainConfig(crop_px=16, batch_size=4)
 
 
 @pytest.fixture(scope="module")
-def section(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return her2st_crop(her2st_dir, tmp_path_factory.mktemp("pretrain"), n_spots=40)
+def section(spot_array: Path) -> Path:
+    """40 spots of a synthetic ST array, the image cropped around them (conftest)."""
+    return spot_array
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.spatial import Delaunay, cKDTree
-from test_training import her2st_crop, tiny_recipe
+from test_training import tiny_recipe
 
 from hifusion_model.checkpoint import load_checkpoint, load_model
 from hifusion_model.cli import main
@@ -24,7 +24,7 @@ from hifusion_model.pseudo_labels import (
 )
 from hifusion_model.sections import read_section, section_slide
 from hifusion_model.training import train
-from synthetic import tiny_checkpoint
+from synthetic import spot_array_section, tiny_checkpoint
 
 N_GENES = 12
 
@@ -71,10 +71,11 @@ def test_a_lattice_needs_three_distinct_spots() -> None:
 
 
 @pytest.fixture(scope="module")
-def work(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A real 40-spot HER2ST crop and two untrained tiny teachers for its top genes."""
+def work(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """40 spots of a synthetic ST array (HER2ST's geometry, image cropped around them) and two
+    untrained tiny teachers for its top genes."""
     folder = tmp_path_factory.mktemp("pseudo")
-    path = her2st_crop(her2st_dir, folder)
+    path = spot_array_section(folder)
     genes = select_top_genes([read_section(path)], N_GENES)
     teachers = [tiny_checkpoint(folder / f"t{i}.pt", genes, seed=i) for i in range(2)]
     return {"folder": folder, "section": path, "genes": genes, "teachers": teachers}
@@ -118,6 +119,7 @@ def test_teachers_must_agree_and_files_must_be_pseudo_labels(work: dict, tmp_pat
         read_pseudo_labels(tmp_path / "missing.h5ad")
 
 
+@pytest.mark.slow
 def test_cli_pseudolabel_then_train_a_student(work: dict, capsys: pytest.CaptureFixture) -> None:
     folder, section = work["folder"], str(work["section"])
     pseudo = folder / "B4.pseudo.h5ad"
