@@ -12,7 +12,6 @@ to them with a margin, and counts for more genes than the tests select.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -132,7 +131,3 @@ def spot_array_section(folder: str | Path, *, name: str = "B4", n_spots: int = 4
                           source="synthetic", obs_names=[f"{c}x{r}" for r, c in zip(rows, cols)],
                           counts=counts, genes=genes, array_row=rows, array_col=cols)
     return write_section(section, folder / f"{name}.h5ad")
-
-
-def layer_names(viewer: Any) -> list[str]:
-    return [layer.name for layer in viewer.layers]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.spatial import Delaunay, cKDTree
+from synthetic import spot_array_section, tiny_checkpoint
 from test_training import tiny_recipe
 
 from hifusion_model.checkpoint import load_checkpoint, load_model
@@ -24,7 +25,6 @@ from hifusion_model.pseudo_labels import (
 )
 from hifusion_model.sections import read_section, section_slide
 from hifusion_model.training import train
-from synthetic import spot_array_section, tiny_checkpoint
 
 N_GENES = 12
 

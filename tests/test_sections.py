@@ -13,6 +13,7 @@ from hifusion_model.sections import (
     read_section,
     section_mpp,
     section_slide,
+    section_slide_path,
     validate_section,
     write_section,
 )
@@ -164,3 +165,25 @@ def test_write_refuses_invalid_section(slide_path, tmp_path):
     with pytest.raises(SectionError, match="negative"):
         write_section(section, tmp_path / "bad.h5ad")
     assert not list(tmp_path.glob("*.h5ad*"))
+
+
+def test_the_shared_synthetic_data_is_what_conftest_says(
+    synthetic_slide_path, synthetic_section_path, tiny_checkpoint_path, spot_array
+):
+    """The generated slide, section, checkpoint and ST crop the engine tests rely on."""
+    from hifusion_model.checkpoint import load_checkpoint
+    from hifusion_model.slide import Slide
+
+    with Slide.open(synthetic_slide_path) as slide:  # the µm/px comes from the OME metadata
+        assert slide.mpp == pytest.approx(2.0) and len(slide.levels) == 3
+        assert slide.levels[0].shape == (768, 1024, 3)
+    section = read_section(synthetic_section_path)
+    assert section_slide_path(section) == synthetic_slide_path.resolve()
+    assert section.n_vars == 12 and section.var_names[0] == "ERBB2" and section.n_obs > 40
+    assert (np.asarray(section.X.sum(axis=0)).ravel() > 0).all()
+    assert load_checkpoint(tiny_checkpoint_path).genes == list(section.var_names)
+    crop = read_section(spot_array)
+    assert crop.n_obs == 40 and crop.n_vars == 20 and section_mpp(crop) == pytest.approx(0.6875)
+    pitch = np.sort(np.linalg.norm(crop.obsm["spatial"][1:] - crop.obsm["spatial"][:1], axis=1))
+    assert pitch[0] == pytest.approx(200 / 0.6875, rel=0.1)  # HER2ST's 200 µm array
+    section_slide(crop)  # the spots lie on the cropped image
