@@ -94,8 +94,11 @@ def tiny_checkpoint(path: str | Path, genes: list[str], seed: int = 0, card: dic
 def spot_array_section(folder: str | Path, *, name: str = "B4", n_spots: int = 40,
                        n_genes: int = 20, pitch_um: float = 200.0, spot_um: float = 100.0,
                        mpp: float = 0.6875, margin_px: int = 260, jitter_px: float = 4.0,
-                       seed: int = 0) -> Path:
+                       genes: list[str] | None = None, seed: int = 0) -> Path:
     """Write ``folder/<name>.h5ad`` and its cropped image: ``n_spots`` neighbouring ST spots.
+
+    ``genes``: their names (``n_genes`` of them), by default ERBB2, KRT19, CD74, ACTB, FASN
+    (HER2ST's, so tests of a model for those genes can use it), then GENE5, GENE6, ...
 
     The geometry is HER2ST's (a square array, 200 µm apart, read at 0.6875 µm/px); the image is
     tissue everywhere under the spots; each gene's rate follows position with its own phase and
@@ -126,7 +129,11 @@ def spot_array_section(folder: str | Path, *, name: str = "B4", n_spots: int = 4
     level = np.geomspace(60, 3, n_genes)[None]
     rates = level * (0.3 + np.abs(np.sin(np.pi * (u[:, :1] + 0.5 * u[:, 1:] + phase))))
     counts = rng.poisson(rates)
-    genes = ["ERBB2", *[f"GENE{i}" for i in range(1, n_genes)]]
+    if genes is None:
+        named = ["ERBB2", "KRT19", "CD74", "ACTB", "FASN"][:n_genes]
+        genes = [*named, *[f"GENE{i}" for i in range(len(named), n_genes)]]
+    if len(genes) != n_genes:
+        raise ValueError(f"{len(genes)} gene names for n_genes={n_genes}")
     section = new_section(xy, slide=tif, mpp=mpp, spot_diameter_um=spot_um, name=name,
                           source="synthetic", obs_names=[f"{c}x{r}" for r, c in zip(rows, cols)],
                           counts=counts, genes=genes, array_row=rows, array_col=cols)
