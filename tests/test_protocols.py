@@ -355,6 +355,12 @@ def test_cli_loso_runs_in_pieces_and_keeps_the_cells_it_has(
     assert main([*argv, "--variants", "constant", "--set", "lr=0.1"]) == 2
     assert "holds runs with another settings" in capsys.readouterr().err
     assert json.loads(out.read_text())["runs"] == again["runs"]
+    # a piece of the protocol: one fold
+    assert main([*argv, "--variants", "constant", "--seeds", "2", "--folds", "C3"]) == 0
+    added = json.loads(out.read_text())["runs"][len(again["runs"]):]
+    assert [(r["variant"], r["fold"], r["seed"]) for r in added] == [("constant", "C3", 2)]
+    assert main([*argv, "--variants", "constant", "--folds", "Z9"]) == 2
+    assert "no fold Z9 in the loso plan; its folds are B4, C2, C3, C4" in capsys.readouterr().err
 
 
 def test_cli_benchmark_help_says_what_runs(capsys):

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from .baselines import fit_constant, fit_ridge, section_targets, spot_only_config
+from .checkpoint import load_model
 from .config import ModelConfig
 from .devices import cpu_has_native_bf16
 from .errors import ConfigError
 from .io_utils import atomic_path
-from .checkpoint import load_model
 from .protocols import (
     Fold,
     NetworkPredictor,
@@ -225,8 +225,10 @@ def run_cells(
     workers: int = 2,
     log: Log | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    folds: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Every (variant, fold, seed) cell not yet in ``results``; ``save`` is called after each.
+    ``folds`` limits the run to those folds (a piece of the protocol for one machine).
 
     Networks go to ``WORK/<protocol>/<fold>/<variant>-seed<k>/model.pt``. Every variant of a
     fold predicts the same genes (:func:`~.protocols.gene_panel`, never the test counts).
@@ -235,6 +237,8 @@ def run_cells(
     results = results or new_results(plan, {})
     stain = StainCache()
     for fold in plan.folds:
+        if folds is not None and fold.name not in folds:
+            continue
         train_sections = [sections[n] for n in fold.train]
         test = {n: sections[n] for n in fold.test}
         genes = gene_panel(train_sections, list(test.values()), recipe.n_genes)

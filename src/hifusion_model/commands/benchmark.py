@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..protocol_runs import (
     VARIANTS,
     load_results,
@@ -86,6 +87,9 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     h.add_argument("--protocol", choices=PROTOCOLS, default="loso", help="default: loso")
     h.add_argument("--variants", type=parse_variants, metavar="A,B",
                    help="models to compare (default: all five for loso, hifusion otherwise)")
+    h.add_argument("--folds", type=lambda v: [f.strip() for f in v.split(",") if f.strip()],
+                   metavar="B4,C2", help="run only these folds (by name, as the plan prints "
+                   "them), e.g. one per machine; the results file collects them all")
     h.add_argument("--seeds", type=parse_seeds, metavar="0,1",
                    help="seeds of every variant (default: 0,1 for loso, the recipe's otherwise)")
     h.add_argument(
@@ -143,15 +147,20 @@ def run(args: argparse.Namespace) -> int:
     settings = {"recipe": recipe.replace(seed=0, precision="auto").to_dict(),
                 "max_spots": args.max_spots,
                 "model_config": model_config.to_dict() if model_config else None}
+    unknown = sorted(set(args.folds or []) - {f.name for f in plan.folds})
+    if unknown:
+        raise ConfigError(f"no fold {', '.join(unknown)} in the {args.protocol} plan; its folds "
+                          f"are {', '.join(f.name for f in plan.folds)}")
     results = load_results(args.json, plan, settings)
     with _work_folder(args.work) as work:
-        names = [n for fold in plan.folds for n in (*fold.train, *fold.test)]
+        names = [n for fold in plan.folds if not args.folds or fold.name in args.folds
+                 for n in (*fold.train, *fold.test)]
         sections = import_sections(files, names, work, max_spots=args.max_spots, log=_log)
         results = run_cells(
             plan, sections, work, variants=variants, seeds=seeds, recipe=recipe,
             model_config=model_config, results=results,
             save=lambda r: save_results(args.json, r), device=args.device,
-            workers=args.workers, log=_log, on_epoch=_epoch_line,
+            workers=args.workers, log=_log, on_epoch=_epoch_line, folds=args.folds,
         )
     save_results(args.json, results)
     print(markdown_summary(results))
