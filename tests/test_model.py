@@ -345,12 +345,14 @@ def _overfit(level_norm: str) -> _Overfit:
     return _Overfit(model.eval(), losses, train_mse, eval_mse)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_sixteen_synthetic_spots():
     losses = _overfit("shared").losses
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
 
 
 # -- per-level BatchNorm statistics ------------------------------------------------------------
+@pytest.mark.slow
 def test_per_level_statistics_make_eval_match_training():
     shared, per_level = _overfit("shared"), _overfit("per_level")
     # Training is untouched: same init, same batch statistics, hence the very same losses.

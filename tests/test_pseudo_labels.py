@@ -150,6 +150,7 @@ def test_cli_pseudolabel_then_train_a_student(work: dict, capsys: pytest.Capture
     assert re.search("^Validation +none: every spot trains for the whole schedule", shown, re.M)
 
 
+@pytest.mark.slow
 def test_a_resumed_student_needs_its_pseudo_labels(work: dict, tmp_path: Path) -> None:
     from hifusion_model.errors import Cancelled
 
