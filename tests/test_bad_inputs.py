@@ -4,7 +4,7 @@ Every row must end as a user error: exit code 2, one line on stderr naming the p
 traceback, no advice to load a pickle with ``weights_only=False``, and every file that existed
 before the command byte-identical afterwards (no file created either). ``docs/reliability.md``
 holds the same table in words. The commands run in-process on a tiny synthetic slide, section
-and model (``napari_hifusion._testing``), so the whole matrix takes seconds.
+and model (``tests/synthetic.py``), so the whole matrix takes seconds.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from benchmark_scripts import load_benchmark
+from synthetic import spot_array_section
 from test_inference import synthetic_slide
-from test_training import her2st_crop
 
 from hifusion_model.checkpoint import load_model, save_checkpoint
 from hifusion_model.cli import main
@@ -26,9 +26,9 @@ from hifusion_model.model import HiFusion
 
 
 @pytest.fixture(scope="module")
-def work(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("cli")
-    her2st_crop(her2st_dir, folder)
+    spot_array_section(folder)  # B4.h5ad: 40 legacy-ST spots, HER2ST's geometry
     config = tiny_config(1).to_dict()
     del config["genes"]  # the data chooses them
     (folder / "tiny.json").write_text(json.dumps(config))

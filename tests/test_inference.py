@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from test_training import her2st_crop
+from synthetic import spot_array_section
 from torch.utils.data import Dataset
 
 from hifusion_model.checkpoint import load_model, save_checkpoint
@@ -35,10 +35,10 @@ from hifusion_model.sections import read_section, section_slide
 from hifusion_model.slide import Slide
 
 
-
 @pytest.fixture(scope="module")
-def section_path(her2st_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return her2st_crop(her2st_dir, tmp_path_factory.mktemp("her2st"), n_spots=24)
+def section_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 neighbouring legacy-ST spots (HER2ST's geometry and genes, synthetic tissue)."""
+    return spot_array_section(tmp_path_factory.mktemp("st"), n_spots=24)
 
 
 @pytest.fixture(scope="module")
