@@ -463,7 +463,10 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
     head = ["variant", "seeds", *[label for _, label, _ in SUMMARY_METRICS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, entry in summary.items():
-        cells = [entry["description"], ",".join(map(str, entry["seeds"]))]
+        n = max((m["n_folds"] for m in entry["metrics"].values()), default=0)
+        seeds = ",".join(map(str, entry["seeds"])) + (f" ({n} of {len(folds)} folds)"
+                                                      if n < len(folds) else "")
+        cells = [entry["description"], seeds]
         for key, _, digits in SUMMARY_METRICS:
             m = entry["metrics"].get(key)
             cells.append("–" if m is None else (

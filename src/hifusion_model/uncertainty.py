@@ -18,6 +18,11 @@ made on the training sections (:class:`NoiseModel`, stored in the checkpoint car
 spots within a map (dense, well-captured tissue below sparse tissue); its absolute scale
 follows the training sections' sequencing depth and is only indicative on another lab's slides.
 
+What it is not: a measure of a model's error on a patient unlike its training data. Left out by
+the leave-one-section-out protocol, patient C's sections get errors it ranks the right way, but
+the new patient's section B4 gets them ranked backwards (Spearman −0.55 to −0.79 per spot,
+``BENCHMARKS.md``): there the error is the patient's shift, which counting noise does not see.
+
 >>> import numpy as np
 >>> sd = poisson_log_sd(np.array([0.1, 10.0, 1000.0]))
 >>> bool(sd[0] < sd[1]) and bool(sd[2] < sd[1])   # zeros are certain; large counts relatively so

@@ -107,8 +107,9 @@ class GenesPanel(QWidget):
         self.side_by_side = QCheckBox("measured beside predicted")
         self.show_uncertainty = QCheckBox("colour predictions by uncertainty")
         self.show_uncertainty.setToolTip(
-            "How far each predicted value may be off: the counting noise expected at that spot "
-            "(sparse tissue catches few transcripts). Dark: trust the map; bright: do not.")
+            "The counting noise expected at each spot (sparse tissue catches few transcripts): "
+            "bright spots would be noisy even if measured. On a patient unlike the training "
+            "data it does not say where the model is wrong (see BENCHMARKS.md).")
         self.pcc_label = QLabel()
         self.pcc_label.setWordWrap(True)
 
