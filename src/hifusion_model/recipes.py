@@ -12,7 +12,7 @@ Two named recipes ship:
   warm-up then a per-step cosine to 1e-6, and 20 epochs of batch 16 (one HER2ST section has
   ~180 spots: 10 epochs of 32 are ~40 optimiser steps, and the network stops while still
   learning). Three changes to the model's training follow from what we measured
-  (``BENCHMARKS.md``):
+  (``docs/experiments.md``):
 
   - separate BatchNorm statistics per HISM level: the shared encoder sees 224, 112 and 32 px
     tiles, and with shared running statistics eval-mode predictions drift far from training;
@@ -62,7 +62,7 @@ LR_STEPS = ("epoch", "step")
 #: mean per-gene PCC).
 GENE_WEIGHTS = ("uniform", "inverse_variance")
 #: What picks the epoch that is kept: the lowest validation MSE, or the highest mean per-gene
-#: PCC (the field's metric). Both are noisy on a few dozen held-out spots (BENCHMARKS.md).
+#: PCC (the field's metric). Both are noisy on a few dozen held-out spots (docs/experiments.md).
 SELECT_ON = ("mse", "gene_pcc")
 
 

@@ -60,7 +60,7 @@ CHECK_BYTES = 16 * 2**20
 #: A thumbnail's source level larger than this is read in bands and halved on the way.
 THUMBNAIL_BYTES = 256 * 2**20
 #: Decoded tiles kept per slide. Neighbouring spots' regions share most of their tiles, so a
-#: section's patches decode each tile about once instead of several times (BENCHMARKS.md).
+#: section's patches decode each tile about once instead of several times (docs/experiments.md).
 TILE_CACHE_BYTES = 128 * 2**20
 
 _UNIT_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "mm": 1e3,

@@ -29,7 +29,7 @@ EPILOG = """\
 Two overlapping crops of the same place must find each other among the crops of every other
 place in a batch (SimCLR). The budget is --minutes or --steps; the learning rate follows a
 cosine over it. A JSON beside the weights (TRUNK.json) records what ran. Measured on HER2ST C2
-(BENCHMARKS.md): 30 minutes on 2 CPU cores raised a spot-only network's gene PCC on the
+(docs/experiments.md): 30 minutes on 2 CPU cores raised a spot-only network's gene PCC on the
 held-out sections by about 0.02; the region encoder pretrained too (--encoder region, 800 steps)
 added about 0.01 to HiFusion's (one seed).
 """
