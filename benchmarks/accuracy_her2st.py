@@ -46,14 +46,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hifusion_model.baselines import fit_constant, fit_ridge, spot_only_config
-from hifusion_model.commands._options import add_set_option
-from hifusion_model.commands.train import load_model_config
-from hifusion_model.config import ENCODERS, ModelConfig
+from hifusion_model.cli._options import add_set_option
+from hifusion_model.cli.train import load_model_config
+from hifusion_model.engine.pretrain import PretrainConfig, describe, encoder_patch, pretrain_encoder
+from hifusion_model.engine.recipes import TrainConfig, get_recipe
+from hifusion_model.engine.training import format_epoch
 from hifusion_model.errors import ConfigError, HiFusionError
-from hifusion_model.io_utils import atomic_path
-from hifusion_model.pretraining import PretrainConfig, describe, encoder_patch, pretrain_encoder
-from hifusion_model.protocols import (
+from hifusion_model.evaluation.baselines import fit_constant, fit_ridge, spot_only_config
+from hifusion_model.evaluation.protocols import (
     Predictor,
     fit_network,
     fit_student,
@@ -62,8 +62,8 @@ from hifusion_model.protocols import (
     predict_and_score,
     scan_her2st,
 )
-from hifusion_model.recipes import TrainConfig, get_recipe
-from hifusion_model.training import format_epoch
+from hifusion_model.io_utils import atomic_path
+from hifusion_model.models.config import ENCODERS, ModelConfig
 
 FORMAT = "hifusion-accuracy-her2st/1"
 DEFAULT_HER2ST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st"

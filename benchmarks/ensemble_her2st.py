@@ -4,7 +4,7 @@ Seeds of the same recipe make different errors; the mean of their predictions is
 measure of how much of the gap to a target is seed noise. Give the checkpoints that
 ``accuracy_her2st.py`` wrote for one experiment (``WORK/EXPERIMENT/VARIANT/model.pt``, one run
 per seed) and the test sections it imported; each model and their mean are scored with the
-same :func:`hifusion_model.protocols.score` as the accuracy table::
+same :func:`hifusion_model.evaluation.protocols.score` as the accuracy table::
 
     python benchmarks/ensemble_her2st.py runs/s0/3d-C/a/model.pt runs/s1/3d-C/a/model.pt \\
         --sections runs/s0/sections --test C3,C4 --bf16 --json runs/ensemble_a.json
@@ -21,12 +21,12 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from hifusion_model.checkpoint import load_model
+from hifusion_model.data.sections import read_section
 from hifusion_model.errors import HiFusionError
-from hifusion_model.inference import check_tta
+from hifusion_model.evaluation.protocols import NetworkPredictor, score
+from hifusion_model.inference.predict import check_tta
 from hifusion_model.io_utils import atomic_path
-from hifusion_model.protocols import NetworkPredictor, score
-from hifusion_model.sections import read_section
+from hifusion_model.models.checkpoint import load_model
 
 COLUMNS = ("mse", "mae", "spot_pcc", "gene_pcc")
 MARKERS = ("ERBB2", "KRT19", "CD74")

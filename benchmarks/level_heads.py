@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hifusion_model.baselines import section_targets
-from hifusion_model.checkpoint import load_model
-from hifusion_model.dataset import SpotDataset, as_unit_float
+from hifusion_model.data.dataset import SpotDataset, as_unit_float
+from hifusion_model.data.sections import read_section, section_name, section_slide
 from hifusion_model.errors import HiFusionError
-from hifusion_model.metrics import gene_pcc, mse, spot_pcc
-from hifusion_model.sections import read_section, section_name, section_slide
+from hifusion_model.evaluation.baselines import section_targets
+from hifusion_model.evaluation.metrics import gene_pcc, mse, spot_pcc
+from hifusion_model.models.checkpoint import load_model
 
 
 @torch.inference_mode()

@@ -1,6 +1,6 @@
 """The speed yardstick: a straightforward eager port of the released HiFusion structure.
 
-It computes what :class:`hifusion_model.model.HiFusion` computes, written the way the authors'
+It computes what :class:`hifusion_model.models.hifusion.HiFusion` computes, written the way the authors'
 code is: one Python loop over the HISM levels, tiles cut with slicing loops and concatenated,
 feature maps put back with ``torch.cat``, fp32, NCHW, no autocast, no channels-last. Parameter
 names match ours, so the two load each other's state dicts and differ only in how they run.
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hifusion_model.backbones import resnet10_trunk, resnet18_trunk, use_level
-from hifusion_model.config import ModelConfig
-from hifusion_model.model import NORM_EPS, HiFusionOutput
+from hifusion_model.models.backbones import resnet10_trunk, resnet18_trunk, use_level
+from hifusion_model.models.config import ModelConfig
+from hifusion_model.models.hifusion import NORM_EPS, HiFusionOutput
 
 
 def standardize(x: Tensor) -> Tensor:

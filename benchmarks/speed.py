@@ -3,7 +3,7 @@
 Sections (``--sections 1,2,3,4,5``, all by default):
 
 1. model-only inference, spots/s at ``--batch-size``: yardstick (fp32, NCHW, ``no_grad``) vs ours
-   (as :func:`~hifusion_model.inference.predict_section` runs it: channels-last,
+   (as :func:`~hifusion_model.inference.predict.predict_section` runs it: channels-last,
    ``inference_mode``, bf16 autocast where native, 8-spot chunks on the CPU), plus ours in fp32
    and ours on whole batches (where the gain and the chunking's cost come from); ours'
    predictions checked against the fp32 yardstick's (per-gene PCC, metrics);
@@ -49,19 +49,19 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from released_port import ReleasedHiFusion
 
-from hifusion_model.checkpoint import load_checkpoint, save_checkpoint
-from hifusion_model.config import ModelConfig, tiny_config
-from hifusion_model.dataset import SpotDataset
+from hifusion_model.data.dataset import SpotDataset
+from hifusion_model.data.expression import counts_matrix, normalize_counts, select_top_genes
+from hifusion_model.data.sections import new_section, section_slide, write_section
 from hifusion_model.devices import autocast, autocast_dtype, cpu_has_native_bf16, resolve_device
-from hifusion_model.expression import counts_matrix, normalize_counts, select_top_genes
-from hifusion_model.inference import predict_batch, predict_section, prefetch_batches
-from hifusion_model.losses import hifusion_loss
-from hifusion_model.metrics import evaluate_predictions, gene_pcc
-from hifusion_model.model import HiFusion
-from hifusion_model.recipes import get_recipe
+from hifusion_model.engine.recipes import get_recipe
+from hifusion_model.engine.training import build_optimizer
+from hifusion_model.evaluation.metrics import evaluate_predictions, gene_pcc
+from hifusion_model.inference.predict import predict_batch, predict_section, prefetch_batches
+from hifusion_model.models.checkpoint import load_checkpoint, save_checkpoint
+from hifusion_model.models.config import ModelConfig, tiny_config
+from hifusion_model.models.hifusion import HiFusion
+from hifusion_model.models.losses import hifusion_loss
 from hifusion_model.samples import load_sample_section
-from hifusion_model.sections import new_section, section_slide, write_section
-from hifusion_model.training import build_optimizer
 
 HER2ST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st"
 CL = torch.channels_last
@@ -316,8 +316,8 @@ def real_section(setup: Setup) -> tuple[Any, str]:
     """HER2ST C4 as OME-TIFF where the real data is (not with --quick), else the sample."""
     if setup.quick or not (HER2ST / "images" / "C4.jpg").is_file():
         return load_sample_section(), "packaged sample (HER2ST C4 crop)"
-    from hifusion_model.importers import import_her2st
-    from hifusion_model.slide import convert_to_ome_tiff
+    from hifusion_model.data.importers import import_her2st
+    from hifusion_model.data.slide import convert_to_ome_tiff
 
     raw = import_her2st(HER2ST / "images" / "C4.jpg", HER2ST / "counts" / "C4.tsv.gz",
                         HER2ST / "spots" / "C4_selection.tsv")
@@ -491,8 +491,8 @@ def peak_rss(cmd: list[str], limit_s: float | None, log: Path) -> dict[str, Any]
 
 
 def bench_memory(setup: Setup) -> dict[str, Any]:
-    from hifusion_model.inference import grid_section
-    from hifusion_model.slide import Slide
+    from hifusion_model.data.slide import Slide
+    from hifusion_model.inference.predict import grid_section
 
     a = setup.args
     size = 6144 if setup.quick else a.slide_px

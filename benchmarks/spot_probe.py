@@ -39,15 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hifusion_model.backbones import resnet18_trunk
-from hifusion_model.baselines import section_targets
-from hifusion_model.config import ModelConfig
-from hifusion_model.dataset import Augment, SpotDataset
-from hifusion_model.expression import select_top_genes, smooth_targets
-from hifusion_model.metrics import gene_pcc, mse, spot_pcc
-from hifusion_model.model import zscore_per_channel
-from hifusion_model.sections import read_section, section_slide
-from hifusion_model.training import mixed_seed, spatial_block_split
+from hifusion_model.data.dataset import Augment, SpotDataset
+from hifusion_model.data.expression import select_top_genes, smooth_targets
+from hifusion_model.data.sections import read_section, section_slide
+from hifusion_model.engine.training import mixed_seed, spatial_block_split
+from hifusion_model.evaluation.baselines import section_targets
+from hifusion_model.evaluation.metrics import gene_pcc, mse, spot_pcc
+from hifusion_model.models.backbones import resnet18_trunk
+from hifusion_model.models.config import ModelConfig
+from hifusion_model.models.hifusion import zscore_per_channel
 
 MARKERS = ("ERBB2", "KRT19", "CD74")
 

@@ -19,9 +19,9 @@ import json
 import time
 from pathlib import Path
 
-from hifusion_model.checkpoint import load_model
-from hifusion_model.held_out import held_out_sections, validate
-from hifusion_model.inference import MAX_TTA
+from hifusion_model.evaluation.held_out import held_out_sections, validate
+from hifusion_model.inference.predict import MAX_TTA
+from hifusion_model.models.checkpoint import load_model
 
 MARKERS = ("ERBB2", "KRT19", "CD74")
 

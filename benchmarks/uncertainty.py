@@ -6,7 +6,7 @@ square and keeps, per view, the final prediction and each HISM level head's. Can
 * ``levels``  SD over the final and the level heads' predictions, plain view only (free: one pass)
 * ``views``   SD over the eight views of the final prediction (eight passes)
 * ``both``    SD over every view and every head
-* ``noise``   what the project ships (:mod:`hifusion_model.uncertainty`): the Poisson noise of
+* ``noise``   what the project ships (:mod:`hifusion_model.inference.uncertainty`): the Poisson noise of
               the target at the library size the model's noise model reads from the stain
 * ``library`` the same with the spot's true library size (an oracle: the ceiling of ``noise``)
 
@@ -33,14 +33,18 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from hifusion_model.checkpoint import load_model
-from hifusion_model.dataset import SpotDataset, as_unit_float
+from hifusion_model.data.dataset import SpotDataset, as_unit_float
+from hifusion_model.data.expression import counts_matrix, normalize_counts
+from hifusion_model.data.sections import read_section, section_slide
 from hifusion_model.devices import autocast, autocast_dtype, resolve_device
-from hifusion_model.expression import counts_matrix, normalize_counts
-from hifusion_model.inference import MAX_TTA, dihedral, prefetch_batches
-from hifusion_model.sections import read_section, section_slide
-from hifusion_model.uncertainty import NoiseModel, library_sizes, poisson_log_sd, \
-    section_stain_features
+from hifusion_model.inference.predict import MAX_TTA, dihedral, prefetch_batches
+from hifusion_model.inference.uncertainty import (
+    NoiseModel,
+    library_sizes,
+    poisson_log_sd,
+    section_stain_features,
+)
+from hifusion_model.models.checkpoint import load_model
 
 
 @torch.inference_mode()

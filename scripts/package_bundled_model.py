@@ -17,9 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from hifusion_model.checkpoint import bundled_model_path, load_model, save_checkpoint
-from hifusion_model.sections import read_section, section_slide
-from hifusion_model.uncertainty import fit_on_sections
+from hifusion_model.data.sections import read_section, section_slide
+from hifusion_model.inference.uncertainty import fit_on_sections
+from hifusion_model.models.checkpoint import bundled_model_path, load_model, save_checkpoint
 
 
 def main() -> None:

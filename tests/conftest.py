@@ -53,7 +53,7 @@ def synthetic_section_path(synthetic_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint_path(synthetic_section_path: Path) -> Path:
     """An untrained tiny HiFusion checkpoint for the synthetic section's 12 genes."""
-    from hifusion_model.sections import read_section
+    from hifusion_model.data.sections import read_section
 
     genes = list(read_section(synthetic_section_path).var_names)
     return tiny_checkpoint(synthetic_section_path.parent / "tiny.pt", genes)

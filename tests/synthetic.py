@@ -56,8 +56,8 @@ def tissue_image(shape: tuple[int, int], seed: int = 0, radius: float = 0.38) ->
 def synthetic_section(folder: str | Path, n_genes: int = 12, pitch_um: float = 100.0,
                       spot_um: float = 55.0, seed: int = 0) -> Path:
     """Write ``slide.ome.tif`` and ``section.h5ad`` (spots on the tissue, with counts); return the .h5ad."""
-    from hifusion_model.grids import spot_grid, tissue_mask_from_image
-    from hifusion_model.sections import new_section, write_section
+    from hifusion_model.data.grids import spot_grid, tissue_mask_from_image
+    from hifusion_model.data.sections import new_section, write_section
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,9 +80,9 @@ def tiny_checkpoint(path: str | Path, genes: list[str], seed: int = 0, card: dic
     """Save an untrained tiny HiFusion model for ``genes`` (with a model card holding val PCCs)."""
     import torch
 
-    from hifusion_model.checkpoint import save_checkpoint
-    from hifusion_model.config import tiny_config
-    from hifusion_model.model import HiFusion
+    from hifusion_model.models.checkpoint import save_checkpoint
+    from hifusion_model.models.config import tiny_config
+    from hifusion_model.models.hifusion import HiFusion
 
     torch.manual_seed(seed)
     model = HiFusion(tiny_config(genes))
@@ -106,7 +106,7 @@ def spot_array_section(folder: str | Path, *, name: str = "B4", n_spots: int = 4
     """
     import tifffile
 
-    from hifusion_model.sections import new_section, write_section
+    from hifusion_model.data.sections import new_section, write_section
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,13 +8,15 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from synthetic import synthetic_section, tiny_checkpoint
 
 import hifusion_model
-from hifusion_model import api, registry, uncertainty
-from hifusion_model.checkpoint import load_checkpoint, save_checkpoint
+from hifusion_model import api
+from hifusion_model.inference import uncertainty
+from hifusion_model.models import registry
+from hifusion_model.data.sections import read_section, section_slide
 from hifusion_model.errors import ConfigError, SectionError
-from hifusion_model.sections import read_section, section_slide
-from synthetic import synthetic_section, tiny_checkpoint
+from hifusion_model.models.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def test_predict_a_section_and_evaluate_it(section_path, model_path):
     assert set(scores["genes"]) == {"ERBB2"}
     # the same numbers as the files route
     out = section_path.parent / "pred.h5ad"
-    from hifusion_model.inference import write_predictions
+    from hifusion_model.inference.predict import write_predictions
 
     write_predictions(pred, out)
     assert hifusion_model.evaluate(out)["mse"] == pytest.approx(scores["mse"])
@@ -124,7 +126,7 @@ def test_docstring_examples_run(module):
 
 def test_train_then_predict_gives_the_uncertainty_of_the_trained_model(section_path, tmp_path):
     """A trained model carries its noise model (fitted on its training spots) in the card."""
-    from hifusion_model.config import tiny_config
+    from hifusion_model.models.config import tiny_config
 
     recipe = hifusion_model.get_recipe("hifusion", epochs=1, batch_size=8, refit=False)
     result = hifusion_model.train([section_path], tmp_path / "m.pt", recipe=recipe,
@@ -157,7 +159,7 @@ def test_plot_draws_a_gene_beside_its_measurement(section_path, model_path, tmp_
     from PIL import Image
 
     from hifusion_model.cli import main
-    from hifusion_model.inference import write_predictions
+    from hifusion_model.inference.predict import write_predictions
 
     pred = api.predict(section_path, model=str(model_path), device="cpu", workers=0)
     write_predictions(pred, tmp_path / "p.h5ad")

@@ -24,16 +24,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from hifusion_model.checkpoint import load_checkpoint, save_checkpoint
-from hifusion_model.cli import main
-from hifusion_model.config import tiny_config
-from hifusion_model.errors import Cancelled
-from hifusion_model.recipes import get_recipe
-from hifusion_model.model import HiFusion
-from hifusion_model.sections import read_section, write_section
-from hifusion_model.training import train
 from synthetic import synthetic_section, tiny_checkpoint
+
+from hifusion_model.cli import main
+from hifusion_model.data.sections import read_section, write_section
+from hifusion_model.engine.recipes import get_recipe
+from hifusion_model.engine.training import train
+from hifusion_model.errors import Cancelled
+from hifusion_model.models.checkpoint import load_checkpoint, save_checkpoint
+from hifusion_model.models.config import tiny_config
+from hifusion_model.models.hifusion import HiFusion
 
 
 class _Evil:
@@ -195,7 +195,7 @@ def _fail_probe(code: int) -> Callable[[pytest.MonkeyPatch], None]:
 
 
 def _out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hifusion_model import inference
+    import hifusion_model.inference.predict as inference
 
     def predict_section(*args, **kwargs):
         raise MemoryError

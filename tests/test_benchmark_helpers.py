@@ -7,8 +7,8 @@ import pytest
 import torch
 from benchmark_scripts import load_benchmark
 
-from hifusion_model.metrics import gene_pcc
-from hifusion_model.model import zscore_per_channel
+from hifusion_model.evaluation.metrics import gene_pcc
+from hifusion_model.models.hifusion import zscore_per_channel
 
 probe = load_benchmark("spot_probe")
 

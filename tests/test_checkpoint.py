@@ -10,19 +10,19 @@ import pytest
 import torch
 
 import hifusion_model
-from hifusion_model import checkpoint
-from hifusion_model.checkpoint import (
+from hifusion_model.models import checkpoint
+from hifusion_model.cli import main
+from hifusion_model.errors import CheckpointError
+from hifusion_model.evaluation.metrics import evaluate_predictions
+from hifusion_model.models.checkpoint import (
     FORMAT,
     bundled_model_path,
     load_checkpoint,
     load_model,
     save_checkpoint,
 )
-from hifusion_model.cli import main
-from hifusion_model.config import tiny_config
-from hifusion_model.errors import CheckpointError
-from hifusion_model.metrics import evaluate_predictions
-from hifusion_model.model import HiFusion
+from hifusion_model.models.config import tiny_config
+from hifusion_model.models.hifusion import HiFusion
 
 GENES = ["ERBB2", "KRT19", "ACTB", "GAPDH", "MUC1", "EPCAM"]
 

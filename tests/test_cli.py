@@ -18,11 +18,11 @@ from benchmark_scripts import load_benchmark
 from synthetic import spot_array_section
 from test_inference import synthetic_slide
 
-from hifusion_model.checkpoint import load_model, save_checkpoint
 from hifusion_model.cli import main
-from hifusion_model.config import tiny_config
-from hifusion_model.metrics import evaluate_predictions
-from hifusion_model.model import HiFusion
+from hifusion_model.evaluation.metrics import evaluate_predictions
+from hifusion_model.models.checkpoint import load_model, save_checkpoint
+from hifusion_model.models.config import tiny_config
+from hifusion_model.models.hifusion import HiFusion
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +242,8 @@ def test_level_heads_script_reports_every_head(
     assert module.main([str(model), str(section)]) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| B4 |")]
     assert [r.split(" | ")[1] for r in rows] == ["final", "level 1", "level 2", "level 7"]
-    from hifusion_model.baselines import spot_only_config
-    from hifusion_model.model import build_model
+    from hifusion_model.evaluation.baselines import spot_only_config
+    from hifusion_model.models.hifusion import build_model
 
     spot_only = save_checkpoint(tmp_path / "s.pt", build_model(spot_only_config(tiny_config(genes))),
                                 train_mean=np.zeros(3))
@@ -261,8 +261,8 @@ def test_a_signal_mid_training_leaves_files_that_resume(
     and ``--resume`` finishes the run."""
     from synthetic import synthetic_section
 
-    from hifusion_model.checkpoint import load_checkpoint, safe_load
-    from hifusion_model.training import companion_paths
+    from hifusion_model.engine.training import companion_paths
+    from hifusion_model.models.checkpoint import load_checkpoint, safe_load
 
     section = synthetic_section(tmp_path / "data")
     config = tiny_config(1).to_dict()

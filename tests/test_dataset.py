@@ -9,11 +9,11 @@ import pytest
 import tifffile
 import torch
 
-from hifusion_model.config import tiny_config
-from hifusion_model.dataset import Augment, SpotDataset, as_unit_float, spot_loader
+from hifusion_model.data.dataset import Augment, SpotDataset, as_unit_float, spot_loader
+from hifusion_model.data.sections import new_section
+from hifusion_model.data.slide import Slide
 from hifusion_model.errors import ConfigError, SectionError, SlideError
-from hifusion_model.sections import new_section
-from hifusion_model.slide import Slide
+from hifusion_model.models.config import tiny_config
 
 MPP = 0.5
 GENES = ["A", "B", "C", "D"]

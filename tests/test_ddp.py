@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from synthetic import spot_array_section
 
-from hifusion_model.checkpoint import load_model
-from hifusion_model.config import tiny_config
+from hifusion_model.models.checkpoint import load_model
+from hifusion_model.models.config import tiny_config
 
 
 def _free_port() -> int:

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from hifusion_model.errors import ConfigError, SectionError
-from hifusion_model.expression import (
+from hifusion_model.data.expression import (
     counts_matrix,
     normalize_counts,
     select_top_genes,
     smooth_targets,
 )
-from hifusion_model.sections import new_section
+from hifusion_model.data.sections import new_section
+from hifusion_model.errors import ConfigError, SectionError
 
 
 def _section(genes, counts, name="s"):
@@ -87,7 +87,7 @@ def test_counts_matrix_names_missing_genes():
 
 @pytest.mark.her2st
 def test_her2st_top_genes_hold_erbb2(her2st_dir):
-    from hifusion_model.importers import import_her2st
+    from hifusion_model.data.importers import import_her2st
 
     sections = [
         import_her2st(

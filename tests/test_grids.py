@@ -6,8 +6,8 @@ import tifffile
 from scipy.spatial import cKDTree
 from skimage.draw import disk
 
+from hifusion_model.data.grids import spot_grid, tissue_mask, tissue_mask_from_image
 from hifusion_model.errors import SectionError
-from hifusion_model.grids import spot_grid, tissue_mask, tissue_mask_from_image
 
 MPP = 10.0  # µm/px: a 100 µm pitch is 10 px, so grids stay small
 H, W = 300, 400
@@ -27,7 +27,7 @@ def _nearest_distances(xy: np.ndarray) -> np.ndarray:
 
 @pytest.fixture
 def disk_slide(tmp_path):
-    from hifusion_model.slide import Slide
+    from hifusion_model.data.slide import Slide
 
     path = tmp_path / "disk.tif"
     tifffile.imwrite(path, _pink_disk(), photometric="rgb")
@@ -98,7 +98,7 @@ def test_polygon_restricts_grid():
 
 
 def test_empty_mask_is_an_error(tmp_path):
-    from hifusion_model.slide import Slide
+    from hifusion_model.data.slide import Slide
 
     path = tmp_path / "glass.tif"
     tifffile.imwrite(path, np.full((H, W, 3), 240, np.uint8), photometric="rgb")

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic import synthetic_section, tiny_checkpoint
 from test_bad_inputs import _Evil
 from test_slide import PEAK_MB, uniform_png
 
+from hifusion_model.data.sections import read_section, write_section
 from hifusion_model.errors import HiFusionError
-from hifusion_model.sections import read_section, write_section
 from napari_hifusion import _jobs
-from synthetic import synthetic_section, tiny_checkpoint
 from napari_hifusion._widgets import HiFusionWidget
 
 pytestmark = pytest.mark.gui
@@ -227,7 +227,7 @@ def test_training_asks_before_replacing_a_checkpoint(app, qtbot, base, tmp_path,
                                                      monkeypatch) -> None:
     from qtpy.QtWidgets import QMessageBox
 
-    from hifusion_model.checkpoint import load_checkpoint
+    from hifusion_model.models.checkpoint import load_checkpoint
     from napari_hifusion._widgets import _train
 
     _, widget = app

@@ -17,8 +17,7 @@ from spaceranger import GENES as SR_GENES
 from spaceranger import HIRES_SCALEF, LOWRES_SCALEF, array_um, write_spaceranger
 
 from hifusion_model.cli import main
-from hifusion_model.errors import SectionError, SlideError
-from hifusion_model.importers import (
+from hifusion_model.data.importers import (
     VISIUM_STEP_UM,
     CoarseImageWarning,
     ScaleMismatchWarning,
@@ -30,7 +29,8 @@ from hifusion_model.importers import (
     import_visium,
     lattice_mpp,
 )
-from hifusion_model.sections import read_section
+from hifusion_model.data.sections import read_section
+from hifusion_model.errors import SectionError, SlideError
 
 H, W = 300, 400
 GENES = ["G0", "G1", "G2", "G3"]

@@ -14,13 +14,13 @@ import torch
 from synthetic import spot_array_section
 from torch.utils.data import Dataset
 
-from hifusion_model.checkpoint import load_model, save_checkpoint
-from hifusion_model.config import tiny_config
-from hifusion_model.dataset import SpotDataset
+from hifusion_model.data.dataset import SpotDataset
+from hifusion_model.data.expression import counts_matrix, normalize_counts
+from hifusion_model.data.sections import read_section, section_slide
+from hifusion_model.data.slide import Slide
 from hifusion_model.devices import autocast_dtype, cpu_has_native_bf16, resolve_device
 from hifusion_model.errors import Cancelled, ConfigError, SectionError, SlideError
-from hifusion_model.expression import counts_matrix, normalize_counts
-from hifusion_model.inference import (
+from hifusion_model.inference.predict import (
     CPU_CHUNK,
     check_section_genes,
     dihedral,
@@ -30,9 +30,9 @@ from hifusion_model.inference import (
     prefetch_batches,
     write_predictions,
 )
-from hifusion_model.model import HiFusion
-from hifusion_model.sections import read_section, section_slide
-from hifusion_model.slide import Slide
+from hifusion_model.models.checkpoint import load_model, save_checkpoint
+from hifusion_model.models.config import tiny_config
+from hifusion_model.models.hifusion import HiFusion
 
 
 @pytest.fixture(scope="module")
@@ -256,8 +256,8 @@ def visium_predictions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     """A real-shaped Space Ranger section (4 µm/px) and random predictions written for it."""
     from spaceranger import write_spaceranger
 
-    from hifusion_model.checkpoint import load_checkpoint
-    from hifusion_model.importers import import_visium
+    from hifusion_model.data.importers import import_visium
+    from hifusion_model.models.checkpoint import load_checkpoint
 
     root = tmp_path_factory.mktemp("visium")
     section = import_visium(write_spaceranger(root, mpp=4.0))

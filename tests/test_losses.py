@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hifusion_model.config import tiny_config
 from hifusion_model.errors import ConfigError
-from hifusion_model.losses import LossTerms, hifusion_loss
-from hifusion_model.model import HiFusionOutput
+from hifusion_model.models.config import tiny_config
+from hifusion_model.models.hifusion import HiFusionOutput
+from hifusion_model.models.losses import LossTerms, hifusion_loss
 
 
 def _output(level_predictions, level_features, prediction=((1.0, 2.0),)) -> HiFusionOutput:

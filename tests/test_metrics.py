@@ -8,7 +8,7 @@ import torch
 from scipy.stats import pearsonr
 
 from hifusion_model.errors import HiFusionError
-from hifusion_model.metrics import (
+from hifusion_model.evaluation.metrics import (
     MetricInputError,
     evaluate_predictions,
     gene_pcc,

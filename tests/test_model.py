@@ -10,18 +10,17 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from hifusion_model.backbones import (
+from hifusion_model.errors import CheckpointError, ConfigError
+from hifusion_model.models.backbones import (
     LevelBatchNorm2d,
     load_torchvision_resnet18,
     resnet10_trunk,
     resnet18_trunk,
     use_level,
 )
-from hifusion_model.checkpoint import load_model, save_checkpoint
-from hifusion_model.config import ModelConfig, tiny_config
-from hifusion_model.errors import CheckpointError, ConfigError
-from hifusion_model.losses import hifusion_loss
-from hifusion_model.model import (
+from hifusion_model.models.checkpoint import load_model, save_checkpoint
+from hifusion_model.models.config import ModelConfig, tiny_config
+from hifusion_model.models.hifusion import (
     HiFusion,
     HiFusionOutput,
     align_to,
@@ -31,7 +30,7 @@ from hifusion_model.model import (
     hism_tiles,
     zscore_per_channel,
 )
-
+from hifusion_model.models.losses import hifusion_loss
 
 
 def _inputs(config: ModelConfig, batch: int, seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -8,13 +8,13 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import MPP, SHAPE, synthetic_section, tiny_checkpoint
 
 from hifusion_model.cli import main as cli_main
 from hifusion_model.errors import SectionError
 from napari_hifusion import _sample_data
 from napari_hifusion._layers import PREDICTION, SPOT_ID, TRUTH, kind, section_from_points
 from napari_hifusion._reader import get_reader
-from synthetic import MPP, SHAPE, synthetic_section, tiny_checkpoint
 from napari_hifusion._writer import export_csv, export_h5ad, write_points_h5ad
 
 
@@ -139,7 +139,7 @@ def test_demo_without_display_or_xvfb_exits_2(monkeypatch: pytest.MonkeyPatch, c
 
 
 def test_headless_demo_reruns_under_xvfb_with_default_screenshot(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hifusion_model.commands import demo as demo_command
+    from hifusion_model.cli import demo as demo_command
 
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
@@ -237,9 +237,9 @@ def test_prediction_file_from_the_cli_reopens_as_prediction_layers(
 def test_prediction_file_without_its_slide_says_so(small_section: Path, tmp_path: Path) -> None:
     import shutil
 
-    from hifusion_model.checkpoint import load_checkpoint
-    from hifusion_model.inference import predictions_to_anndata, write_predictions
-    from hifusion_model.sections import read_section
+    from hifusion_model.data.sections import read_section
+    from hifusion_model.inference.predict import predictions_to_anndata, write_predictions
+    from hifusion_model.models.checkpoint import load_checkpoint
 
     section = read_section(small_section)
     ckpt = load_checkpoint(tiny_checkpoint(tmp_path / "tiny.pt", list(section.var_names[:2])))
@@ -273,8 +273,8 @@ def test_scanpy_visium_h5ad_and_spaceranger_folders_open(tmp_path: Path) -> None
 def test_gui_errors_speak_gui_not_cli_flags(tmp_path: Path) -> None:
     from spaceranger import write_spaceranger
 
+    from hifusion_model.data.importers import ScaleMismatchWarning
     from hifusion_model.errors import SlideError
-    from hifusion_model.importers import ScaleMismatchWarning
 
     outs = write_spaceranger(tmp_path, mpp=4.0, fullres=False)
     for png in (outs / "spatial").glob("*.png"):
@@ -309,9 +309,9 @@ def test_viewer_opens_foreign_files_with_napari_and_predictions_with_us(
 ) -> None:
     from PIL import Image
 
-    from hifusion_model.checkpoint import load_checkpoint
-    from hifusion_model.inference import predictions_to_anndata, write_predictions
-    from hifusion_model.sections import read_section
+    from hifusion_model.data.sections import read_section
+    from hifusion_model.inference.predict import predictions_to_anndata, write_predictions
+    from hifusion_model.models.checkpoint import load_checkpoint
 
     viewer = make_napari_viewer()
     (tmp_path / "points.csv").write_text("index,axis-0,axis-1\n0,10,20\n1,30,40\n")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from napari.utils.colormaps import ensure_colormap
+from synthetic import MPP, synthetic_section, tiny_checkpoint
+
 from napari_hifusion import _jobs, _sample_data
 from napari_hifusion._layers import PREDICTION, TRUTH, kind, meta
-from synthetic import MPP, synthetic_section, tiny_checkpoint
 from napari_hifusion._widgets import HiFusionWidget
 
 pytestmark = pytest.mark.gui
@@ -93,7 +93,7 @@ def test_grid_inside_a_polygon(app, qtbot, errors) -> None:
 
 
 def test_a_large_grid_is_placed_only_when_the_user_agrees(app, qtbot, monkeypatch) -> None:
-    from hifusion_model import grids
+    from hifusion_model.data import grids
 
     viewer, widget = app
     monkeypatch.setattr(grids, "LARGE_GRID", 5)  # the synthetic tissue holds a few dozen
@@ -171,9 +171,9 @@ def test_gene_switch_recolours_both_layers_in_place(app, qtbot, model_path) -> N
 @pytest.fixture(scope="module")
 def noisy_model_path(section_path: Path, model_path: Path) -> Path:
     """The tiny model with a noise model fitted on the synthetic section: it has uncertainty."""
-    from hifusion_model.checkpoint import load_model, save_checkpoint
-    from hifusion_model.sections import read_section, section_slide
-    from hifusion_model.uncertainty import fit_on_sections
+    from hifusion_model.data.sections import read_section, section_slide
+    from hifusion_model.inference.uncertainty import fit_on_sections
+    from hifusion_model.models.checkpoint import load_model, save_checkpoint
 
     model, ckpt = load_model(model_path)
     section = read_section(section_path)
@@ -266,7 +266,7 @@ def test_predicted_spots_are_drawn_in_colour(make_napari_viewer, section_path, q
 
 
 def test_training_writes_a_loadable_active_checkpoint(app, qtbot, tmp_path) -> None:
-    from hifusion_model.checkpoint import load_model
+    from hifusion_model.models.checkpoint import load_model
 
     viewer, widget = app
     panel = widget.train
@@ -299,7 +299,7 @@ def tiny_training(panel, out: Path, epochs: int):
 
 
 def test_training_without_validation_keeps_the_last_epoch(app, qtbot, tmp_path) -> None:
-    from hifusion_model.checkpoint import load_checkpoint
+    from hifusion_model.models.checkpoint import load_checkpoint
     from napari_hifusion._widgets._train import NO_VALIDATION
 
     panel = tiny_training(app[1].train, tmp_path / "all_spots.pt", epochs=2)
@@ -316,8 +316,8 @@ def test_training_without_validation_keeps_the_last_epoch(app, qtbot, tmp_path) 
 
 def test_training_with_pseudo_labels(app, qtbot, tmp_path, section_path, model_path,
                                      errors) -> None:
-    from hifusion_model.checkpoint import load_checkpoint
     from hifusion_model.cli import main
+    from hifusion_model.models.checkpoint import load_checkpoint
     from napari_hifusion._widgets._train import NO_VALIDATION
 
     panel = tiny_training(app[1].train, tmp_path / "student.pt", epochs=1)

@@ -10,21 +10,21 @@ import pytest
 import torch
 from test_training import tiny_recipe
 
-from hifusion_model.backbones import load_torchvision_resnet18
-from hifusion_model.baselines import spot_only_config
-from hifusion_model.checkpoint import load_checkpoint
 from hifusion_model.cli import main
-from hifusion_model.config import tiny_config
-from hifusion_model.errors import CheckpointError, ConfigError, SectionError
-from hifusion_model.model import build_model
-from hifusion_model.pretraining import (
+from hifusion_model.engine.pretrain import (
     PretrainConfig,
     augment_views,
     crop_pairs,
     nt_xent,
     pretrain_encoder,
 )
-from hifusion_model.training import build_optimizer, pretrained_encoders, train
+from hifusion_model.engine.training import build_optimizer, pretrained_encoders, train
+from hifusion_model.errors import CheckpointError, ConfigError, SectionError
+from hifusion_model.evaluation.baselines import spot_only_config
+from hifusion_model.models.backbones import load_torchvision_resnet18
+from hifusion_model.models.checkpoint import load_checkpoint
+from hifusion_model.models.config import tiny_config
+from hifusion_model.models.hifusion import build_model
 
 TINY = PretrainConfig(crop_px=16, batch_size=4)
 

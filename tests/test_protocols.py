@@ -15,7 +15,11 @@ import pytest
 import torch
 from benchmark_scripts import load_benchmark
 
-from hifusion_model.baselines import (
+from hifusion_model.cli import main
+from hifusion_model.data.sections import new_section
+from hifusion_model.engine.recipes import get_recipe
+from hifusion_model.errors import ConfigError, SectionError
+from hifusion_model.evaluation.baselines import (
     DEFAULT_ALPHAS,
     FEATURE_NAMES,
     SpotOnly,
@@ -27,13 +31,8 @@ from hifusion_model.baselines import (
     spot_only_config,
     validation_masks,
 )
-from hifusion_model.checkpoint import load_checkpoint
-from hifusion_model.cli import main
-from hifusion_model.config import tiny_config
-from hifusion_model.errors import ConfigError, SectionError
-from hifusion_model.losses import hifusion_loss
-from hifusion_model.model import build_model
-from hifusion_model.protocols import (
+from hifusion_model.evaluation.protocol_runs import markdown_summary, run_cells, summarize
+from hifusion_model.evaluation.protocols import (
     cut_spots,
     fit_network,
     gene_panel,
@@ -42,9 +41,10 @@ from hifusion_model.protocols import (
     predict_and_score,
     scan_her2st,
 )
-from hifusion_model.protocol_runs import markdown_summary, run_cells, summarize
-from hifusion_model.recipes import get_recipe
-from hifusion_model.sections import new_section
+from hifusion_model.models.checkpoint import load_checkpoint
+from hifusion_model.models.config import tiny_config
+from hifusion_model.models.hifusion import build_model
+from hifusion_model.models.losses import hifusion_loss
 
 N_SPOTS = 30
 IMAGED = ("B4", "C2", "C3", "C4")
@@ -93,7 +93,7 @@ def test_2d_plan_keeps_the_folds_with_imaged_sections(tmp_path):
 
 
 def test_saving_keeps_the_cells_another_run_wrote_meanwhile(tmp_path):
-    from hifusion_model.protocol_runs import save_results
+    from hifusion_model.evaluation.protocol_runs import save_results
 
     path = tmp_path / "r.json"
     base = {"format": "hifusion-benchmark/2", "settings": {"k": 1}, "folds": [{"name": "B4"}],

@@ -11,20 +11,24 @@ from scipy.spatial import Delaunay, cKDTree
 from synthetic import spot_array_section, tiny_checkpoint
 from test_training import tiny_recipe
 
-from hifusion_model.checkpoint import load_checkpoint, load_model
 from hifusion_model.cli import main
-from hifusion_model.config import tiny_config
+from hifusion_model.data.expression import select_top_genes
+from hifusion_model.data.sections import read_section, section_slide
+from hifusion_model.engine.training import train
 from hifusion_model.errors import ConfigError, SectionError
-from hifusion_model.expression import select_top_genes
-from hifusion_model.inference import predict_section, predictions_to_anndata, write_predictions
-from hifusion_model.pseudo_labels import (
+from hifusion_model.future.pseudo_labels import (
     gap_positions,
     lattice_of,
     pseudo_label,
     read_pseudo_labels,
 )
-from hifusion_model.sections import read_section, section_slide
-from hifusion_model.training import train
+from hifusion_model.inference.predict import (
+    predict_section,
+    predictions_to_anndata,
+    write_predictions,
+)
+from hifusion_model.models.checkpoint import load_checkpoint, load_model
+from hifusion_model.models.config import tiny_config
 
 N_GENES = 12
 

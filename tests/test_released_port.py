@@ -6,8 +6,8 @@ import pytest
 import torch
 from benchmark_scripts import load_benchmark
 
-from hifusion_model.config import tiny_config
-from hifusion_model.model import HiFusion
+from hifusion_model.models.config import tiny_config
+from hifusion_model.models.hifusion import HiFusion
 
 
 def _randomize_statistics(model: torch.nn.Module, seed: int) -> None:

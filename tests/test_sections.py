@@ -7,8 +7,7 @@ import pytest
 import scipy.sparse as sp
 import tifffile
 
-from hifusion_model.errors import SectionError
-from hifusion_model.sections import (
+from hifusion_model.data.sections import (
     new_section,
     read_section,
     section_mpp,
@@ -17,6 +16,7 @@ from hifusion_model.sections import (
     validate_section,
     write_section,
 )
+from hifusion_model.errors import SectionError
 
 
 @pytest.fixture
@@ -171,8 +171,8 @@ def test_the_shared_synthetic_data_is_what_conftest_says(
     synthetic_slide_path, synthetic_section_path, tiny_checkpoint_path, spot_array
 ):
     """The generated slide, section, checkpoint and ST crop the engine tests rely on."""
-    from hifusion_model.checkpoint import load_checkpoint
-    from hifusion_model.slide import Slide
+    from hifusion_model.data.slide import Slide
+    from hifusion_model.models.checkpoint import load_checkpoint
 
     with Slide.open(synthetic_slide_path) as slide:  # the µm/px comes from the OME metadata
         assert slide.mpp == pytest.approx(2.0) and len(slide.levels) == 3

@@ -16,8 +16,8 @@ import tifffile
 from PIL import Image, ImageFile
 
 from hifusion_model.cli import main
+from hifusion_model.data.slide import Slide, TileCache, convert_to_ome_tiff
 from hifusion_model.errors import Cancelled, SlideError
-from hifusion_model.slide import Slide, TileCache, convert_to_ome_tiff
 
 OME_UM = {"PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
 
@@ -276,7 +276,7 @@ def uniform_png(path, width, height, rows_present=None, value=235):
     With ``rows_present=1``, a 40,000 × 40,000 px PNG takes a few hundred bytes: a header that
     claims 4.8 GB of pixels, the classic decompression bomb.
     """
-    from hifusion_model.slide import _png_chunk
+    from hifusion_model.data.slide import _png_chunk
 
     z = zlib.compressobj(9)
     row = b"\0" + bytes([value]) * (3 * width)
@@ -290,7 +290,7 @@ def uniform_png(path, width, height, rows_present=None, value=235):
 
 def filtered_png(path, width, height, depth, colour, channels, seed=0):
     """Random bytes behind every PNG row filter (0-4) at random, split over two IDAT chunks."""
-    from hifusion_model.slide import _png_chunk
+    from hifusion_model.data.slide import _png_chunk
 
     rng = np.random.default_rng(seed)
     row_bytes = (width * channels * depth + 7) // 8
@@ -324,7 +324,7 @@ def _pillow_pngs(folder):
 
 
 def test_png_rows_decode_band_by_band_as_pillow_does(tmp_path, monkeypatch):
-    from hifusion_model.slide import PngRows, _decode_plain, _to_rgb8
+    from hifusion_model.data.slide import PngRows, _decode_plain, _to_rgb8
 
     monkeypatch.setattr(PngRows, "STEP_BYTES", 100)  # several small steps inside each band
     for path in _pillow_pngs(tmp_path):
@@ -362,7 +362,7 @@ def test_the_pixel_limit_keeps_pillows_guard_and_can_be_moved(tmp_path, monkeypa
     tifffile.imwrite(tmp_path / "s.tif", image, photometric="rgb")  # untiled: decoded whole
     with pytest.raises(SlideError, match="untiled TIFF"):
         Slide.open(tmp_path / "s.tif", mpp=1)
-    monkeypatch.setattr("hifusion_model.slide._check_open_size", lambda *a: None)
+    monkeypatch.setattr("hifusion_model.data.slide._check_open_size", lambda *a: None)
     with pytest.raises(SlideError, match="too large to decode whole"):  # Pillow's own guard
         Slide.open(tmp_path / "s.png", mpp=1)
     monkeypatch.undo()
@@ -401,7 +401,7 @@ def test_convert_of_a_truncated_bomb_fails_fast_naming_the_row(tmp_path):
 
 
 def test_absurd_regions_and_big_thumbnails_are_bounded(tmp_path, pyramid, rgb, monkeypatch):
-    import hifusion_model.slide as slide_module
+    import hifusion_model.data.slide as slide_module
 
     with Slide.open(pyramid, mpp=0.0001) as slide:  # a 55 µm spot: 550,000 px, 137,500 at 4×
         with pytest.raises(SlideError, match=r"a region of 137500 × 137500 px \(level 2\) would take .* GB "
@@ -428,7 +428,7 @@ PEAK_MB = ("def peak_mb():\n"
            "            return int(line.split()[1]) / 1024\n")
 MEASURE = PEAK_MB + """
 from hifusion_model.errors import SlideError
-from hifusion_model.slide import Slide, convert_to_ome_tiff
+from hifusion_model.data.slide import Slide, convert_to_ome_tiff
 base = peak_mb()
 try:
     {call}

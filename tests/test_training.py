@@ -21,30 +21,30 @@ import pytest
 import tifffile
 import torch
 
-from hifusion_model.checkpoint import load_checkpoint, load_model, save_checkpoint
-from hifusion_model.config import tiny_config
-from hifusion_model.errors import Cancelled, CheckpointError, ConfigError, SectionError
-from hifusion_model.importers import import_her2st
-from hifusion_model.model import HiFusion
-from hifusion_model.recipes import RECIPES, TrainConfig, get_recipe
-from hifusion_model.sections import new_section, read_section, write_section
-from hifusion_model.expression import select_top_genes, smooth_targets
-from hifusion_model.training import (
+from hifusion_model.cli._options import recipe_setting
+from hifusion_model.cli.info import format_card
+from hifusion_model.data.expression import select_top_genes, smooth_targets
+from hifusion_model.data.importers import import_her2st
+from hifusion_model.data.sections import new_section, read_section, write_section
+from hifusion_model.engine.recipes import RECIPES, TrainConfig, get_recipe
+from hifusion_model.engine.training import (
     _open_sources,
     _prepare_data,
     companion_paths,
     format_epoch,
     gene_dependent_keys,
+    gene_weights,
     lr_factor,
     mixed_seed,
     read_gene_list,
     spatial_block_split,
-    gene_weights,
     train,
     weight_average,
 )
-from hifusion_model.commands._options import recipe_setting
-from hifusion_model.commands.info import format_card
+from hifusion_model.errors import Cancelled, CheckpointError, ConfigError, SectionError
+from hifusion_model.models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from hifusion_model.models.config import tiny_config
+from hifusion_model.models.hifusion import HiFusion
 
 N_GENES = 12
 

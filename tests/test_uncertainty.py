@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hifusion_model.errors import SectionError
-from hifusion_model.uncertainty import (
+from hifusion_model.inference.uncertainty import (
     NoiseModel,
     error_correlation,
     fit_noise_model,

@@ -24,20 +24,20 @@ except PackageNotFoundError:  # running from a source tree
 _API = {
     "predict": "api",
     "evaluate": "api",
-    "load_model": "checkpoint",
-    "train": "training",
-    "read_section": "sections",
-    "write_section": "sections",
-    "create_model": "registry",
-    "available_models": "registry",
-    "get_recipe": "recipes",
+    "load_model": "models.checkpoint",
+    "train": "engine.training",
+    "read_section": "data.sections",
+    "write_section": "data.sections",
+    "create_model": "models.registry",
+    "available_models": "models.registry",
+    "get_recipe": "engine.recipes",
     "sample_section_path": "samples",
 }
 
 
 def open_slide(path: Any, mpp: float | None = None) -> Any:
-    """A whole-slide image, read lazily (:meth:`hifusion_model.slide.Slide.open`)."""
-    from .slide import Slide
+    """A whole-slide image, read lazily (:meth:`hifusion_model.data.slide.Slide.open`)."""
+    from .data.slide import Slide
 
     return Slide.open(path, mpp=mpp)
 

@@ -21,12 +21,12 @@ import anndata as ad
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, load_model
+from .data.sections import read_section, section_slide
+from .data.slide import Slide
 from .errors import CheckpointError, ConfigError, SectionError
-from .metrics import MARKER_GENES, evaluate_predictions, gene_pcc
-from .sections import read_section, section_slide
-from .slide import Slide
-from .uncertainty import STAIN_FEATURES, NoiseModel, stain_features
+from .evaluation.metrics import MARKER_GENES, evaluate_predictions, gene_pcc
+from .inference.uncertainty import STAIN_FEATURES, NoiseModel, stain_features
+from .models.checkpoint import Checkpoint, load_model
 
 Progress = Callable[[int, int, str], None]
 ModelSource = str | os.PathLike | tuple[torch.nn.Module, Checkpoint]
@@ -63,8 +63,8 @@ def open_input(
     (``"hex:100"``: over the tissue, or the whole slide with ``whole_slide``) or ``spots`` (a
     CSV of centres).
     """
-    from .importers import import_csv
-    from .inference import grid_section
+    from .data.importers import import_csv
+    from .inference.predict import grid_section
 
     if isinstance(data, ad.AnnData) or Path(data).suffix == ".h5ad":
         if grid or spots:
@@ -102,7 +102,7 @@ def read_input_section(path: str | os.PathLike) -> ad.AnnData:
     if not path.is_file():
         raise SectionError(f"{path} does not exist; give a section .h5ad or a slide image")
     if _is_scanpy_visium(path):
-        from .importers import import_scanpy_visium
+        from .data.importers import import_scanpy_visium
 
         return import_scanpy_visium(path)
     return read_section(path)
@@ -164,7 +164,7 @@ def predict(
     >>> pred[:, "ERBB2"].X.mean()                                  # doctest: +SKIP
     """
     from .devices import resolve_device
-    from .inference import check_section_genes, predict_section, predictions_to_anndata
+    from .inference.predict import check_section_genes, predict_section, predictions_to_anndata
 
     dev = resolve_device(device)
     network, ckpt = resolve_model(model, dev)
@@ -212,7 +212,7 @@ def evaluate(
     """
     if isinstance(predictions, ad.AnnData):
         return _evaluate_anndata(predictions, marker_genes)
-    from .commands.evaluate import evaluate_files
+    from .cli.evaluate import evaluate_files
 
     paths = [predictions] if isinstance(predictions, (str, os.PathLike)) else list(predictions)
     return evaluate_files([Path(p) for p in paths], marker_genes)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from napari.qt.threading import thread_worker

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from napari.utils.colormaps import ensure_colormap
 
+from hifusion_model.data.sections import new_section, section_mpp, section_name, section_slide_path
 from hifusion_model.errors import SectionError
-from hifusion_model.sections import new_section, section_mpp, section_name, section_slide_path
 
 #: Key of our metadata in ``layer.metadata``.
 META = "hifusion"
@@ -92,7 +92,7 @@ def expression_features(section: Any, genes: Sequence[str] | None = None,
     Without ``genes`` the section's most expressed genes (at most :data:`MAX_FEATURE_GENES`)
     are used; with them (a model's genes) the values are directly comparable to its predictions.
     """
-    from hifusion_model.expression import counts_matrix, normalize_counts, select_top_genes
+    from hifusion_model.data.expression import counts_matrix, normalize_counts, select_top_genes
 
     features = pd.DataFrame({SPOT_ID: np.asarray(section.obs_names, dtype=object)})
     if section.n_vars == 0:

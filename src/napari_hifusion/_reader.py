@@ -135,7 +135,7 @@ def _in_gui_terms(read: Callable[[Path], list[LayerData]], path: Path) -> list[L
 
 # -- readers ---------------------------------------------------------------------------------------
 def read_slide(path: Path) -> list[LayerData]:
-    from hifusion_model.slide import Slide
+    from hifusion_model.data.slide import Slide
 
     return [slide_layer_data(Slide.open(path))]
 
@@ -143,8 +143,8 @@ def read_slide(path: Path) -> list[LayerData]:
 def read_section_file(path: Path) -> list[LayerData]:
     """A HiFusion section or prediction file, a HEST-1k sample or a scanpy/squidpy Visium
     ``.h5ad`` (the last two imported on the fly)."""
-    from hifusion_model.importers import import_hest, import_scanpy_visium
-    from hifusion_model.sections import read_section
+    from hifusion_model.data.importers import import_hest, import_scanpy_visium
+    from hifusion_model.data.sections import read_section
 
     kind = h5ad_kind(path)
     if kind == "prediction":
@@ -186,7 +186,7 @@ def _beside_hest_files(path: Path) -> bool:
 
 
 def read_spaceranger(path: Path) -> list[LayerData]:
-    from hifusion_model.importers import import_visium
+    from hifusion_model.data.importers import import_visium
 
     return section_layers(import_visium(path))
 
@@ -197,8 +197,8 @@ def read_hest(path: Path) -> list[LayerData]:
     A folder of many samples is not opened whole (each is a whole-slide image): the error
     lists them, so the user opens the one wanted.
     """
+    from hifusion_model.data.importers import import_hest
     from hifusion_model.errors import SectionError
-    from hifusion_model.importers import import_hest
 
     samples = sorted((path / "st").glob("*.h5ad"))
     if len(samples) > 1:
@@ -212,7 +212,7 @@ def read_hest(path: Path) -> list[LayerData]:
 
 def section_layers(section: Any, slide: Any = None) -> list[LayerData]:
     """The slide layer and the measured-spots layer of ``section`` (opening its slide if needed)."""
-    from hifusion_model.sections import section_name, section_slide
+    from hifusion_model.data.sections import section_name, section_slide
 
     slide = slide if slide is not None else section_slide(section)
     name = section_name(section)
@@ -229,9 +229,9 @@ def read_predictions(path: Path) -> tuple[Any, Any]:
     """A prediction file and the (count-free) section of its spots, its slide path resolved."""
     import numpy as np
 
+    from hifusion_model.data.sections import UNS_KEY, new_section, read_h5ad
     from hifusion_model.errors import SectionError
-    from hifusion_model.inference import SECTION_KEYS
-    from hifusion_model.sections import UNS_KEY, new_section, read_h5ad
+    from hifusion_model.inference.predict import SECTION_KEYS
 
     adata = read_h5ad(path, "prediction file not found")
     meta = dict(adata.uns.get(UNS_KEY, {}))
@@ -266,7 +266,7 @@ def prediction_layers(path: Path) -> list[LayerData]:
     import numpy as np
     import pandas as pd
 
-    from hifusion_model.sections import section_name, section_slide
+    from hifusion_model.data.sections import section_name, section_slide
 
     adata, section = read_predictions(path)
     name = section_name(section)

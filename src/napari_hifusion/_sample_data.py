@@ -35,7 +35,7 @@ def sample_section_path(name: str = SAMPLE_NAME) -> Path:
 
 def her2st_c4() -> list[LayerData]:
     """The C4 slide and its measured spots (expression in the points' features)."""
-    from hifusion_model.sections import read_section
+    from hifusion_model.data.sections import read_section
 
     from ._reader import section_layers
 

@@ -55,8 +55,8 @@ def write_points_h5ad(path: str, data: Any, attributes: dict) -> list[str]:
 
 def export_h5ad(layer: Any, path: str | os.PathLike) -> Path:
     """Write the layer's spots (and predictions or counts) to ``path`` atomically."""
-    from hifusion_model.inference import write_predictions
-    from hifusion_model.sections import write_section
+    from hifusion_model.data.sections import write_section
+    from hifusion_model.inference.predict import write_predictions
 
     view = layer if isinstance(layer, LayerView) else LayerView.of(layer)
     path = Path(path)
@@ -71,7 +71,7 @@ def export_h5ad(layer: Any, path: str | os.PathLike) -> Path:
 def prediction_anndata(layer: Any) -> Any:
     """A prediction layer's spots as they are now, as the AnnData ``hifusion predict`` writes
     (predictions, truth and uncertainty by spot id, the model's identity)."""
-    from hifusion_model.inference import predictions_to_anndata
+    from hifusion_model.inference.predict import predictions_to_anndata
 
     view = layer if isinstance(layer, LayerView) else LayerView.of(layer)
     info = meta(view)
@@ -99,8 +99,8 @@ def _reopened_predictions(view: LayerView, source: Any) -> Any:
     """
     import anndata as ad
 
-    from hifusion_model.inference import SECTION_KEYS
-    from hifusion_model.sections import UNS_KEY, section_slide_path
+    from hifusion_model.data.sections import UNS_KEY, section_slide_path
+    from hifusion_model.inference.predict import SECTION_KEYS
 
     section = section_from_points(view)
     genes = [str(g) for g in source.var_names]

@@ -15,15 +15,15 @@ import torch  # noqa: F401  (before any QApplication exists: the reverse can cra
 
 from hifusion_model.errors import CheckpointError
 
-from ._layers import TRUTH, kind
 from . import _sample_data
+from ._layers import TRUTH, kind
 
 DEMO_GENE = "ERBB2"
 
 
 def check_demo_inputs(model: str) -> None:
     """Fail before opening any window when the sample or the model is missing."""
-    from hifusion_model.checkpoint import bundled_model_path
+    from hifusion_model.models.checkpoint import bundled_model_path
 
     _sample_data.sample_section_path()
     path = bundled_model_path() if model == "bundled" else Path(model)

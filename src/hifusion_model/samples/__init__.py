@@ -26,7 +26,7 @@ def sample_section_path() -> Path:
 
 
 def load_sample_section():
-    """The sample section as an AnnData (see :mod:`hifusion_model.sections`)."""
-    from ..sections import read_section
+    """The sample section as an AnnData (see :mod:`hifusion_model.data.sections`)."""
+    from ..data.sections import read_section
 
     return read_section(sample_section_path())

@@ -233,7 +233,7 @@ class GenesPanel(QWidget):
 
     def pcc(self, gene: str | None = None) -> tuple[float, int] | None:
         """PCC between predicted and measured ``gene`` over the spots both layers hold."""
-        from hifusion_model.metrics import gene_pcc
+        from hifusion_model.evaluation.metrics import gene_pcc
 
         gene = gene or self.current_gene
         pair = self.pair()
@@ -263,11 +263,11 @@ class GenesPanel(QWidget):
 
     @guarded("Figure")
     def save_figure(self, path: str) -> str:
-        """Write :func:`hifusion_model.figures.gene_figure` of the current gene and the
+        """Write :func:`hifusion_model.evaluation.figures.gene_figure` of the current gene and the
         prediction layer (beside its measured one) to ``path``."""
-        from hifusion_model.figures import gene_figure
-        from hifusion_model.inference import scanpy_spatial
-        from hifusion_model.sections import UNS_KEY
+        from hifusion_model.data.sections import UNS_KEY
+        from hifusion_model.evaluation.figures import gene_figure
+        from hifusion_model.inference.predict import scanpy_spatial
 
         from .._writer import prediction_anndata
 

@@ -115,7 +115,7 @@ class PredictPanel(QWidget):
 
         def job(ctx: JobContext) -> Any:
             from hifusion_model.api import predict
-            from hifusion_model.checkpoint import load_model
+            from hifusion_model.models.checkpoint import load_model
 
             ctx.progress(0, len(section), "loading model")
             model, ckpt = load_model(source, device=device)

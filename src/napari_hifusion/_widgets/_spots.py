@@ -30,8 +30,8 @@ GRID_KINDS = {"hex (Visium-like)": "hex", "square (legacy ST)": "square"}
 
 
 def slide_of(layer: Any) -> Any:
-    """The :class:`~hifusion_model.slide.Slide` behind an image layer, at its confirmed µm/px."""
-    from hifusion_model.slide import Slide
+    """The :class:`~hifusion_model.data.slide.Slide` behind an image layer, at its confirmed µm/px."""
+    from hifusion_model.data.slide import Slide
 
     info = meta(layer)
     mpp = info.get("mpp")
@@ -148,7 +148,7 @@ class SpotsPanel(QWidget):
         return layer
 
     def _grid_defaults(self, text: str) -> None:
-        from hifusion_model.grids import GRID_DEFAULTS
+        from hifusion_model.data.grids import GRID_DEFAULTS
 
         pitch, diameter = GRID_DEFAULTS[GRID_KINDS[text]]
         self.pitch.setValue(pitch)
@@ -158,7 +158,7 @@ class SpotsPanel(QWidget):
     @guarded("Spot grid")
     def generate_grid(self) -> Any:
         """Place a grid over the slide (in a worker: the tissue mask reads a thumbnail)."""
-        from hifusion_model.grids import spot_grid, tissue_mask
+        from hifusion_model.data.grids import spot_grid, tissue_mask
 
         image = self._image()
         mpp = require_mpp(image)
@@ -179,8 +179,8 @@ class SpotsPanel(QWidget):
             return xy, rows, cols
 
         def done(result: Any) -> None:
-            from hifusion_model.grids import large_grid_warning
-            from hifusion_model.sections import new_section
+            from hifusion_model.data.grids import large_grid_warning
+            from hifusion_model.data.sections import new_section
 
             xy, rows, cols = result
             warning = large_grid_warning(len(xy))
@@ -207,8 +207,8 @@ class SpotsPanel(QWidget):
 
     @guarded("Import spots")
     def import_csv(self, path: str | Path) -> Any:
-        """Import spot centres from a CSV (see :func:`hifusion_model.importers.import_csv`)."""
-        from hifusion_model.importers import import_csv
+        """Import spot centres from a CSV (see :func:`hifusion_model.data.importers.import_csv`)."""
+        from hifusion_model.data.importers import import_csv
 
         image = self._image()
         slide = slide_of(image)

@@ -27,9 +27,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from hifusion_model.config import ENCODERS
+from hifusion_model.engine.recipes import get_recipe
 from hifusion_model.errors import CheckpointError, ConfigError, SectionError
-from hifusion_model.recipes import get_recipe
+from hifusion_model.models.config import ENCODERS
 
 from .. import _jobs
 from .._jobs import JobContext, JobRunner, guarded
@@ -184,7 +184,7 @@ class TrainPanel(QWidget):
         return chosen
 
     def model_config(self, genes: list[str]) -> Any:
-        from hifusion_model.config import ModelConfig, tiny_config
+        from hifusion_model.models.config import ModelConfig, tiny_config
 
         if self.architecture.currentText() == ARCHITECTURES[1]:
             return tiny_config(genes)
@@ -194,7 +194,7 @@ class TrainPanel(QWidget):
     @guarded("Training")
     def train(self) -> Any:
         """Train on the checked sections; returns the worker."""
-        from hifusion_model.training import train
+        from hifusion_model.engine.training import train
 
         held_out = self.validation.currentText()
         names = [n for n in self.checked_names() if n != held_out]
@@ -224,7 +224,7 @@ class TrainPanel(QWidget):
             return None
 
         def job(ctx: JobContext) -> Any:
-            from hifusion_model.checkpoint import load_checkpoint
+            from hifusion_model.models.checkpoint import load_checkpoint
 
             result = train(sections, out, recipe=recipe, model_config=template, genes=n_genes,
                            val_sections=val, pseudo_labels=pseudo, **encoders, device="auto",
@@ -242,8 +242,8 @@ class TrainPanel(QWidget):
     def may_write(self, out: Path, inputs: list[Any]) -> bool:
         """Whether training may write ``out`` and its companion files: never over one of its
         inputs, and over existing files only when the user says so (never silently)."""
+        from hifusion_model.engine.training import companion_paths
         from hifusion_model.io_utils import check_output
-        from hifusion_model.training import companion_paths
 
         companions = list(companion_paths(out).values())
         check_output(out, [p for p in inputs if p], overwrite=True, flag="'save to' file",

@@ -1,0 +1,154 @@
+"""``hifusion predict SECTION.h5ad|SLIDE --model MODEL.pt --out PRED.h5ad``: predict expression.
+
+On a section, every spot is predicted and its measured counts (if any) are kept as
+``layers['truth']`` for ``hifusion evaluate``. On a bare slide, spots come from ``--grid`` or
+``--spots``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+
+from ..api import parse_grid, predict, read_input_section
+from ..data.grids import large_grid_warning
+from ..data.importers import import_csv
+from ..data.sections import section_slide
+from ..data.slide import Slide
+from ..devices import autocast_dtype, resolve_device
+from ..errors import ConfigError, SectionError
+from ..inference.predict import grid_section, write_predictions
+from ..io_utils import anndata_nbytes, check_space
+from ..models.checkpoint import load_model
+from ._options import (
+    Reporter,
+    add_any_mpp_option,
+    add_inference_options,
+    add_overwrite_option,
+    check_inference_options,
+    check_mpp,
+    check_out,
+)
+
+
+def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        name,
+        description="Predict spatial gene expression from H&E with a HiFusion model.",
+    )
+    p.add_argument(
+        "input",
+        type=Path,
+        metavar="SECTION.h5ad|SLIDE",
+        help="a section file, or a slide image (then give --grid or --spots)",
+    )
+    p.add_argument(
+        "--model",
+        default="bundled",
+        metavar="MODEL.pt|bundled",
+        help="checkpoint, or 'bundled' for the shipped HER2ST model (default)",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, metavar="PRED.h5ad", help="predictions to write"
+    )
+    spots = p.add_mutually_exclusive_group()
+    spots.add_argument(
+        "--grid",
+        metavar="KIND[:PITCH_UM]",
+        help="spots on a grid over the tissue: hex (Visium-like, 100 µm) or square "
+        "(legacy ST, 200 µm), e.g. hex:100 or square:200",
+    )
+    spots.add_argument(
+        "--spots",
+        type=Path,
+        metavar="FILE.csv",
+        help="spot centres: CSV with x,y (px) or x_um,y_um columns",
+    )
+    p.add_argument(
+        "--whole-slide",
+        action="store_true",
+        help="with --grid, cover the whole slide instead of the detected tissue",
+    )
+    p.add_argument(
+        "--mpp",
+        type=float,
+        metavar="UM_PER_PX",
+        help="µm per full-resolution pixel (overrides the section's or the slide's)",
+    )
+    add_any_mpp_option(p)
+    add_inference_options(p)
+    add_overwrite_option(p)
+    return p
+
+
+
+
+def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
+    """The section to predict and its opened slide, from a section file or a bare slide."""
+    path: Path = args.input
+    if not path.exists():
+        raise SectionError(f"{path} does not exist; give a section .h5ad or a slide image")
+    if path.suffix == ".h5ad":
+        if args.grid or args.spots:
+            raise ConfigError(f"{path} is a section: it has its own spots, so drop --grid/--spots")
+        section = read_input_section(path)
+        check_mpp(args, section.uns["hifusion"]["mpp"], path, "the section")
+        return section, section_slide(section, mpp_override=args.mpp)
+    if args.spots:
+        section = import_csv(args.spots, path, mpp=args.mpp)
+        meta = section.uns["hifusion"]
+        check_mpp(args, meta["mpp"], path, meta.get("mpp_source", ""))
+        return section, section_slide(section)
+    if not args.grid:
+        raise ConfigError(
+            f"{path} is a slide without spots: add --grid hex:100 or --spots FILE.csv"
+        )
+    kind, pitch = parse_grid(args.grid)
+    slide = Slide.open(path, mpp=args.mpp)
+    check_mpp(args, slide.mpp, path, "the image metadata")
+    try:
+        section = grid_section(slide, kind=kind, pitch_um=pitch, on_tissue=not args.whole_slide)
+    except SectionError as e:
+        if args.whole_slide:
+            raise
+        raise SectionError(f"{e} (or add --whole-slide to ignore the tissue mask)") from e
+    warning = large_grid_warning(section.n_obs)
+    if warning:
+        print(f"hifusion predict: warning: {warning} (without --whole-slide); Ctrl-C stops",
+              file=sys.stderr)
+    return section, slide
+
+
+def run(args: argparse.Namespace) -> int:
+    check_inference_options(args, "prediction")
+    check_out(args, [args.input, args.spots, args.model])
+    check_mpp(args, args.mpp, args.input, "--mpp")
+    device = resolve_device(args.device)
+    section, slide = load_input(args)
+    slide.close()  # checked here; predict opens it again as the section says
+    model, ckpt = load_model(args.model, device)
+    dtype = autocast_dtype(device, args.precision)
+    start = time.perf_counter()
+    with Reporter(unit="spot") as reporter:
+        result = predict(
+            section, (model, ckpt), mpp=args.mpp if args.input.suffix == ".h5ad" else None,
+            tta=args.tta, device=device, precision=args.precision, batch_size=args.batch_size,
+            workers=args.workers, progress=reporter.progress, source=args.model,
+        )
+    seconds = time.perf_counter() - start
+    check_space(args.out, anndata_nbytes(result))
+    write_predictions(result, args.out)
+    precision = str(dtype).removeprefix("torch.") if dtype else "fp32"
+    print(
+        f"{args.out}: {result.n_obs} spots × {result.n_vars} genes predicted on {device} "
+        f"({precision}) in {seconds:.1f} s ({result.n_obs / max(seconds, 1e-9):.0f} spots/s)"
+        + ("" if section.n_vars else "; no measured counts, so no truth to evaluate against")
+        + ("" if "uncertainty" in result.layers else
+           "; this model has no noise model, so no uncertainty layer")
+    )
+    return 0

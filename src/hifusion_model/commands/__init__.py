@@ -1,1 +1,0 @@
-"""One module per ``hifusion`` subcommand: ``add_parser(subparsers, name)`` and ``run(args)``."""

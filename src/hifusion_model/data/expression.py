@@ -1,0 +1,124 @@
+"""Gene panels and count normalisation: what the model is trained to predict.
+
+HiFusion predicts the 250 most highly expressed genes, as ``ln((c + 1) / Σ_g (c + 1))`` over
+those genes per spot (``log_relative``, the paper's labels). ``log1p_cp10k`` is the scanpy-style
+alternative. Both sum over the *selected* genes only, so a spot's label never depends on genes
+the model does not see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.spatial import cKDTree
+
+from ..errors import ConfigError, SectionError
+from .sections import section_name
+
+NORMALIZATIONS = ("log_relative", "log1p_cp10k")
+
+
+def select_top_genes(sections: Sequence[ad.AnnData], n: int = 250) -> list[str]:
+    """The ``n`` genes with the highest total counts over ``sections``, most expressed first.
+
+    Only genes measured in every section compete, so the panel can be read from each of them;
+    ties are broken by name to keep the panel reproducible.
+    """
+    if not sections:
+        raise SectionError("no sections given to select genes from")
+    if n < 1:
+        raise ConfigError(f"number of genes must be at least 1, got {n}")
+    for adata in sections:
+        if adata.n_vars == 0:
+            raise SectionError(
+                f"section {section_name(adata)!r} has no counts; "
+                "select genes from measured sections"
+            )
+    common = pd.Index(sections[0].var_names)
+    for adata in sections[1:]:
+        common = common[common.isin(adata.var_names)]
+    if len(common) < n:
+        raise SectionError(
+            f"only {len(common)} genes are measured in all {len(sections)} sections, fewer "
+            f"than the {n} asked for; ask for fewer genes or leave out the smallest panel"
+        )
+    totals = sum(_column_sums(adata, common) for adata in sections)
+    order = np.lexsort((np.asarray(common, dtype=str), -totals))
+    return [str(g) for g in common[order[:n]]]
+
+
+def _column_sums(adata: ad.AnnData, genes: pd.Index) -> np.ndarray:
+    idx = adata.var_names.get_indexer(genes)
+    return np.asarray(adata.X[:, idx].sum(axis=0), dtype=np.float64).ravel()
+
+
+def counts_matrix(adata: ad.AnnData, genes: Sequence[str]) -> np.ndarray:
+    """Dense ``(n_spots, len(genes))`` float64 counts of ``genes``, in that order."""
+    idx = adata.var_names.get_indexer(pd.Index(genes))
+    missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]
+    if missing:
+        raise SectionError(
+            f"section {section_name(adata)!r} lacks {len(missing)} of the {len(genes)} genes "
+            f"(e.g. {', '.join(missing[:5])}); use a model whose genes this section measures"
+        )
+    X = adata.X[:, idx]
+    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float64)
+
+
+def normalize_counts(counts: np.ndarray, method: str = "log_relative") -> np.ndarray:
+    """Normalise ``(n_spots, G)`` raw counts per spot over the given genes; float32.
+
+    ``log_relative``: ``ln((c + 1) / Σ_g (c + 1))``; ``log1p_cp10k``: ``ln(1 + 1e4 c / Σ_g c)``,
+    with zeros for spots without counts.
+    """
+    if method not in NORMALIZATIONS:
+        raise ConfigError(
+            f"unknown normalisation {method!r}; use one of {', '.join(NORMALIZATIONS)}"
+        )
+    c = np.asarray(counts, dtype=np.float64)
+    if c.ndim != 2:
+        raise SectionError(f"counts must be (spots, genes), got shape {c.shape}")
+    if not np.isfinite(c).all():
+        raise SectionError("counts hold NaN or infinite values; pass raw counts")
+    if (c < 0).any():
+        raise SectionError("counts hold negative values; pass raw counts")
+    if method == "log_relative":
+        c1 = c + 1.0
+        return np.log(c1 / c1.sum(axis=1, keepdims=True)).astype(np.float32)
+    total = c.sum(axis=1, keepdims=True)
+    scaled = np.divide(1e4 * c, total, out=np.zeros_like(c), where=total > 0)
+    return np.log1p(scaled).astype(np.float32)
+
+
+def smooth_targets(xy: np.ndarray, targets: np.ndarray, sigma: float) -> np.ndarray:
+    """Targets averaged over neighbouring spots with Gaussian weights; float32.
+
+    A spot's counts are a small sample (tens to hundreds of reads over 250 genes), so its
+    normalised label is mostly sampling noise for all but the strongest genes; neighbouring spots
+    share tissue. Averaging a spot with its neighbours (weight ``exp(-d² / 2 (σ·pitch)²)``,
+    itself weight 1) trades a little spatial detail for much less label noise. ``sigma`` is in
+    units of the median nearest-neighbour distance (the spot pitch); 0 returns the targets as
+    they are. Weights beyond 3 σ are dropped, so memory grows with the spots, not their square.
+    """
+    y = np.asarray(targets, dtype=np.float32)
+    xy = np.asarray(xy, dtype=np.float64)
+    if sigma < 0:
+        raise ConfigError(f"target smoothing must be >= 0, got {sigma}")
+    if xy.shape != (len(y), 2):
+        raise SectionError(f"need one (x, y) centre per target row, got {xy.shape} for {len(y)}")
+    if sigma == 0 or len(y) < 2:
+        return y
+    tree = cKDTree(xy)
+    pitch = float(np.median(tree.query(xy, k=2)[0][:, 1]))
+    if pitch <= 0:
+        raise SectionError("several spots share one centre; cannot measure the spot pitch")
+    scale = sigma * pitch
+    d = tree.sparse_distance_matrix(tree, 3 * scale, output_type="coo_matrix")
+    w = sp.coo_matrix((np.exp(-0.5 * (d.data / scale) ** 2), (d.row, d.col)), shape=d.shape)
+    w = w.tocsr()
+    w.setdiag(1.0)  # each spot itself, whether or not its zero distance was stored
+    return np.asarray((w @ y) / np.asarray(w.sum(axis=1)), dtype=np.float32)

@@ -1,0 +1,1 @@
+"""Training: recipes, the trainer, resume, multi-GPU, self-supervised pretraining."""
