@@ -77,8 +77,8 @@ def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.fixture
 def app(make_napari_viewer, base: Path):
     viewer = make_napari_viewer()
-    widget = HiFusionWidget(viewer)
-    viewer.window.add_dock_widget(widget)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-hifusion", "HiFusion")
+    assert isinstance(widget, HiFusionWidget)
     viewer.open(str(base / "section.h5ad"), plugin="napari-hifusion")
     return viewer, widget
 
@@ -117,7 +117,7 @@ def still_works(qtbot, viewer, widget, base: Path, errors: list[str]) -> None:
     """The viewer opens a good section and predicts on it after the fault."""
     viewer.layers.clear()
     viewer.open(str(base / "section.h5ad"), plugin="napari-hifusion")
-    widget.predict.spots_combo.setCurrentText("synthetic measured")
+    widget.predict.spots_combo.value = widget.viewer.layers["synthetic measured"]
     widget.predict.set_model(base / "model.pt")
     widget.predict.device.setCurrentText("cpu")
     before = list(errors)
@@ -186,7 +186,7 @@ PANEL_ROWS: list[tuple[str, str, tuple[str, ...]]] = [
 def test_bad_models_in_the_predict_panel_notify(app, qtbot, base, errors, name, needles) -> None:
     viewer, widget = app
     before, layers = digests(base), [layer.name for layer in viewer.layers]
-    widget.predict.spots_combo.setCurrentText("synthetic measured")
+    widget.predict.spots_combo.value = widget.viewer.layers["synthetic measured"]
     widget.predict.set_model(base / name)
     widget.predict.device.setCurrentText("cpu")
     if widget.predict.predict() is not None:  # checked in the job, off the GUI thread

@@ -36,9 +36,15 @@ def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return shown
 
 
+def dock(viewer) -> HiFusionWidget:
+    """The panel as a user opens it: from the plugin's manifest (Plugins menu)."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-hifusion", "HiFusion")
+    assert isinstance(widget, HiFusionWidget)
+    return widget
+
+
 def open_section(viewer, section_path: Path):
-    widget = HiFusionWidget(viewer)
-    viewer.window.add_dock_widget(widget)
+    widget = dock(viewer)
     viewer.open(str(section_path), plugin="napari-hifusion")
     return viewer, widget
 
@@ -53,7 +59,7 @@ def wait_done(qtbot, runner) -> None:
 
 
 def predict(qtbot, widget, model_path: Path, layer_name: str = "synthetic measured"):
-    widget.predict.spots_combo.setCurrentText(layer_name)
+    widget.predict.spots_combo.value = widget.viewer.layers[layer_name]
     widget.predict.set_model(model_path)
     widget.predict.device.setCurrentText("cpu")
     assert widget.predict.predict() is not None
@@ -75,7 +81,7 @@ def test_grid_inside_a_polygon(app, qtbot, errors) -> None:
     # a polygon in µm over the left half of the tissue
     shapes = viewer.add_shapes([[[300, 300], [1200, 300], [1200, 1000], [300, 1000]]],
                                shape_type="polygon", name="region")
-    widget.spots.shapes_combo.setCurrentText("region")
+    widget.spots.shapes_combo.value = widget.viewer.layers["region"]
     widget.spots.kind.setCurrentText("square (legacy ST)")
     assert widget.spots.pitch.value() == 200.0 and widget.spots.diameter.value() == 100.0
     widget.spots.pitch.setValue(100.0)
@@ -340,7 +346,7 @@ def test_cancel_stops_a_prediction(app, qtbot, model_path, monkeypatch) -> None:
     viewer, widget = app
     infos: list[str] = []
     monkeypatch.setattr(_jobs, "show_info", infos.append)
-    widget.predict.spots_combo.setCurrentText("synthetic measured")
+    widget.predict.spots_combo.value = widget.viewer.layers["synthetic measured"]
     widget.predict.set_model(model_path)
     widget.predict.batch_size.setValue(1)
     widget.predict.predict()
@@ -360,7 +366,7 @@ def test_invalid_inputs_notify_instead_of_raising(app, qtbot, errors, tmp_path) 
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     widget.spots.import_csv(tmp_path / "bad.csv")
     assert "no spot-centre columns" in errors[-1]
-    widget.export.layer_combo.setCurrentText("synthetic measured")
+    widget.export.layer_combo.value = widget.viewer.layers["synthetic measured"]
     widget.export.save_h5ad(tmp_path / "wrong.csv")
     assert "must end in .h5ad" in errors[-1]
     widget.train.encoders["region"].setText(str(tmp_path / "missing-encoder.pt"))

@@ -288,7 +288,7 @@ def prediction_layers(path: Path) -> list[LayerData]:
                    if "uncertainty" in adata.layers else None)
     layers.append(points_layer_data(
         section, name=f"{name} predicted", layer_kind=PREDICTION, features=table(adata.X),
-        extra_meta={"model": identity.get("source"), "checkpoint": None, "predictions": adata,
+        extra_meta={"model": identity.get("source"), "predictions": adata,
                     "spots_layer": measured, "normalization": identity.get("normalization"),
                     "test_time_views": int(identity.get("test_time_views", 1)),
                     "uncertainty": uncertainty, "prediction_file": str(path)},

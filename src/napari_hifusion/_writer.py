@@ -69,30 +69,20 @@ def export_h5ad(layer: Any, path: str | os.PathLike) -> Path:
 
 
 def prediction_anndata(layer: Any) -> Any:
-    """A prediction layer's spots as they are now, as the AnnData ``hifusion predict`` writes
-    (predictions, truth and uncertainty by spot id, the model's identity)."""
-    from hifusion_model.inference.predict import predictions_to_anndata
+    """A prediction layer's spots as they are now, as the AnnData ``hifusion predict`` writes.
 
+    The layer keeps the prediction it was made from (the Predict panel's result, or the file
+    it was opened from); the values are the layer's, so moved or added spots keep theirs, and
+    the truth, the uncertainty and the model's identity follow each spot by id."""
     view = layer if isinstance(layer, LayerView) else LayerView.of(layer)
-    info = meta(view)
-    ckpt = info.get("checkpoint")
-    if ckpt is None and info.get("predictions") is not None:  # opened from a prediction file
-        return _reopened_predictions(view, info["predictions"])
-    if ckpt is None:
+    source = meta(view).get("predictions")
+    if source is None:
         raise SectionError(f"layer {view.name!r} does not know its model; predict again")
-    section = section_from_points(view)
-    genes = list(ckpt.config.genes)
-    values = view.features[genes].to_numpy(np.float32)
-    table = info.get("uncertainty")  # by spot id: spots added since have none (NaN)
-    uncertainty = None if table is None else (
-        table.reindex(index=pd.Index(section.obs_names, dtype=object), columns=genes)
-        .to_numpy(np.float32))
-    return predictions_to_anndata(section, values, ckpt, source=info.get("model"),
-                                  tta=info.get("test_time_views", 1), uncertainty=uncertainty)
+    return _reopened_predictions(view, source)
 
 
 def _reopened_predictions(view: LayerView, source: Any) -> Any:
-    """The layer's spots as they are now, as a prediction file like the one it was opened from.
+    """The layer's spots as they are now, as a prediction file like its source AnnData.
 
     Values are the layer's (moved or added spots keep theirs); the truth and uncertainty follow
     each spot by id (NaN for spots the file did not hold); the model's identity is the file's.

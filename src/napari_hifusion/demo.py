@@ -45,7 +45,7 @@ def build_demo(model: str = "bundled", gene: str = DEMO_GENE, device: str = "aut
     viewer.window.add_dock_widget(widget, name="HiFusion", area="right")
     viewer.open_sample("napari-hifusion", "her2st_c4")
     truth = next(l for l in viewer.layers if kind(l) == TRUTH)
-    widget.predict.spots_combo.select(truth)
+    widget.predict.spots_combo.value = truth
     widget.predict.set_model(model)
     widget.predict.device.setCurrentText(device)
     widget.predict.batch_size.setValue(batch_size)

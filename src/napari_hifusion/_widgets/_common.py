@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from magicgui.widgets import ComboBox, Widget
 from psygnal import Signal
 from qtpy.QtWidgets import (
-    QComboBox,
     QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
@@ -58,63 +58,50 @@ class ModelState:
         return {str(g): float(v) for g, v in pccs.items()}
 
 
-class LayerCombo(QComboBox):
-    """A combo box of the viewer's layers that pass ``accept``, kept in sync with the layer list."""
+def layer_picker(viewer: Any, accept: Callable[[Any], bool], *,
+                 none_label: str | None = None) -> ComboBox:
+    """A magicgui combo box of the viewer's layers that pass ``accept``, newest first.
 
-    def __init__(self, viewer: Any, accept: Callable[[Any], bool], *, none_label: str | None = None,
-                 parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.viewer = viewer
-        self.accept = accept
-        self.none_label = none_label
-        self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        events = viewer.layers.events
-        for event in (events.inserted, events.removed, events.moved, events.changed):
-            event.connect(self.refresh)
-        events.inserted.connect(self._watch_name)
-        for layer in viewer.layers:
-            layer.events.name.connect(self.refresh)
-        self.refresh()
+    Its ``value`` is the layer itself (``None`` for ``none_label``, the "no layer" choice); it
+    follows the layer list, renames included, and keeps its choice while that layer exists.
+    """
+    def choices(_: Any) -> list[tuple[str, Any]]:
+        layers = [(layer.name, layer) for layer in reversed(viewer.layers) if accept(layer)]
+        return [(none_label, None), *layers] if none_label is not None else layers
 
-    def _watch_name(self, event: Any) -> None:
-        event.value.events.name.connect(self.refresh)
+    picker = ComboBox(choices=choices)
 
-    def refresh(self, *_: Any) -> None:
-        current = self.currentText()
-        names = [layer.name for layer in self.viewer.layers if self.accept(layer)]
-        if self.none_label is not None:
-            names.insert(0, self.none_label)
-        self.blockSignals(True)
-        self.clear()
-        self.addItems(names)
-        if current in names:
-            self.setCurrentText(current)
-        elif names and self.none_label is None:  # default: the newest matching layer
-            self.setCurrentIndex(len(names) - 1)
-        self.blockSignals(False)
-        self.currentIndexChanged.emit(self.currentIndex())
+    def refresh(*_: Any) -> None:
+        picker.reset_choices()
 
-    def layer(self) -> Any | None:
-        name = self.currentText()
-        if not name or name == self.none_label or name not in self.viewer.layers:
-            return None
-        return self.viewer.layers[name]
+    def watch(layer: Any) -> None:
+        layer.events.name.connect(refresh)
 
-    def select(self, layer: Any) -> None:
-        self.refresh()
-        self.setCurrentText(layer.name)
+    events = viewer.layers.events
+    for event in (events.inserted, events.removed, events.moved, events.changed):
+        event.connect(refresh)
+    events.inserted.connect(lambda event: watch(event.value))
+    for layer in viewer.layers:
+        watch(layer)
+    return picker
 
 
-def group(title: str, *rows: tuple[str, QWidget] | QWidget) -> QGroupBox:
-    """A titled form: ``(label, widget)`` pairs become labelled rows, bare widgets full-width rows."""
+def group(title: str, *rows: tuple[str, QWidget | Widget] | QWidget | Widget) -> QGroupBox:
+    """A titled form: ``(label, widget)`` pairs become labelled rows, bare widgets full-width rows
+    (Qt widgets or magicgui ones)."""
     box = QGroupBox(title)
     form = QFormLayout(box)
     for row in rows:
         if isinstance(row, tuple):
-            form.addRow(*row)
+            label, widget = row
+            form.addRow(label, _qt(widget))
         else:
-            form.addRow(row)
+            form.addRow(_qt(row))
     return box
+
+
+def _qt(widget: QWidget | Widget) -> QWidget:
+    return widget.native if isinstance(widget, Widget) else widget
 
 
 def buttons(*widgets: QWidget) -> QWidget:

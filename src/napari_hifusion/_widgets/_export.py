@@ -12,7 +12,7 @@ from hifusion_model.errors import SectionError
 from .._jobs import guarded
 from .._layers import PREDICTION, is_spots_layer, kind
 from .._writer import export_csv, export_h5ad
-from ._common import LayerCombo, ModelState, button, buttons, group
+from ._common import ModelState, button, buttons, group, layer_picker
 
 
 class ExportPanel(QWidget):
@@ -21,7 +21,7 @@ class ExportPanel(QWidget):
     def __init__(self, viewer: Any, state: ModelState, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = viewer
-        self.layer_combo = LayerCombo(viewer, is_spots_layer)
+        self.layer_combo = layer_picker(viewer, is_spots_layer)
         self.status = QLabel()
         self.status.setWordWrap(True)
         layout = QVBoxLayout(self)
@@ -35,14 +35,14 @@ class ExportPanel(QWidget):
         ))
 
     def _dialog(self, fmt: str) -> None:
-        layer = self.layer_combo.layer()
+        layer = self.layer_combo.value
         name = f"{layer.name if layer else 'spots'}.{fmt}".replace(" ", "_")
         path, _ = QFileDialog.getSaveFileName(self, f"Save {fmt}", name, f"{fmt} (*.{fmt})")
         if path:
             (self.save_h5ad if fmt == "h5ad" else self.save_csv)(path)
 
     def _layer(self) -> Any:
-        layer = self.layer_combo.layer()
+        layer = self.layer_combo.value
         if layer is None:
             raise SectionError("nothing to export: predict first (or pick a spots layer)")
         return layer

@@ -28,7 +28,7 @@ from .._layers import (
     points_layer_data,
     truth_features,
 )
-from ._common import BUNDLED, LayerCombo, ModelState, button, buttons, group, spin
+from ._common import BUNDLED, ModelState, button, buttons, group, layer_picker, spin
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -47,7 +47,7 @@ class PredictPanel(QWidget):
         self.status = QLabel()
         self.status.setWordWrap(True)
         self.jobs = JobRunner("Prediction", on_progress=self._show_progress)
-        self.spots_combo = LayerCombo(viewer, _predictable)
+        self.spots_combo = layer_picker(viewer, _predictable)
         self.model_path = QLineEdit()
         self.model_path.setPlaceholderText("bundled HER2ST model")
         self.model_path.setToolTip("empty: the bundled model; else a checkpoint from training")
@@ -99,7 +99,7 @@ class PredictPanel(QWidget):
 
         from .._layers import section_from_points
 
-        spots = self.spots_combo.layer()
+        spots = self.spots_combo.value
         if spots is None:
             raise SectionError("no spots to predict at: generate a grid, import spots or open a "
                                "section first")
@@ -155,7 +155,7 @@ class PredictPanel(QWidget):
             self.viewer.layers.remove(name)
         data, kwargs, _ = points_layer_data(
             section, name=name, layer_kind=PREDICTION, features=features,
-            extra_meta={"model": source, "checkpoint": ckpt, "spots_layer": spots.name,
+            extra_meta={"model": source, "predictions": pred, "spots_layer": spots.name,
                         "normalization": ckpt.config.normalization, "test_time_views": tta,
                         "uncertainty": uncertainty},
         )

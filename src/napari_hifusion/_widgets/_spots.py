@@ -24,7 +24,7 @@ from hifusion_model.errors import SlideError
 
 from .._jobs import JobContext, JobRunner, guarded, show_info
 from .._layers import SPOTS, is_slide_layer, meta, points_layer_data
-from ._common import LayerCombo, ModelState, button, buttons, group, spin
+from ._common import ModelState, button, buttons, group, layer_picker, spin
 
 GRID_KINDS = {"hex (Visium-like)": "hex", "square (legacy ST)": "square"}
 
@@ -74,7 +74,7 @@ class SpotsPanel(QWidget):
         self.viewer = viewer
         self.state = state
         self.jobs = JobRunner("Spot grid")
-        self.image_combo = LayerCombo(viewer, is_slide_layer)
+        self.image_combo = layer_picker(viewer, is_slide_layer)
         self.mpp = spin(0.5, 0.01, 100.0, step=0.01, decimals=4, suffix=" µm/px",
                         tooltip="micrometres per full-resolution pixel; read from the file when known")
         self.mpp_note = QLabel()
@@ -85,12 +85,12 @@ class SpotsPanel(QWidget):
         self.diameter = spin(55.0, 2.0, 5000.0, step=5.0, decimals=1, suffix=" µm")
         self.tissue_only = QCheckBox("only on tissue")
         self.tissue_only.setChecked(True)
-        self.shapes_combo = LayerCombo(viewer, lambda l: type(l).__name__ == "Shapes",
+        self.shapes_combo = layer_picker(viewer, lambda l: type(l).__name__ == "Shapes",
                                        none_label="(whole slide)")
         self.status = QLabel()
         self.status.setWordWrap(True)
 
-        self.image_combo.currentIndexChanged.connect(self._show_mpp)
+        self.image_combo.changed.connect(self._show_mpp)
         self.kind.currentTextChanged.connect(self._grid_defaults)
 
         layout = QVBoxLayout(self)
@@ -117,7 +117,7 @@ class SpotsPanel(QWidget):
 
     # -- µm/px -----------------------------------------------------------------------------------
     def _show_mpp(self, *_: Any) -> None:
-        layer = self.image_combo.layer()
+        layer = self.image_combo.value
         mpp = meta(layer).get("mpp") if layer is not None else None
         if mpp:
             self.mpp.setValue(mpp)
@@ -142,7 +142,7 @@ class SpotsPanel(QWidget):
         self.viewer.reset_view()
 
     def _image(self) -> Any:
-        layer = self.image_combo.layer()
+        layer = self.image_combo.value
         if layer is None:
             raise SlideError("no slide layer: open a slide or section (File > Open) first")
         return layer
@@ -163,7 +163,7 @@ class SpotsPanel(QWidget):
         image = self._image()
         mpp = require_mpp(image)
         slide = slide_of(image)
-        shapes = self.shapes_combo.layer()
+        shapes = self.shapes_combo.value
         polygon = polygon_px(shapes, image) if shapes is not None else None
         kind, pitch, diameter = GRID_KINDS[self.kind.currentText()], self.pitch.value(), self.diameter.value()
         tissue = self.tissue_only.isChecked()
