@@ -66,11 +66,11 @@ def open_input(
     from .data.importers import import_csv
     from .inference.predict import grid_section
 
-    if isinstance(data, ad.AnnData) or Path(data).suffix == ".h5ad":
+    if isinstance(data, ad.AnnData) or Path(data).suffix in SECTION_SUFFIXES:
         if grid or spots:
             raise ConfigError(f"{_name(data)} is a section: it has its own spots, so give "
                               "no grid or spot file")
-        section = data if isinstance(data, ad.AnnData) else read_input_section(data)
+        section = data if isinstance(data, ad.AnnData) else read_input_section(data, mpp=mpp)
         return section, section_slide(section, mpp_override=mpp)
     path = Path(data)
     if not path.exists():
@@ -95,10 +95,19 @@ def open_input(
         raise
 
 
-def read_input_section(path: str | os.PathLike) -> ad.AnnData:
-    """A section ``.h5ad`` of this project, or a scanpy/squidpy Visium AnnData (``uns['spatial']``
-    with images and scale factors), imported on the fly."""
+#: Inputs that carry their own spots: section files, and SpatialData stores (``.zarr``).
+SECTION_SUFFIXES = (".h5ad", ".zarr")
+
+
+def read_input_section(path: str | os.PathLike, mpp: float | None = None) -> ad.AnnData:
+    """A section ``.h5ad`` of this project, a scanpy/squidpy Visium AnnData (``uns['spatial']``
+    with images and scale factors), or a SpatialData ``.zarr`` store, the last two imported on
+    the fly (``mpp``: µm/px where a store records none)."""
     path = Path(path)
+    if path.suffix == ".zarr" and path.is_dir():
+        from .data.spatialdata_io import read_spatialdata
+
+        return read_spatialdata(path, mpp=mpp)
     if not path.is_file():
         raise SectionError(f"{path} does not exist; give a section .h5ad or a slide image")
     if _is_scanpy_visium(path):

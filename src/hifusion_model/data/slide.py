@@ -104,10 +104,15 @@ class Slide:
         mpp_arg = None if mpp is None else _checked_mpp(mpp, path)
         if not path.exists():
             raise SlideError(f"slide {path} does not exist; check the path")
-        if not path.is_file():
+        from .spatialdata_io import is_zarr_image, zarr_image_levels
+
+        zarr_image = path.is_dir() and is_zarr_image(path)  # e.g. a SpatialData image element
+        if not zarr_image and not path.is_file():
             raise SlideError(f"slide {path} is not a file; give the image file itself")
         suffix = path.suffix.lower()
-        if suffix in TIFF_SUFFIXES:
+        if zarr_image:
+            levels, file_mpp, handle = zarr_image_levels(path), None, None
+        elif suffix in TIFF_SUFFIXES:
             levels, file_mpp, handle = _open_tiff(path)
         elif suffix in PLAIN_SUFFIXES:
             levels, file_mpp, handle = _memory_pyramid(_decode_plain(path)), None, None

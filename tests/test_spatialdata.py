@@ -1,0 +1,158 @@
+"""SpatialData stores in and out: stores built with spatialdata's own API, as a user's would be."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from synthetic import MPP, SHAPE, tissue_image
+
+sd = pytest.importorskip("spatialdata")
+from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.transformations import Identity, Scale, get_transformation
+
+from hifusion_model.data.sections import read_section, section_slide
+from hifusion_model.data.spatialdata_io import (
+    is_spatialdata_store,
+    is_zarr_image,
+    looks_like_spatialdata_store,
+    read_spatialdata,
+    write_spatialdata,
+)
+from hifusion_model.errors import SectionError
+
+
+def make_store(path: Path, section_path: Path, *, physical: bool = False, grid: bool = True,
+               tables: int = 1, hires: bool = True) -> Path:
+    """A Visium-like store as spatialdata-io writes one: ``global`` in full-resolution pixels
+    (the full image's own), a 2× smaller hires image, spots as circles, counts in the table.
+    ``physical`` adds a µm coordinate system; ``grid`` keeps array_row/array_col."""
+    section = read_section(section_path)
+    full = tissue_image(SHAPE).transpose(2, 0, 1)
+    um = {"physical": Scale([MPP, MPP], axes=("y", "x"))} if physical else {}
+    images = {"full": Image2DModel.parse(full, dims=("c", "y", "x"), scale_factors=[2],
+                                         transformations={"global": Identity(), **um})}
+    if hires:
+        images["hires"] = Image2DModel.parse(
+            full[:, ::2, ::2], dims=("c", "y", "x"),
+            transformations={"global": Scale([2.0, 2.0], axes=("y", "x")),
+                             **({"physical": Scale([2 * MPP, 2 * MPP], axes=("y", "x"))}
+                                if physical else {})})
+    xy = np.asarray(section.obsm["spatial"])
+    diameter_px = section.uns["hifusion"]["spot_diameter_um"] / MPP
+    spots = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), diameter_px / 2),
+                              index=pd.Index(np.arange(len(xy)) + 100),
+                              transformations={"global": Identity(),
+                                               **({"physical": Scale([MPP, MPP], axes=("x", "y"))}
+                                                  if physical else {})})
+    table = section.copy()
+    del table.uns["hifusion"]
+    table.obs = pd.DataFrame({"region": pd.Categorical(["spots"] * table.n_obs),
+                              "spot_id": np.arange(table.n_obs) + 100,
+                              **({c: section.obs[c] for c in ("array_row", "array_col")}
+                                 if grid else {})}, index=section.obs_names)
+    table = TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
+    sdata = sd.SpatialData(images=images, shapes={"spots": spots},
+                           tables={f"table{i or ''}": table.copy() for i in range(tables)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata.write(path)
+    return path
+
+
+def test_visium_like_store_reads_as_a_section_on_the_full_image(
+    tmp_path: Path, synthetic_section_path: Path
+) -> None:
+    truth = read_section(synthetic_section_path)
+    store = make_store(tmp_path / "visium.zarr", synthetic_section_path)
+    assert is_spatialdata_store(store) and looks_like_spatialdata_store(store)
+    assert is_zarr_image(store / "images" / "full") and not is_spatialdata_store(
+        store / "images" / "full")  # a plain OME-Zarr image is not a store
+    section = read_spatialdata(store)
+    meta = section.uns["hifusion"]
+    assert meta["spatialdata"]["image"] == "full"  # the finest of full and hires
+    assert meta["mpp"] == pytest.approx(MPP, rel=0.01) and "lattice" in meta["mpp_source"]
+    assert meta["spot_diameter_um"] == pytest.approx(truth.uns["hifusion"]["spot_diameter_um"],
+                                                     rel=0.01)
+    np.testing.assert_allclose(section.obsm["spatial"], truth.obsm["spatial"])
+    assert list(section.obs_names) == list(truth.obs_names)
+    np.testing.assert_array_equal(section.X.toarray(), truth.X.toarray())
+    with section_slide(section) as slide:  # the image element itself is the slide
+        assert slide.shape == SHAPE and slide.mpp == pytest.approx(MPP, rel=0.01)
+        x, y = np.round(section.obsm["spatial"][5]).astype(int)
+        patch = slide.read_region_px((x + 0.5, y + 0.5), 1, 1)
+        np.testing.assert_array_equal(patch[0, 0], tissue_image(SHAPE)[y, x])
+
+
+def test_chosen_image_and_physical_scale(tmp_path: Path, synthetic_section_path: Path) -> None:
+    truth = read_section(synthetic_section_path)
+    store = make_store(tmp_path / "um.zarr", synthetic_section_path, physical=True, grid=False)
+    section = read_spatialdata(store, image="hires")
+    assert section.uns["hifusion"]["mpp"] == pytest.approx(2 * MPP)
+    assert section.uns["hifusion"]["mpp_source"] == "coordinate system 'physical'"
+    np.testing.assert_allclose(section.obsm["spatial"], truth.obsm["spatial"] / 2)
+    assert read_spatialdata(store, mpp=1.5).uns["hifusion"]["mpp"] == 1.5
+
+
+def test_prediction_round_trips_through_spatialdata(
+    tmp_path: Path, synthetic_section_path: Path, tiny_checkpoint_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hifusion_model.api import predict
+    from hifusion_model.data import spatialdata_io
+
+    monkeypatch.setattr(spatialdata_io, "MIN_LEVEL_PX", 256)  # a pyramid even on a small slide
+
+    store = make_store(tmp_path / "in.zarr", synthetic_section_path, hires=False)
+    pred = predict(store, tiny_checkpoint_path, device="cpu", workers=0, batch_size=64)
+    pred.layers["uncertainty"] = np.abs(pred.X) + 1  # kept whether or not the model has one
+    out = write_spatialdata(pred, tmp_path / "pred.zarr")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+    back = sd.read_zarr(out)
+    table = back.tables["table"]
+    np.testing.assert_allclose(table.X, pred.X)
+    np.testing.assert_allclose(table.layers["truth"], pred.layers["truth"])
+    np.testing.assert_allclose(table.layers["uncertainty"], pred.layers["uncertainty"])
+    [image] = back.images.values()
+    assert [image[f"scale{i}"]["image"].shape for i in range(3)] == [
+        (3, h // 2**i, w // 2**i) for i in range(3) for h, w in [SHAPE]]
+    assert get_transformation(image, "global").to_affine_matrix(("x", "y"), ("x", "y"))[0, 0] \
+        == pytest.approx(pred.uns["hifusion"]["mpp"])
+    [circles] = back.shapes.values()
+    np.testing.assert_allclose(np.column_stack([circles.geometry.x, circles.geometry.y]),
+                               pred.obsm["spatial"])
+    assert circles["radius"].iloc[0] * 2 * pred.uns["hifusion"]["mpp"] == pytest.approx(
+        pred.uns["hifusion"]["spot_diameter_um"])
+    again = read_spatialdata(out)  # our own store: µm from its global system, no counts
+    assert again.uns["hifusion"]["mpp_source"] == "coordinate system 'global'"
+    np.testing.assert_allclose(again.obsm["spatial"], pred.obsm["spatial"])
+    assert again.n_vars == 0
+    with pytest.raises(SectionError, match="already exists"):
+        write_spatialdata(pred, out)
+    write_spatialdata(pred, out, overwrite=True)
+    with pytest.raises(SectionError, match="no raw counts"):
+        read_spatialdata(out, require_counts=True)
+
+
+def test_bad_stores_say_what_is_wrong(tmp_path: Path, synthetic_section_path: Path) -> None:
+    two = make_store(tmp_path / "two.zarr", synthetic_section_path, tables=2)
+    with pytest.raises(SectionError, match=r"2 tables \('table', 'table1'\); choose one with table="):
+        read_spatialdata(two)
+    assert read_spatialdata(two, table="table1").n_obs > 0
+    bare = make_store(tmp_path / "bare.zarr", synthetic_section_path, grid=False)
+    with pytest.raises(SectionError, match="no physical scale.*--mpp"):
+        read_spatialdata(bare)
+    empty = tmp_path / "empty.zarr"
+    sdata = sd.read_zarr(bare)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd.SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes)).write(empty)
+    with pytest.raises(SectionError, match="holds no table"):
+        read_spatialdata(empty)
+    with pytest.raises(SectionError, match="no image 'nope'.*'full', 'hires'"):
+        read_spatialdata(two, table="table", image="nope")
+    with pytest.raises(SectionError, match="not a SpatialData store"):
+        read_spatialdata(tmp_path)
