@@ -156,3 +156,35 @@ def test_bad_stores_say_what_is_wrong(tmp_path: Path, synthetic_section_path: Pa
         read_spatialdata(two, table="table", image="nope")
     with pytest.raises(SectionError, match="not a SpatialData store"):
         read_spatialdata(tmp_path)
+
+
+def test_cli_predicts_a_store_into_a_store(
+    tmp_path: Path, synthetic_section_path: Path, tiny_checkpoint_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from hifusion_model.cli import main
+
+    store = make_store(tmp_path / "in.zarr", synthetic_section_path, hires=False, grid=False)
+    out = tmp_path / "pred.zarr"
+    args = ["predict", str(store), "--model", str(tiny_checkpoint_path), "--out", str(out),
+            "--device", "cpu", "--workers", "0"]
+    assert main(args) == 2  # no physical scale: the one-line error names --mpp
+    assert "--mpp" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--mpp", str(MPP)]) == 0
+    back = sd.read_zarr(out)
+    assert back.tables["table"].n_obs == read_section(synthetic_section_path).n_obs
+
+
+def test_napari_reader_opens_stores_but_not_plain_ome_zarr(
+    tmp_path: Path, synthetic_section_path: Path
+) -> None:
+    from napari_hifusion._reader import get_reader
+
+    store = make_store(tmp_path / "visium.zarr", synthetic_section_path, hires=False)
+    assert get_reader(str(store / "images" / "full")) is None  # an OME-Zarr image stays napari's
+    image, points = get_reader(str(store))(str(store))
+    assert image[2] == "image" and points[2] == "points"
+    truth = read_section(synthetic_section_path)
+    assert len(points[0]) == truth.n_obs
+    np.testing.assert_allclose(points[0], truth.obsm["spatial"][:, ::-1])  # (row, col) px
+    assert points[1]["scale"] == pytest.approx((MPP, MPP), rel=0.01)  # drawn in µm

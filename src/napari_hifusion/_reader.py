@@ -36,7 +36,8 @@ from ._layers import (
 #: SVS, NDPI and .h5ad; plain TIFF/JPEG/PNG stay napari's own unless a caller picks this plugin).
 SLIDE_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".svs", ".ndpi", ".jpg", ".jpeg", ".png")
 SECTION_SUFFIXES = (".h5ad",)
-#: Folders never read here, whatever they hold (SpatialData / OME-Zarr stores and the like).
+#: Folders never read here, whatever they hold (OME-Zarr images and the like), except a
+#: ``.zarr`` SpatialData store (its table's spots on its image).
 FOREIGN_FOLDER_SUFFIXES = (".zarr", ".n5", ".zip")
 
 PathLike = str | os.PathLike
@@ -64,6 +65,10 @@ def read_paths(path: PathLike | list[PathLike]) -> list[LayerData]:
 def _read_function(path: Path) -> Callable[[Path], list[LayerData]] | None:
     name = path.name.lower()
     if name.endswith(FOREIGN_FOLDER_SUFFIXES):
+        from hifusion_model.data.spatialdata_io import looks_like_spatialdata_store
+
+        if name.endswith(".zarr") and looks_like_spatialdata_store(path):
+            return read_spatialdata_store
         return None
     if name.endswith(SECTION_SUFFIXES):
         return read_section_file
@@ -183,6 +188,13 @@ def _beside_hest_files(path: Path) -> bool:
         or (path.parent.parent / "metadata" / f"{path.stem}.json").is_file()
         or (wsis.is_dir() and any(wsis.glob(f"{path.stem}.*")))
     )
+
+
+def read_spatialdata_store(path: Path) -> list[LayerData]:
+    """A SpatialData store: its table's spots (and their counts) over its H&E image."""
+    from hifusion_model.data.spatialdata_io import read_spatialdata
+
+    return section_layers(read_spatialdata(path))
 
 
 def read_spaceranger(path: Path) -> list[LayerData]:

@@ -156,10 +156,12 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
                    f"{MAX_TTA}; N times the time; default: 1)")
 
 
-def check_inference_options(args: argparse.Namespace, what: str) -> None:
-    """``--out`` must be an .h5ad (``what`` it holds); batch size, workers and views in range."""
-    if args.out.suffix != ".h5ad":
-        raise ConfigError(f"{args.out}: the {what} file must end in .h5ad")
+def check_inference_options(args: argparse.Namespace, what: str,
+                            suffixes: tuple[str, ...] = (".h5ad",)) -> None:
+    """``--out`` must end in one of ``suffixes`` (``what`` it holds); batch size, workers and
+    views in range."""
+    if args.out.suffix not in suffixes:
+        raise ConfigError(f"{args.out}: the {what} file must end in {' or '.join(suffixes)}")
     if args.batch_size < 1 or args.workers < 0:
         raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
     check_tta(args.tta)

@@ -44,8 +44,8 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument(
         "input",
         type=Path,
-        metavar="SECTION.h5ad|SLIDE",
-        help="a section file, or a slide image (then give --grid or --spots)",
+        metavar="SECTION.h5ad|STORE.zarr|SLIDE",
+        help="a section file, a SpatialData store, or a slide image (then give --grid or --spots)",
     )
     p.add_argument(
         "--model",
@@ -54,7 +54,8 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         help="checkpoint, or 'bundled' for the shipped HER2ST model (default)",
     )
     p.add_argument(
-        "--out", required=True, type=Path, metavar="PRED.h5ad", help="predictions to write"
+        "--out", required=True, type=Path, metavar="PRED.h5ad|PRED.zarr",
+        help="predictions to write (.zarr: a SpatialData store of the image, spots and table)"
     )
     spots = p.add_mutually_exclusive_group()
     spots.add_argument(
@@ -93,10 +94,10 @@ def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
     path: Path = args.input
     if not path.exists():
         raise SectionError(f"{path} does not exist; give a section .h5ad or a slide image")
-    if path.suffix == ".h5ad":
+    if path.suffix in (".h5ad", ".zarr"):
         if args.grid or args.spots:
             raise ConfigError(f"{path} is a section: it has its own spots, so drop --grid/--spots")
-        section = read_input_section(path)
+        section = read_input_section(path, mpp=args.mpp)
         check_mpp(args, section.uns["hifusion"]["mpp"], path, "the section")
         return section, section_slide(section, mpp_override=args.mpp)
     if args.spots:
@@ -125,7 +126,7 @@ def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_inference_options(args, "prediction")
+    check_inference_options(args, "prediction", suffixes=(".h5ad", ".zarr"))
     check_out(args, [args.input, args.spots, args.model])
     check_mpp(args, args.mpp, args.input, "--mpp")
     device = resolve_device(args.device)
@@ -136,13 +137,19 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with Reporter(unit="spot") as reporter:
         result = predict(
-            section, (model, ckpt), mpp=args.mpp if args.input.suffix == ".h5ad" else None,
+            section, (model, ckpt),
+            mpp=args.mpp if args.input.suffix in (".h5ad", ".zarr") else None,
             tta=args.tta, device=device, precision=args.precision, batch_size=args.batch_size,
             workers=args.workers, progress=reporter.progress, source=args.model,
         )
     seconds = time.perf_counter() - start
     check_space(args.out, anndata_nbytes(result))
-    write_predictions(result, args.out)
+    if args.out.suffix == ".zarr":
+        from ..data.spatialdata_io import write_spatialdata
+
+        write_spatialdata(result, args.out)
+    else:
+        write_predictions(result, args.out)
     precision = str(dtype).removeprefix("torch.") if dtype else "fp32"
     print(
         f"{args.out}: {result.n_obs} spots × {result.n_vars} genes predicted on {device} "
