@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything napari-hifusion needs, idempotently: Debian libraries for a headless napari
 # (when run as root on Debian/Ubuntu), a virtual environment in .venv, the CPU build of torch,
-# and the project with its Qt and test extras. Safe to run again; it only adds what is missing.
+# and the project with its Qt, test and SpatialData extras. Safe to run again; it only adds what
+# is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,5 +38,6 @@ PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 # The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==${TORCH_VERSION:-2.13.0}"
-$PIP install -q -e ".[qt,test]" 2>&1 | grep -v "^WARNING: Location" || true
+# spatialdata: the SpatialData import/export and its tests (~35 s more the first time).
+$PIP install -q -e ".[qt,test,spatialdata]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import hifusion_model, napari_hifusion, torch; print('setup: ok, torch', torch.__version__)"

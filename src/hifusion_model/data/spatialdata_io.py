@@ -31,13 +31,15 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 
 from ..errors import Cancelled, ConfigError, SectionError
+
+if TYPE_CHECKING:  # Slide.open imports this module: opening a slide must not load pandas
+    import anndata as ad
+    import pandas as pd
 
 EXTRA = "napari-hifusion[spatialdata]"
 #: Coordinate-system names read as micrometres (lower-cased). ``physical`` is what SpatialData's
@@ -281,6 +283,8 @@ def read_spatialdata(
     counts; without them the section can be predicted on but not trained on
     (``require_counts=True`` refuses it).
     """
+    import pandas as pd
+
     from .importers import _visium_lattice
     from .sections import check_mpp_plausible, check_spots_inside, new_section
 
@@ -435,6 +439,7 @@ def write_spatialdata(
 
     sd = _spatialdata()
     import dask.array as da
+    import pandas as pd
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
     from spatialdata.transformations import Scale
 
