@@ -39,6 +39,8 @@ COMMANDS = {
     "evaluate": ("evaluate", "score predictions against measured expression, beside the "
                  "constant baseline"),
     "plot": ("plot", "draw one gene of a prediction file over the H&E, beside the measurement"),
+    "map": ("map", "interpolate genes of a prediction file into images over the tissue "
+            "(pyramidal OME-TIFF in µm)"),
     "info": ("info", "show a model's card: genes, patch sizes, training data, validation "
              "metrics"),
     "benchmark": ("benchmark", "measure accuracy on sections never seen (leave one out) or by "
