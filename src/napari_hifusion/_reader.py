@@ -141,7 +141,12 @@ def _in_gui_terms(read: Callable[[Path], list[LayerData]], path: Path) -> list[L
 # -- readers ---------------------------------------------------------------------------------------
 def read_slide(path: Path) -> list[LayerData]:
     from hifusion_model.data.slide import Slide
+    from hifusion_model.inference.maps import is_map_file
 
+    if path.name.lower().endswith((".tif", ".tiff")) and is_map_file(path):
+        from ._maps import map_file_layers  # an expression map (hifusion map, Save map…)
+
+        return map_file_layers(path)
     return [slide_layer_data(Slide.open(path))]
 
 

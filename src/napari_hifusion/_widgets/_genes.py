@@ -45,7 +45,8 @@ from .._layers import (
     robust_limits,
     uncertainty_values,
 )
-from ._common import ModelState, button, group
+from .._maps import GeneMaps, save_layer_map
+from ._common import ModelState, button, buttons, group
 
 COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "gray")
 SLIDE_COPY = "slide-copy"
@@ -110,6 +111,11 @@ class GenesPanel(QWidget):
             "The counting noise expected at each spot (sparse tissue catches few transcripts): "
             "bright spots would be noisy even if measured. On a patient unlike the training "
             "data it does not say where the model is wrong (see BENCHMARKS.md).")
+        self.show_map = QCheckBox("show as a map over the tissue")
+        self.show_map.setToolTip(
+            "An image of the gene between the spots (Gaussian-weighted mean of the nearby "
+            "spots, empty off the tissue), under the spots, in the same colours; as hifusion map")
+        self.maps = GeneMaps(viewer)
         self.pcc_label = QLabel()
         self.pcc_label.setWordWrap(True)
 
@@ -118,6 +124,7 @@ class GenesPanel(QWidget):
         self.colormap.currentTextChanged.connect(lambda *_: self.recolor())
         self.side_by_side.toggled.connect(self.set_side_by_side)
         self.show_uncertainty.toggled.connect(lambda *_: self.recolor())
+        self.show_map.toggled.connect(lambda on: self.recolor() if on else self.maps.clear())
         state.changed.connect(lambda *_: self.refresh_genes())
         viewer.layers.events.inserted.connect(self._layer_added)
         viewer.layers.events.removed.connect(lambda *_: self.refresh_genes())
@@ -133,9 +140,13 @@ class GenesPanel(QWidget):
             "Save figure…", self._save_figure_dialog,
             "the current gene predicted beside measured over the H&E, its uncertainty and "
             "every gene's PCC (as hifusion plot)")
+        self.map_button = button(
+            "Save map…", self._save_map_dialog,
+            "the current gene of the prediction as an image over the tissue: a pyramidal "
+            "OME-TIFF in µm that lies on the slide (as hifusion map)")
         layout.addWidget(group("Genes", self.search, self.gene_list, row, self.colorbar,
-                               self.side_by_side, self.show_uncertainty, self.pcc_label,
-                               self.figure_button))
+                               self.side_by_side, self.show_uncertainty, self.show_map,
+                               self.pcc_label, buttons(self.figure_button, self.map_button)))
         self.refresh_genes()
 
     # -- the gene list ---------------------------------------------------------------------------
@@ -216,6 +227,9 @@ class GenesPanel(QWidget):
             for layer in layers:
                 color_points(layer, gene, limits, cmap)
             self.colorbar.set(cmap, limits)
+        if self.show_map.isChecked():
+            self.maps.show(layers, gene, limits, cmap,
+                           uncertain if self.show_uncertainty.isChecked() and uncertain else None)
         self.pcc_label.setText(self._pcc_text(gene))
 
     # -- prediction vs truth ---------------------------------------------------------------------
@@ -292,6 +306,22 @@ class GenesPanel(QWidget):
         gene_figure(pred, self.current_gene, cmap=self.colormap.currentText()).savefig(
             path, dpi=150)
         return path
+
+    def _save_map_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save map", f"{self.current_gene}.ome.tif",
+                                              "OME-TIFF (*.ome.tif *.ome.tiff)")
+        if path:
+            self.save_map(path)
+
+    @guarded("Map")
+    def save_map(self, path: str) -> str:
+        """Write the current gene of the prediction layer as a map OME-TIFF (see ``_maps``)."""
+        pair = self.pair()
+        predictions = [l for l in self.expression_layers() if kind(l) == PREDICTION]
+        layer = pair[0] if pair else (predictions[0] if predictions else None)
+        if layer is None or self.current_gene is None:
+            raise SectionError("no prediction to map: predict first, or open a prediction file")
+        return str(save_layer_map(layer, self.current_gene, path))
 
     # -- side by side ----------------------------------------------------------------------------
     @guarded("Side by side")
