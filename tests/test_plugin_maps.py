@@ -157,7 +157,8 @@ def test_a_stale_map_is_dropped(app, qtbot) -> None:
     assert list(map_layers(viewer)) == ["synthetic predicted map"]
 
 
-def test_save_map_writes_a_file_that_reopens_in_micrometres(app, tmp_path, errors) -> None:
+def test_save_map_writes_a_file_that_reopens_in_micrometres(app, tmp_path, errors,
+                                                            pred_path) -> None:
     viewer, widget = app
     genes = widget.genes
     genes.set_gene("GENE4")
@@ -171,6 +172,19 @@ def test_save_map_writes_a_file_that_reopens_in_micrometres(app, tmp_path, error
     world = np.array([predicted.data_to_world(p) for p in predicted.data])
     got = value_at(layer, world)
     assert np.corrcoef(got, predicted.features["GENE4"])[0, 1] > 0.9
+    # a file of hifusion map with two genes and a pyramid: one layer per gene, the first shown
+    from hifusion_model.inference.maps import expression_map, write_map
+
+    emap = expression_map(ad.read_h5ad(pred_path), ["ERBB2", "GENE2"], um_per_px=5)
+    two = write_map(emap, tmp_path / "two.ome.tif", min_px=64)
+    first, second = viewer.open(str(two), plugin="napari-hifusion")
+    assert first.multiscale and len(first.data) >= 2
+    assert first.name.endswith("ERBB2 map") and second.name.endswith("GENE2 map")
+    assert first.visible and not second.visible
+    assert tuple(first.scale) == tuple(second.scale) == (5.0, 5.0)
+    np.testing.assert_allclose(first.translate, emap.origin_um)
+    got = value_at(second, world)
+    assert np.corrcoef(got, predicted.features["GENE2"])[0, 1] > 0.9
 
 
 def test_map_errors_become_notifications(app, errors, tmp_path) -> None:
