@@ -134,6 +134,7 @@ def test_the_map_lies_on_the_slide_and_follows_the_gene(app, qtbot, errors, monk
     genes.set_side_by_side(True)  # the measured spots move right; their map with them
     shifted = map_layers(viewer)["synthetic measured map"]
     assert measured.translate[1] > 0
+    assert viewer.layers.index(shifted) == viewer.layers.index(measured) - 1  # above the copy
     np.testing.assert_allclose(
         shifted.translate, np.add(meta(shifted)["map"].origin_um, measured.translate))
     check_aligned(viewer, measured, "GENE5", slide="synthetic H&E (measured side)")

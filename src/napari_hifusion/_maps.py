@@ -122,6 +122,8 @@ class GeneMaps:
         # while this object changes the list itself, that call is ignored
         self._changing = False
         viewer.layers.events.removed.connect(self._removed)
+        viewer.layers.events.inserted.connect(self._restack)
+        viewer.layers.events.moved.connect(self._restack)
 
     def layers(self) -> list[Any]:
         return [l for l in self.viewer.layers if meta(l).get("kind") == MAP
@@ -243,6 +245,22 @@ class GeneMaps:
             for layer in layers:
                 if layer in self.viewer.layers:
                     self.viewer.layers.remove(layer)
+        finally:
+            self._changing = False
+
+    def _restack(self, event: Any = None) -> None:
+        """Keep each map right below its spots when other layers come between them (the side by
+        side slide copy) or the spots are moved; a map the user moves stays where put."""
+        if self._changing or meta(getattr(event, "value", None)).get("kind") == MAP:
+            return
+        self._changing = True
+        try:
+            for layer in self.layers():
+                points = meta(layer)["source"]
+                if points in self.viewer.layers:
+                    i, j = self.viewer.layers.index(layer), self.viewer.layers.index(points)
+                    if i != j - 1:
+                        self.viewer.layers.move(i, j)
         finally:
             self._changing = False
 
