@@ -8,7 +8,7 @@ stay visible and clickable on top; NaN (off the tissue) is transparent.
 
 :class:`GeneMaps` is what the Genes panel holds: ``show(...)`` makes or updates one map per
 expression layer for the shown gene, with the panel's colormap and contrast limits. Building
-runs in a napari thread worker (a 46,000-spot grid takes ~0.1 s, larger grids more); a result
+runs in a napari thread worker (a fraction of a second for a 46,000-spot grid); a result
 that arrives after the user picked another gene is dropped. Changing only the colormap or the
 limits restyles the existing layer without rebuilding it.
 """
