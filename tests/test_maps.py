@@ -97,7 +97,7 @@ def test_nan_away_from_the_tissue_and_in_holes() -> None:
 
 
 def test_a_spot_lands_on_its_micrometres() -> None:
-    xy = hex_grid(8, 8)
+    xy = hex_grid(8, 8) + [1234.0, 56.0]  # x and y differ: a swap would show
     values = np.zeros((len(xy), 1))
     k = 27
     values[k] = 10.0
