@@ -52,7 +52,7 @@ from hifusion_model.engine.pretrain import PretrainConfig, describe, encoder_pat
 from hifusion_model.engine.recipes import TrainConfig, get_recipe
 from hifusion_model.engine.training import format_epoch
 from hifusion_model.errors import ConfigError, HiFusionError
-from hifusion_model.evaluation.baselines import fit_constant, fit_ridge, spot_only_config
+from hifusion_model.evaluation.baselines import fit_constant, fit_ridge
 from hifusion_model.evaluation.protocols import (
     Predictor,
     fit_network,
@@ -64,6 +64,7 @@ from hifusion_model.evaluation.protocols import (
 )
 from hifusion_model.io_utils import atomic_path
 from hifusion_model.models.config import ENCODERS, ModelConfig
+from hifusion_model.models.spot_only import spot_only_config
 
 FORMAT = "hifusion-accuracy-her2st/1"
 DEFAULT_HER2ST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st"

@@ -242,8 +242,8 @@ def test_level_heads_script_reports_every_head(
     assert module.main([str(model), str(section)]) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| B4 |")]
     assert [r.split(" | ")[1] for r in rows] == ["final", "level 1", "level 2", "level 7"]
-    from hifusion_model.evaluation.baselines import spot_only_config
-    from hifusion_model.models.hifusion import build_model
+    from hifusion_model.models.registry import build_model
+    from hifusion_model.models.spot_only import spot_only_config
 
     spot_only = save_checkpoint(tmp_path / "s.pt", build_model(spot_only_config(tiny_config(genes))),
                                 train_mean=np.zeros(3))

@@ -20,11 +20,11 @@ from hifusion_model.engine.pretrain import (
 )
 from hifusion_model.engine.training import build_optimizer, pretrained_encoders, train
 from hifusion_model.errors import CheckpointError, ConfigError, SectionError
-from hifusion_model.evaluation.baselines import spot_only_config
 from hifusion_model.models.backbones import load_torchvision_resnet18
 from hifusion_model.models.checkpoint import load_checkpoint
 from hifusion_model.models.config import tiny_config
-from hifusion_model.models.hifusion import build_model
+from hifusion_model.models.registry import build_model
+from hifusion_model.models.spot_only import spot_only_config
 
 TINY = PretrainConfig(crop_px=16, batch_size=4)
 

@@ -22,13 +22,11 @@ from hifusion_model.errors import ConfigError, SectionError
 from hifusion_model.evaluation.baselines import (
     DEFAULT_ALPHAS,
     FEATURE_NAMES,
-    SpotOnly,
     fit_constant,
     fit_ridge,
     patch_features,
     ridge_path,
     section_features,
-    spot_only_config,
     validation_masks,
 )
 from hifusion_model.evaluation.protocol_runs import markdown_summary, run_cells, summarize
@@ -43,8 +41,9 @@ from hifusion_model.evaluation.protocols import (
 )
 from hifusion_model.models.checkpoint import load_checkpoint
 from hifusion_model.models.config import tiny_config
-from hifusion_model.models.hifusion import build_model
+from hifusion_model.models.registry import build_model
 from hifusion_model.models.losses import hifusion_loss
+from hifusion_model.models.spot_only import SpotOnly, spot_only_config
 
 N_SPOTS = 30
 IMAGED = ("B4", "C2", "C3", "C4")

@@ -75,7 +75,8 @@ from ..models.checkpoint import (
     save_checkpoint,
 )
 from ..models.config import ENCODERS, ModelConfig
-from ..models.hifusion import HiFusion, build_model
+from ..models.hifusion import HiFusion
+from ..models.registry import build_model
 from ..models.losses import hifusion_loss
 from .recipes import DEFAULT_RECIPE, TrainConfig, get_recipe
 

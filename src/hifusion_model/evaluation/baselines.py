@@ -5,10 +5,9 @@
 * :class:`RidgeBaseline` regresses expression on hand-made colour and texture features of the
   spot patch (RGB and HED statistics, a grey-level histogram, Sobel and LBP texture) plus the
   colour of its region: how much of the signal is plain stain and cell density?
-* :class:`SpotOnly` is a spot-only ResNet-18 regressor in the manner of ST-Net (the spot patch,
-  global average pooling, dropout, one linear layer). It is built from a ``ModelConfig`` with
-  ``arch="spot_resnet18"`` (:func:`spot_only_config`) and trained by the same engine and recipe
-  as HiFusion: what do HISM and the region context add over a plain CNN?
+* :class:`~hifusion_model.models.spot_only.SpotOnly`, the spot-only ResNet-18 (ST-Net style), is
+  a network: it lives with the others in :mod:`hifusion_model.models` and is trained by the
+  same engine and recipe as HiFusion (what do HISM and the region context add over a plain CNN?).
 
 Model selection never looks at test data: the ridge penalty is chosen on the same spatial
 validation blocks that :func:`hifusion_model.engine.training.train` holds out (:func:`validation_masks`).
@@ -25,79 +24,16 @@ import numpy as np
 from skimage.color import rgb2gray, rgb2hed
 from skimage.feature import local_binary_pattern
 from skimage.filters import sobel
-from torch import Tensor, nn
 
 from ..data.dataset import SpotDataset
 from ..data.expression import counts_matrix, normalize_counts
 from ..data.sections import section_name, section_slide
 from ..engine.recipes import TrainConfig
 from ..engine.training import mixed_seed, spatial_block_split
-from ..errors import ConfigError, SectionError
-from ..models.backbones import resnet18_trunk
+from ..errors import SectionError
 from ..models.config import ModelConfig
-from ..models.hifusion import HiFusionOutput, full_precision, zscore_per_channel
 
 Progress = Callable[[int, int, str], None]
-
-# -- spot-only CNN (ST-Net style) ------------------------------------------------------------
-
-
-def spot_only_config(config: ModelConfig) -> ModelConfig:
-    """``config`` turned into the spot-only ResNet-18: same spot patch, genes and targets.
-
-    The region patch is shrunk to the spot (the network ignores it; this only spares reading
-    it) and the HISM loss terms vanish, so the engine's loss is the plain MSE.
-    """
-    return config.replace(
-        arch="spot_resnet18",
-        levels=(1,),
-        aux_weight=0.0,
-        align_weight=0.0,
-        region_px=config.spot_px,
-        region_um=config.spot_um,
-        level_norm="shared",
-    )
-
-
-class SpotOnly(nn.Module):
-    """ResNet-18 on the spot patch → global average pool → dropout → ``Linear(8·width, G)``.
-
-    ``forward(spot, region)`` takes and ignores ``region`` so that training, inference and
-    checkpoints treat it like :class:`~hifusion_model.models.hifusion.HiFusion`; it returns a
-    :class:`~hifusion_model.models.hifusion.HiFusionOutput` with one level and no attention tokens.
-    """
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        config.validate()
-        if config.arch != "spot_resnet18":
-            raise ConfigError(f"SpotOnly needs arch 'spot_resnet18', got {config.arch!r}")
-        self.config = config
-        self.spot_encoder = resnet18_trunk(config.width)
-        self.head = nn.Sequential(
-            nn.Dropout(config.head_dropout), nn.Linear(config.feature_dim, config.n_genes)
-        )
-
-    def forward(self, spot: Tensor, region: Tensor | None = None) -> HiFusionOutput:
-        px = self.config.spot_px
-        if spot.ndim != 4 or tuple(spot.shape[1:]) != (3, px, px) or not spot.is_floating_point():
-            raise ConfigError(
-                f"SpotOnly spot must be (B, 3, {px}, {px}) float in [0, 1], "
-                f"got {tuple(spot.shape)} {spot.dtype}"
-            )
-        x = zscore_per_channel(spot) if self.config.input_norm == "image" else spot
-        features = self.spot_encoder(x)
-        with full_precision(spot.device):  # as in HiFusion: the head in fp32 under autocast
-            features = features.float()
-            prediction = self.head(features.mean(dim=(-2, -1)))
-        return HiFusionOutput(
-            prediction=prediction,
-            level_predictions=[prediction],
-            level_features=[features],
-            fusion_weights=prediction.new_ones(1),
-            attention=prediction.new_zeros(len(spot), 0, 1, 0),
-        )
-
 
 # -- shared data preparation ------------------------------------------------------------------
 
@@ -347,13 +283,11 @@ __all__ = [
     "ConstantBaseline",
     "RidgeBaseline",
     "RidgeFit",
-    "SpotOnly",
     "fit_constant",
     "fit_ridge",
     "patch_features",
     "ridge_path",
     "section_features",
     "section_targets",
-    "spot_only_config",
     "validation_masks",
 ]

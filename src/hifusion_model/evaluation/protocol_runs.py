@@ -45,7 +45,8 @@ from ..inference.uncertainty import (
 from ..io_utils import atomic_path
 from ..models.checkpoint import load_model
 from ..models.config import ModelConfig
-from .baselines import fit_constant, fit_ridge, section_targets, spot_only_config
+from ..models.spot_only import spot_only_config
+from .baselines import fit_constant, fit_ridge, section_targets
 from .protocols import (
     Fold,
     NetworkPredictor,

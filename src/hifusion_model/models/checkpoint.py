@@ -284,7 +284,7 @@ def load_model(
     source: str | os.PathLike = "bundled", device: str | torch.device = "cpu"
 ) -> tuple[HiFusion, Checkpoint]:
     """The network a checkpoint (a path or ``"bundled"``) describes, in eval mode on ``device``."""
-    from .hifusion import build_model
+    from .registry import build_model
 
     if str(source) == "bundled":
         source = bundled_model_path()

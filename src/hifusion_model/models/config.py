@@ -21,7 +21,7 @@ INPUT_NORMS = ("image", "none")
 #: or one per level (eval mode then normalises 32-px tiles with 32-px tile statistics).
 LEVEL_NORMS = ("shared", "per_level")
 #: Network families: HiFusion, or the spot-only ResNet-18 regressor (ST-Net style) that the
-#: accuracy benchmark trains as a baseline (:class:`hifusion_model.evaluation.baselines.SpotOnly`).
+#: accuracy benchmark trains as a baseline (:class:`hifusion_model.models.spot_only.SpotOnly`).
 ARCHS = ("hifusion", "spot_resnet18")
 
 # HER2ST (patients B-H) is scanned at ~0.69 µm/px; the released model sees 224 px spots and

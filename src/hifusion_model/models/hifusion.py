@@ -180,18 +180,6 @@ class HiFusion(nn.Module):
             )
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    """The network ``config.arch`` names: :class:`HiFusion`, or the spot-only ResNet-18 baseline.
-
-    Every network takes ``(spot, region)`` and returns a :class:`HiFusionOutput`.
-    """
-    if config.arch == "spot_resnet18":
-        from ..evaluation.baselines import SpotOnly  # baselines builds on this module
-
-        return SpotOnly(config)
-    return HiFusion(config)
-
-
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (buffers such as BatchNorm statistics excluded)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
@@ -200,7 +188,6 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 __all__ = [
     "HiFusion",
     "HiFusionOutput",
-    "build_model",
     "hism_tiles",
     "assemble_tiles",
     "align_to",

@@ -17,6 +17,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from .config import ModelConfig, tiny_config
+from .hifusion import HiFusion
+from .spot_only import SpotOnly, spot_only_config
+
+#: ``ModelConfig.arch`` -> the network class it builds
+_NETWORKS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "hifusion": HiFusion,
+    "spot_resnet18": SpotOnly,
+}
 
 #: name -> (what it is, how to configure it for a gene panel)
 _MODELS: dict[str, tuple[str, Callable[[list[str]], ModelConfig]]] = {}
@@ -45,9 +53,16 @@ def _hifusion_tiny(genes: list[str]) -> ModelConfig:
 @register_model("spot_resnet18", "spot-only ResNet-18 (ST-Net style): the spot patch, global "
                 "pooling, one linear head; the baseline HiFusion must beat")
 def _spot_resnet18(genes: list[str]) -> ModelConfig:
-    from ..evaluation.baselines import spot_only_config
-
     return spot_only_config(ModelConfig(genes=genes))
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The network ``config.arch`` names: :class:`~.hifusion.HiFusion`, or the spot-only
+    ResNet-18 baseline (:class:`~.spot_only.SpotOnly`).
+
+    Every network takes ``(spot, region)`` and returns a :class:`~.hifusion.HiFusionOutput`.
+    """
+    return _NETWORKS[config.arch](config)
 
 
 def available_models() -> dict[str, str]:
@@ -68,9 +83,7 @@ def model_config(name: str, genes: Sequence[str], **overrides: Any) -> ModelConf
 def create_model(name: str = "hifusion", *, genes: Sequence[str], **overrides: Any) -> nn.Module:
     """A freshly initialised network, e.g. ``create_model("hifusion", genes=panel)``; the keyword
     ``overrides`` are :class:`~.config.ModelConfig` fields (``width=32``, ``spot_um=150``)."""
-    from .hifusion import build_model
-
     return build_model(model_config(name, genes, **overrides))
 
 
-__all__ = ["available_models", "create_model", "model_config", "register_model"]
+__all__ = ["available_models", "build_model", "create_model", "model_config", "register_model"]
