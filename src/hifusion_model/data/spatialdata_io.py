@@ -252,13 +252,13 @@ def _physical_mpp(sd: Any, sdata: Any, image: Any) -> tuple[float, str] | None:
 
 
 def _counts(table: ad.AnnData) -> tuple[Any, pd.Index, str] | None:
-    from .importers import _is_raw_counts
+    from .importers.scanpy_visium import is_raw_counts
 
-    if table.n_vars and _is_raw_counts(table.X):
+    if table.n_vars and is_raw_counts(table.X):
         return table.X, table.var_names, "X"
-    if "counts" in table.layers and _is_raw_counts(table.layers["counts"]):
+    if "counts" in table.layers and is_raw_counts(table.layers["counts"]):
         return table.layers["counts"], table.var_names, "layers['counts']"
-    if table.raw is not None and _is_raw_counts(table.raw.X):
+    if table.raw is not None and is_raw_counts(table.raw.X):
         return table.raw.X, table.raw.var_names, "raw.X"
     return None
 
@@ -285,7 +285,7 @@ def read_spatialdata(
     """
     import pandas as pd
 
-    from .importers import _visium_lattice
+    from .importers.visium_scale import visium_lattice
     from .sections import check_mpp_plausible, check_spots_inside, new_section
 
     path = Path(path).expanduser()
@@ -333,7 +333,7 @@ def read_spatialdata(
     if mpp is None:
         found = _physical_mpp(sd, sdata, image_el)
         if found is None:
-            fit, why = _visium_lattice(rows.obs, spatial, {})
+            fit, why = visium_lattice(rows.obs, spatial, {})
             found = (fit.mpp, why) if fit is not None else None
         if found is None:
             raise SectionError(
