@@ -42,7 +42,7 @@ from torch import nn
 from hifusion_model.data.dataset import Augment, SpotDataset
 from hifusion_model.data.expression import select_top_genes, smooth_targets
 from hifusion_model.data.sections import read_section, section_slide
-from hifusion_model.engine.training import mixed_seed, spatial_block_split
+from hifusion_model.data.splits import mixed_seed, spatial_block_split
 from hifusion_model.evaluation.baselines import section_targets
 from hifusion_model.evaluation.metrics import gene_pcc, mse, spot_pcc
 from hifusion_model.models.backbones import resnet18_trunk

@@ -17,6 +17,7 @@ from benchmark_scripts import load_benchmark
 
 from hifusion_model.cli import main
 from hifusion_model.data.sections import new_section
+from hifusion_model.data.splits import validation_masks
 from hifusion_model.engine.recipes import get_recipe
 from hifusion_model.errors import ConfigError, SectionError
 from hifusion_model.evaluation.baselines import (
@@ -27,7 +28,6 @@ from hifusion_model.evaluation.baselines import (
     patch_features,
     ridge_path,
     section_features,
-    validation_masks,
 )
 from hifusion_model.evaluation.protocol_runs import markdown_summary, run_cells, summarize
 from hifusion_model.evaluation.protocols import (
@@ -41,8 +41,8 @@ from hifusion_model.evaluation.protocols import (
 )
 from hifusion_model.models.checkpoint import load_checkpoint
 from hifusion_model.models.config import tiny_config
-from hifusion_model.models.registry import build_model
 from hifusion_model.models.losses import hifusion_loss
+from hifusion_model.models.registry import build_model
 from hifusion_model.models.spot_only import SpotOnly, spot_only_config
 
 N_SPOTS = 30

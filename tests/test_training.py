@@ -26,6 +26,7 @@ from hifusion_model.cli.info import format_card
 from hifusion_model.data.expression import select_top_genes, smooth_targets
 from hifusion_model.data.importers import import_her2st
 from hifusion_model.data.sections import new_section, read_section, write_section
+from hifusion_model.data.splits import mixed_seed, spatial_block_split
 from hifusion_model.engine.recipes import RECIPES, TrainConfig, get_recipe
 from hifusion_model.engine.training import (
     _open_sources,
@@ -35,9 +36,7 @@ from hifusion_model.engine.training import (
     gene_dependent_keys,
     gene_weights,
     lr_factor,
-    mixed_seed,
     read_gene_list,
-    spatial_block_split,
     train,
     weight_average,
 )

@@ -60,6 +60,7 @@ from .. import __version__
 from ..data.dataset import Augment, SpotDataset
 from ..data.expression import select_top_genes, smooth_targets
 from ..data.sections import read_section, section_fingerprint, section_name, section_slide
+from ..data.splits import held_out_spots, mixed_seed
 from ..devices import autocast, autocast_dtype, resolve_device
 from ..errors import Cancelled, CheckpointError, ConfigError, HiFusionError, SectionError
 from ..evaluation.metrics import evaluate_predictions
@@ -76,8 +77,8 @@ from ..models.checkpoint import (
 )
 from ..models.config import ENCODERS, ModelConfig
 from ..models.hifusion import HiFusion
-from ..models.registry import build_model
 from ..models.losses import hifusion_loss
+from ..models.registry import build_model
 from .recipes import DEFAULT_RECIPE, TrainConfig, get_recipe
 
 Progress = Callable[[int, int, str], None]
@@ -145,11 +146,6 @@ def distributed(device: str) -> Iterator[DistInfo]:
 
 
 # -- seeding ----------------------------------------------------------------------------------
-def mixed_seed(*parts: int) -> int:
-    """A well-mixed 32-bit seed from several integers (seed, epoch, rank)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices) in one go."""
     random.seed(seed)
@@ -180,36 +176,6 @@ def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator) -> N
     loader_generator.set_state(state["loader"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# -- validation split -------------------------------------------------------------------------
-def spatial_block_split(
-    xy: np.ndarray, *, fraction: float = 0.15, grid: int = 4, seed: int = 0
-) -> np.ndarray:
-    """Boolean mask of held-out spots: whole spatial blocks of a ``grid × grid`` tiling.
-
-    Blocks are drawn at random (seeded) until at least ``fraction`` of the spots are held out,
-    so neighbouring spots, which share tissue, land on the same side of the split. At least one
-    block is held out and at least one is kept.
-    """
-    xy = np.asarray(xy, dtype=np.float64)
-    lo, hi = xy.min(axis=0), xy.max(axis=0)
-    cell = np.floor((xy - lo) / np.maximum(hi - lo, 1e-9) * grid).clip(0, grid - 1).astype(int)
-    block = cell[:, 1] * grid + cell[:, 0]
-    blocks, counts = np.unique(block, return_counts=True)
-    if len(blocks) < 2:
-        raise SectionError(
-            f"cannot hold out spatial blocks from {len(xy)} spots in one block; give --val"
-        )
-    order = np.random.default_rng(seed).permutation(len(blocks))
-    target = fraction * len(xy)
-    held, n_held = [], 0
-    for i in order[:-1]:  # never hold out every block
-        held.append(blocks[i])
-        n_held += counts[i]
-        if n_held >= target:
-            break
-    return np.isin(block, held)
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -380,12 +346,7 @@ def _prepare_data(
         held = (
             np.zeros(n, bool)
             if val_sources or not hold_out or s.pseudo
-            else spatial_block_split(
-                s.adata.obsm["spatial"],
-                fraction=recipe.val_fraction,
-                grid=recipe.val_grid,
-                seed=mixed_seed(recipe.seed, len(info)),
-            )
+            else held_out_spots(s.adata.obsm["spatial"], recipe, len(info))
         )
         keep = np.flatnonzero(~held)
         margin = shift_px(recipe, config)
@@ -1339,9 +1300,7 @@ __all__ = [
     "format_epoch",
     "gene_dependent_keys",
     "lr_factor",
-    "mixed_seed",
     "read_gene_list",
     "seed_everything",
-    "spatial_block_split",
     "train",
 ]

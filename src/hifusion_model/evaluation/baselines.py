@@ -10,7 +10,7 @@
   same engine and recipe as HiFusion (what do HISM and the region context add over a plain CNN?).
 
 Model selection never looks at test data: the ridge penalty is chosen on the same spatial
-validation blocks that :func:`hifusion_model.engine.training.train` holds out (:func:`validation_masks`).
+validation blocks that training holds out (:func:`hifusion_model.data.splits.validation_masks`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from skimage.filters import sobel
 from ..data.dataset import SpotDataset
 from ..data.expression import counts_matrix, normalize_counts
 from ..data.sections import section_name, section_slide
-from ..engine.recipes import TrainConfig
-from ..engine.training import mixed_seed, spatial_block_split
+from ..data.splits import HoldOut, validation_masks
 from ..errors import SectionError
 from ..models.config import ModelConfig
 
@@ -38,29 +37,13 @@ Progress = Callable[[int, int, str], None]
 # -- shared data preparation ------------------------------------------------------------------
 
 
-def validation_masks(sections: Sequence[ad.AnnData], recipe: TrainConfig) -> list[np.ndarray]:
-    """Held-out spots of each training section, exactly as :func:`~.training.train` draws them
-    (none when the recipe's ``val_fraction`` is 0)."""
-    if recipe.val_fraction == 0:
-        return [np.zeros(s.n_obs, bool) for s in sections]
-    return [
-        spatial_block_split(
-            s.obsm["spatial"],
-            fraction=recipe.val_fraction,
-            grid=recipe.val_grid,
-            seed=mixed_seed(recipe.seed, i),
-        )
-        for i, s in enumerate(sections)
-    ]
-
-
 def section_targets(section: ad.AnnData, genes: Sequence[str], normalization: str) -> np.ndarray:
     """The normalised expression the models are trained and scored on, ``(n, G)`` float64."""
     return normalize_counts(counts_matrix(section, genes), normalization).astype(np.float64)
 
 
 def _split_targets(
-    sections: Sequence[ad.AnnData], genes: Sequence[str], normalization: str, recipe: TrainConfig
+    sections: Sequence[ad.AnnData], genes: Sequence[str], normalization: str, recipe: HoldOut
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     targets = [section_targets(s, genes, normalization) for s in sections]
     return targets, validation_masks(sections, recipe)
@@ -86,7 +69,7 @@ def fit_constant(
     genes: Sequence[str],
     *,
     normalization: str = "log_relative",
-    recipe: TrainConfig,
+    recipe: HoldOut,
 ) -> ConstantBaseline:
     """The mean over the training spots (validation blocks excluded, as for the networks)."""
     targets, held = _split_targets(sections, genes, normalization, recipe)
@@ -244,7 +227,7 @@ def fit_ridge(
     genes: Sequence[str],
     config: ModelConfig,
     *,
-    recipe: TrainConfig,
+    recipe: HoldOut,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     progress: Progress | None = None,
 ) -> RidgeBaseline:
@@ -289,5 +272,4 @@ __all__ = [
     "ridge_path",
     "section_features",
     "section_targets",
-    "validation_masks",
 ]

@@ -1,7 +1,7 @@
 """A trained model's own validation spots, drawn again from its card.
 
 The card names the training sections and the recipe, so the spatial blocks the trainer held
-out can be drawn again exactly (:func:`~hifusion_model.evaluation.baselines.validation_masks`). Anything
+out can be drawn again exactly (:func:`~hifusion_model.data.splits.validation_masks`). Anything
 decided after training (test-time views, a weight average) is then judged on the spots the
 model never trained on, and never on a test section.
 """
@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from ..data.sections import read_section, section_slide
+from ..data.splits import validation_masks
 from ..devices import autocast_dtype, resolve_device
 from ..engine.recipes import TrainConfig
 from ..errors import HiFusionError
 from ..inference.predict import predict_section
 from ..models.checkpoint import Checkpoint
-from .baselines import section_targets, validation_masks
+from .baselines import section_targets
 from .metrics import evaluate_predictions
 
 
