@@ -18,8 +18,6 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import META
-
 BUNDLED = "bundled"
 
 
@@ -38,11 +36,6 @@ class ModelState:
 
     def set_source(self, source: str | Path, checkpoint: Any = None) -> None:
         self.source = str(source)
-        self._checkpoint = checkpoint
-        self.changed.emit(self)
-
-    def set_checkpoint(self, checkpoint: Any) -> None:
-        """Record a checkpoint loaded elsewhere (e.g. by a prediction) for the active source."""
         self._checkpoint = checkpoint
         self.changed.emit(self)
 
@@ -133,7 +126,3 @@ def spin(value: float, lo: float, hi: float, *, step: float = 1.0, decimals: int
         box.setSuffix(suffix)
     box.setToolTip(tooltip)
     return box
-
-
-def hifusion_meta(layer: Any) -> dict:
-    return layer.metadata.setdefault(META, {})

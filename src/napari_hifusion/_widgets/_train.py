@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
 from hifusion_model.engine.recipes import get_recipe
 from hifusion_model.errors import CheckpointError, ConfigError, SectionError
 from hifusion_model.models.config import ENCODERS
+from hifusion_model.models.registry import available_models, model_config
 
 from .. import _jobs
 from .._jobs import JobContext, JobRunner, guarded
@@ -37,9 +38,8 @@ from .._layers import TRUTH, kind, section_from_points
 from ._common import ModelState, button, buttons, group, spin
 from ._plot import Sparkline
 
-SPATIAL_SPLIT = "spatial blocks of the training spots (15%)"
+SPATIAL_SPLIT = f"spatial blocks of the training spots ({get_recipe().val_fraction:.0%})"
 NO_VALIDATION = "none: train every spot for all epochs"
-ARCHITECTURES = ("HiFusion (as released)", "tiny (quick trial)")
 
 
 def _measured(layer: Any) -> bool:
@@ -59,11 +59,15 @@ class TrainPanel(QWidget):
         self.sections.setMaximumHeight(90)
         self.validation = QComboBox()
         self.architecture = QComboBox()
-        self.architecture.addItems(ARCHITECTURES)
+        for i, (name, description) in enumerate(available_models().items()):
+            self.architecture.addItem(name)
+            self.architecture.setItemData(i, description, Qt.ToolTipRole)
         default = get_recipe()
         self.epochs = spin(default.epochs, 1, 1000)
-        self.lr = spin(default.lr, 1e-6, 1.0, step=1e-4, decimals=6, tooltip="peak learning rate (AdamW)")
-        self.n_genes = spin(250, 1, 5000, tooltip="predict this many most expressed genes")
+        self.lr = spin(default.lr, default.min_lr, 1.0, step=1e-4, decimals=6,
+                       tooltip="peak learning rate (AdamW)")
+        self.n_genes = spin(default.n_genes, 1, 5000,
+                            tooltip="predict this many most expressed genes")
         self.batch_size = spin(default.batch_size, 2, 1024)
         self.refit = QCheckBox("retrain on every spot to the chosen epoch")
         self.refit.setChecked(default.refit)
@@ -128,11 +132,6 @@ class TrainPanel(QWidget):
         items = (self.sections.item(i) for i in range(self.sections.count()))
         return [item.text() for item in items if item.checkState() == Qt.Checked]
 
-    def set_checked(self, names: list[str]) -> None:
-        for i in range(self.sections.count()):
-            item = self.sections.item(i)
-            item.setCheckState(Qt.Checked if item.text() in names else Qt.Unchecked)
-
     def _browse(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save model", self.out.text(), "Checkpoints (*.pt)")
         if path:
@@ -183,13 +182,6 @@ class TrainPanel(QWidget):
             chosen[f"{name}_encoder_init"] = path
         return chosen
 
-    def model_config(self, genes: list[str]) -> Any:
-        from hifusion_model.models.config import ModelConfig, tiny_config
-
-        if self.architecture.currentText() == ARCHITECTURES[1]:
-            return tiny_config(genes)
-        return ModelConfig(genes=genes)
-
     # -- running ---------------------------------------------------------------------------------
     @guarded("Training")
     def train(self) -> Any:
@@ -209,16 +201,11 @@ class TrainPanel(QWidget):
             raise ConfigError(f"save to {out}: give a file name ending in .pt")
         recipe = get_recipe(epochs=int(self.epochs.value()), lr=float(self.lr.value()),
                             batch_size=int(self.batch_size.value()), refit=self.refit.isChecked(),
-                            min_lr=min(1e-6, float(self.lr.value())),
+                            n_genes=int(self.n_genes.value()),
                             val_fraction=0.0 if held_out == NO_VALIDATION else None)
-        n_genes = int(self.n_genes.value())
-        template = self.model_config(["placeholder"])
+        template = model_config(self.architecture.currentText(), ["placeholder"])
         encoders = self.encoder_weights()
         pseudo = self.pseudo_labels()
-        if pseudo and held_out == SPATIAL_SPLIT:
-            raise ConfigError("pseudo-labels come from models trained on these sections, so "
-                              "held-out blocks would validate nothing: choose validation "
-                              "'none', or a section those models never saw")
         if not self.may_write(out, [*encoders.values(), *pseudo]):
             _jobs.show_info(f"Training not started: {out} is kept; choose another 'save to' file")
             return None
@@ -226,7 +213,7 @@ class TrainPanel(QWidget):
         def job(ctx: JobContext) -> Any:
             from hifusion_model.models.checkpoint import load_checkpoint
 
-            result = train(sections, out, recipe=recipe, model_config=template, genes=n_genes,
+            result = train(sections, out, recipe=recipe, model_config=template,
                            val_sections=val, pseudo_labels=pseudo, **encoders, device="auto",
                            command=["napari-hifusion", "Train panel"],
                            progress=ctx.progress, should_stop=ctx.should_stop, on_epoch=ctx.emit)
