@@ -23,10 +23,10 @@ DEMO_GENE = "ERBB2"
 
 def check_demo_inputs(model: str) -> None:
     """Fail before opening any window when the sample or the model is missing."""
-    from hifusion_model.models.checkpoint import bundled_model_path
+    from hifusion_model.models.checkpoint import resolve_checkpoint_path
 
     _sample_data.sample_section_path()
-    path = bundled_model_path() if model == "bundled" else Path(model)
+    path = resolve_checkpoint_path(model)
     if not path.is_file():
         raise CheckpointError(f"model {path} not found; give --model PATH.pt or reinstall "
                               "napari-hifusion to get the bundled model")

@@ -70,8 +70,8 @@ from ..io_utils import atomic_path
 from ..models.backbones import load_torchvision_resnet18
 from ..models.checkpoint import (
     Checkpoint,
-    bundled_model_path,
     load_checkpoint,
+    resolve_checkpoint_path,
     safe_load,
     save_checkpoint,
 )
@@ -432,12 +432,7 @@ def _resolve_genes(
 def _load_init(init: str | os.PathLike | None) -> Checkpoint | None:
     if init is None:
         return None
-    path = bundled_model_path() if str(init) == "bundled" else Path(init)
-    if str(init) == "bundled" and not path.is_file():
-        raise CheckpointError(
-            f"the bundled model is missing from this installation ({path}); give a checkpoint path"
-        )
-    return load_checkpoint(path)
+    return load_checkpoint(resolve_checkpoint_path(init))
 
 
 def gene_dependent_keys(config: ModelConfig) -> set[str]:

@@ -280,20 +280,35 @@ def bundled_model_path() -> Path:
     return Path(str(files("hifusion_model").joinpath("weights", BUNDLED_NAME)))
 
 
+def resolve_checkpoint_path(source: str | os.PathLike) -> Path:
+    """The file a checkpoint source names: ``"bundled"`` is the model shipped in the package.
+
+    Only ``"bundled"`` is checked here (a missing bundled model means a broken installation);
+    any other path is the loader's to judge.
+
+    >>> resolve_checkpoint_path("runs/m.pt")
+    PosixPath('runs/m.pt')
+    >>> resolve_checkpoint_path("bundled").name
+    'her2st_hifusion.pt'
+    """
+    if str(source) != "bundled":
+        return Path(source)
+    path = bundled_model_path()
+    if not path.is_file():
+        raise CheckpointError(
+            f"the bundled model is missing from this installation (expected {path}); "
+            "reinstall napari-hifusion or give the path of a checkpoint"
+        )
+    return path
+
+
 def load_model(
     source: str | os.PathLike = "bundled", device: str | torch.device = "cpu"
 ) -> tuple[HiFusion, Checkpoint]:
     """The network a checkpoint (a path or ``"bundled"``) describes, in eval mode on ``device``."""
     from .registry import build_model
 
-    if str(source) == "bundled":
-        source = bundled_model_path()
-        if not source.is_file():
-            raise CheckpointError(
-                f"the bundled model is missing from this installation (expected {source}); "
-                "reinstall napari-hifusion or give the path of a checkpoint"
-            )
-    ckpt = load_checkpoint(source)
+    ckpt = load_checkpoint(resolve_checkpoint_path(source))
     model = build_model(ckpt.config)
     mismatch = _state_mismatch(model.state_dict(), ckpt.state_dict)
     if mismatch:
@@ -329,4 +344,5 @@ __all__ = [
     "safe_load",
     "load_model",
     "bundled_model_path",
+    "resolve_checkpoint_path",
 ]
