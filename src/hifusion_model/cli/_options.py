@@ -12,7 +12,7 @@ from typing import Any
 from ..data.sections import MPP_RANGE, check_mpp_plausible
 from ..engine.recipes import DEFAULT_RECIPE, PRECISIONS, RECIPES, TrainConfig, get_recipe
 from ..errors import ConfigError
-from ..inference.predict import MAX_TTA, check_tta
+from ..inference.views import MAX_TTA, check_tta
 from ..io_utils import check_output
 
 DEVICE_HELP = "auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps"

@@ -41,13 +41,12 @@ from ..errors import Cancelled, ConfigError, SectionError
 from ..io_utils import atomic_path
 from ..models.checkpoint import Checkpoint
 from ..models.config import ModelConfig
+from .views import MAX_TTA, check_tta, dihedral
 
 Progress = Callable[[int, int, str], None]
 #: Spots per model call on the CPU. Whole batches of 32 hold four times the activations
 #: (448-px regions through a ResNet) and ran slower: 14.3 vs 17.8 spots/s (BENCHMARKS.md).
 CPU_CHUNK = 8
-#: Most test-time views: the symmetries of the square (4 rotations, each with and without a flip).
-MAX_TTA = 8
 #: Keys of ``uns['hifusion']`` carried from the section into a prediction file.
 SECTION_KEYS = ("slide", "mpp", "spot_diameter_um", "name", "source")
 
@@ -147,20 +146,6 @@ def predict_section(
     finally:
         batches.close()
     return out
-
-
-def check_tta(tta: int) -> None:
-    """Test-time views must be a count of the square's symmetries, 1 to :data:`MAX_TTA`."""
-    if not 1 <= tta <= MAX_TTA:
-        raise ConfigError(f"test-time views must be 1 to {MAX_TTA}, got {tta}")
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th symmetry of the square on the last two axes: even ``k`` plain, odd mirrored,
-    rotated by ``k // 2`` quarter turns (so ``k < 2`` is the identity and a flip)."""
-    if k == 0:  # the plain view, uncopied
-        return x
-    return torch.rot90(x.flip(-1) if k % 2 else x, k // 2, dims=(-2, -1))
 
 
 def predict_batch(model: nn.Module, batch: dict[str, Any], dev: torch.device,
