@@ -317,7 +317,7 @@ def real_section(setup: Setup) -> tuple[Any, str]:
     if setup.quick or not (HER2ST / "images" / "C4.jpg").is_file():
         return load_sample_section(), "packaged sample (HER2ST C4 crop)"
     from hifusion_model.data.importers import import_her2st
-    from hifusion_model.data.slide import convert_to_ome_tiff
+    from hifusion_model.data.convert import convert_to_ome_tiff
 
     raw = import_her2st(HER2ST / "images" / "C4.jpg", HER2ST / "counts" / "C4.tsv.gz",
                         HER2ST / "spots" / "C4_selection.tsv")

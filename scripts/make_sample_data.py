@@ -21,7 +21,8 @@ import tifffile
 from hifusion_model import samples
 from hifusion_model.data.importers import import_her2st
 from hifusion_model.data.sections import new_section, write_section
-from hifusion_model.data.slide import Slide, convert_to_ome_tiff
+from hifusion_model.data.convert import convert_to_ome_tiff
+from hifusion_model.data.slide import Slide
 
 SECTION = "C4"
 MARGIN_UM = 300.0  # > half the bundled model's 308 µm region patch

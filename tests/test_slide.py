@@ -1,8 +1,7 @@
-"""Slides: lazy pyramids, µm/px from files, region reads, conversion to OME-TIFF."""
+"""Slides: lazy pyramids, µm/px from files, region reads, memory bounds."""
 
 from __future__ import annotations
 
-import itertools
 import math
 import pickle
 import struct
@@ -15,9 +14,8 @@ import pytest
 import tifffile
 from PIL import Image, ImageFile
 
-from hifusion_model.cli import main
-from hifusion_model.data.slide import Slide, TileCache, convert_to_ome_tiff
-from hifusion_model.errors import Cancelled, SlideError
+from hifusion_model.data.slide import Slide, TileCache
+from hifusion_model.errors import SlideError
 
 OME_UM = {"PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
 
@@ -154,6 +152,51 @@ def test_mpp_from_resolution_tags_svs_and_caller(tmp_path, rgb):
     assert Slide.open(tmp_path / "s.svs").mpp == pytest.approx(0.2525)
 
 
+def write_aperio(path, levels, mpp=0.5, tile=64):
+    """A tiled pyramidal TIFF as Aperio writes an SVS: one IFD a level, each described."""
+    h, w = levels[0].shape[:2]
+    with tifffile.TiffWriter(path) as tw:
+        for k, level in enumerate(levels):
+            size = f"{w}x{h} ({tile}x{tile}) RAW|AppMag = 20|MPP = {mpp}" if k == 0 else \
+                f"{w}x{h} -> {level.shape[1]}x{level.shape[0]}"
+            tw.write(level, tile=(tile, tile), photometric="rgb", compression="zlib",
+                     description=f"Aperio Image Library v12.0.5\n{size}", metadata=None)
+    return path
+
+
+def test_an_svs_opens_through_openslide(tmp_path, rgb):
+    pytest.importorskip("openslide")
+    from hifusion_model.data.slide_openslide import OpenSlideLevel
+
+    levels = [rgb, np.full((160, 200, 3), 3, np.uint8), np.full((80, 100, 3), 7, np.uint8)]
+    path = write_aperio(tmp_path / "s.svs", levels, mpp=0.25)
+    with Slide.open(path) as slide:
+        assert all(isinstance(lv, OpenSlideLevel) for lv in slide.levels)
+        assert slide.mpp == pytest.approx(0.25) and slide.downsamples == [1.0, 2.0, 4.0]
+        assert [lv.shape for lv in slide.levels] == [(320, 400, 4), (160, 200, 4), (80, 100, 4)]
+        center = (150.3, 120.7)
+        np.testing.assert_array_equal(slide.read_region_px(center, 64, 64), crop(rgb, center, 64))
+        assert (slide.read_region_px((200, 160), 256, 64) == 7).all()  # level 2
+        assert (slide.read_region_px((0, 0), 64, 64)[:32] == 255).all()  # white beyond the edge
+        np.testing.assert_array_equal(slide.thumbnail(max_px=400)[0], rgb)
+        clone = pickle.loads(pickle.dumps(slide))
+        np.testing.assert_array_equal(clone.read_region_px(center, 32, 32), crop(rgb, center, 32))
+        clone.close()
+
+
+def test_without_openslide_an_svs_is_a_tiff_and_mirax_names_the_extra(tmp_path, rgb, monkeypatch):
+    monkeypatch.setattr("hifusion_model.data.slide_openslide._openslide", lambda: None)
+    path = write_aperio(tmp_path / "s.svs", [rgb, rgb[::2, ::2]], mpp=0.25)
+    with Slide.open(path) as slide:
+        assert slide.mpp == pytest.approx(0.25) and slide.levels[0].shape == (320, 400, 3)
+        np.testing.assert_array_equal(slide.read_region_px((50, 60), 32, 32),
+                                      crop(rgb, (50, 60), 32))
+    (tmp_path / "s.mrxs").write_bytes(b"0")
+    with pytest.raises(SlideError, match=r"s\.mrxs: .*needs OpenSlide.*"
+                                         r"pip install napari-hifusion\[openslide\]"):
+        Slide.open(tmp_path / "s.mrxs")
+
+
 def test_missing_mpp_is_an_error_never_a_default(tmp_path, rgb):
     path = tmp_path / "plain.png"
     Image.fromarray(rgb).save(path)
@@ -203,52 +246,6 @@ def smooth_image(h=200, w=300):
     return rgb.astype(np.uint8)
 
 
-@pytest.mark.parametrize("compression", ["zlib", "jpeg"])
-def test_convert_round_trips_pixels_and_mpp(tmp_path, compression):
-    image = smooth_image()
-    Image.fromarray(image).save(tmp_path / "src.png")
-    calls = []
-    out = convert_to_ome_tiff(tmp_path / "src.png", tmp_path / "out.ome.tif", mpp=0.69, tile=32,
-                              compression=compression, progress=lambda *a: calls.append(a))
-    with Slide.open(out) as slide:
-        assert slide.mpp == pytest.approx(0.69)
-        assert len(slide.levels) >= 3 and slide.downsamples[2] == pytest.approx(4, rel=0.02)
-        level0 = np.asarray(slide.levels[0][:, :])
-        level1 = np.asarray(slide.levels[1][:, :])
-    mean2 = image.reshape(100, 2, 150, 2, 3).mean(axis=(1, 3))
-    if compression == "zlib":
-        np.testing.assert_array_equal(level0, image)
-        assert np.abs(level1 - mean2).max() <= 0.5
-    else:
-        assert np.abs(level0.astype(int) - image).mean() < 2
-    assert calls[-1][0] == calls[-1][1] and len(calls) == calls[-1][1]
-    assert not [p for p in tmp_path.iterdir() if p.name not in ("src.png", "out.ome.tif")]
-
-
-def test_convert_needs_an_mpp_and_sane_options(tmp_path):
-    Image.fromarray(smooth_image()).save(tmp_path / "src.png")
-    with pytest.raises(SlideError, match="--mpp"):
-        convert_to_ome_tiff(tmp_path / "src.png", tmp_path / "o.ome.tif")
-    with pytest.raises(SlideError, match="multiple of 16"):
-        convert_to_ome_tiff(tmp_path / "src.png", tmp_path / "o.ome.tif", mpp=1, tile=100)
-    with pytest.raises(Cancelled):
-        convert_to_ome_tiff(tmp_path / "src.png", tmp_path / "o.ome.tif", mpp=1, tile=32,
-                            should_stop=lambda: True)
-    assert [p.name for p in tmp_path.iterdir()] == ["src.png"]  # no output, no temporary files
-
-
-def test_convert_command(tmp_path, capsys):
-    Image.fromarray(smooth_image()).save(tmp_path / "src.png")
-    out = tmp_path / "out.ome.tif"
-    assert main(["convert", str(tmp_path / "src.png"), str(out), "--mpp", "0.5", "--tile", "64",
-                 "--compression", "zlib"]) == 0
-    printed = capsys.readouterr().out
-    assert str(out) in printed and "4 levels" in printed and "0.5 µm/px" in printed
-    assert main(["convert", str(tmp_path / "missing.jpg"), str(tmp_path / "new.ome.tif")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "missing.jpg" in err and len(err.splitlines()) == 1
-
-
 @pytest.mark.her2st
 def test_her2st_jpeg_patch_equals_pil_crop(her2st_dir, monkeypatch):
     path = her2st_dir / "images" / "B4.jpg"
@@ -276,67 +273,16 @@ def uniform_png(path, width, height, rows_present=None, value=235):
     With ``rows_present=1``, a 40,000 × 40,000 px PNG takes a few hundred bytes: a header that
     claims 4.8 GB of pixels, the classic decompression bomb.
     """
-    from hifusion_model.data.slide import _png_chunk
+    from hifusion_model.data.png_rows import png_chunk
 
     z = zlib.compressobj(9)
     row = b"\0" + bytes([value]) * (3 * width)
     data = b"".join(z.compress(row) for _ in range(height if rows_present is None else rows_present))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header))
-        f.write(_png_chunk(b"IDAT", data + z.flush()) + _png_chunk(b"IEND", b""))
+        f.write(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header))
+        f.write(png_chunk(b"IDAT", data + z.flush()) + png_chunk(b"IEND", b""))
     return path
-
-
-def filtered_png(path, width, height, depth, colour, channels, seed=0):
-    """Random bytes behind every PNG row filter (0-4) at random, split over two IDAT chunks."""
-    from hifusion_model.data.slide import _png_chunk
-
-    rng = np.random.default_rng(seed)
-    row_bytes = (width * channels * depth + 7) // 8
-    data = zlib.compress(b"".join(
-        bytes([rng.integers(0, 5)]) + rng.integers(0, 256, row_bytes, dtype=np.uint8).tobytes()
-        for _ in range(height)))
-    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-                     + _png_chunk(b"IDAT", data[:40]) + _png_chunk(b"IDAT", data[40:])
-                     + _png_chunk(b"IEND", b""))
-    return path
-
-
-def _pillow_pngs(folder):
-    img = np.random.default_rng(1).integers(0, 256, (50, 37, 4), dtype=np.uint8)
-    for mode, pixels in (("RGB", img[..., :3]), ("RGBA", img), ("L", img[..., 0]),
-                         ("LA", img[..., :2])):
-        Image.fromarray(pixels, mode).save(folder / f"{mode}.png")
-    palette = Image.fromarray(img[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE,
-                                                    colors=16)
-    palette.save(folder / "P.png")
-    palette.save(folder / "P-alpha.png", transparency=bytes(range(0, 160, 10)))
-    palette.save(folder / "P-4bit.png", bits=4)
-    Image.fromarray(img[..., 0] > 128).save(folder / "1bit.png")
-    Image.fromarray(img[..., 0].astype(np.uint16) * 257 + 3).save(folder / "grey16.png")
-    kinds = [(8, 2, 3), (8, 6, 4), (8, 0, 1), (8, 4, 2), (16, 0, 1), (16, 4, 2), (1, 0, 1),
-             (2, 0, 1), (4, 0, 1)]
-    for depth, colour, channels in kinds:
-        filtered_png(folder / f"raw-{depth}-{colour}.png", 41, 33, depth, colour, channels)
-    return sorted(folder.iterdir())
-
-
-def test_png_rows_decode_band_by_band_as_pillow_does(tmp_path, monkeypatch):
-    from hifusion_model.data.slide import PngRows, _decode_plain, _to_rgb8
-
-    monkeypatch.setattr(PngRows, "STEP_BYTES", 100)  # several small steps inside each band
-    for path in _pillow_pngs(tmp_path):
-        expected = _to_rgb8(_decode_plain(path))
-        rows = PngRows(path)
-        assert rows.streamable and rows.shape[:2] == expected.shape[:2]
-        edges = [0, 1, 8, 30, 31, expected.shape[0]]
-        got = np.concatenate([_to_rgb8(rows[a:b]) for a, b in itertools.pairwise(edges)])
-        rows.close()
-        np.testing.assert_array_equal(got, expected, err_msg=path.name)
-    with pytest.raises(ValueError, match="in order"):
-        PngRows(tmp_path / "RGB.png")[5:9]
 
 
 def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
@@ -362,7 +308,7 @@ def test_the_pixel_limit_keeps_pillows_guard_and_can_be_moved(tmp_path, monkeypa
     tifffile.imwrite(tmp_path / "s.tif", image, photometric="rgb")  # untiled: decoded whole
     with pytest.raises(SlideError, match="untiled TIFF"):
         Slide.open(tmp_path / "s.tif", mpp=1)
-    monkeypatch.setattr("hifusion_model.data.slide._check_open_size", lambda *a: None)
+    monkeypatch.setattr("hifusion_model.data.slide_plain.check_open_size", lambda *a: None)
     with pytest.raises(SlideError, match="too large to decode whole"):  # Pillow's own guard
         Slide.open(tmp_path / "s.png", mpp=1)
     monkeypatch.undo()
@@ -374,34 +320,9 @@ def test_the_pixel_limit_keeps_pillows_guard_and_can_be_moved(tmp_path, monkeypa
         Slide.open(tmp_path / "s.png", mpp=1)
 
 
-@pytest.mark.parametrize("name", ["s.png", "s.jpg", "s.tif"])
-def test_convert_streams_images_above_the_limit(tmp_path, monkeypatch, name):
-    image = smooth_image(210, 300)
-    if name.endswith(".tif"):
-        tifffile.imwrite(tmp_path / name, image, photometric="rgb", rowsperstrip=16)
-    else:
-        Image.fromarray(image).save(tmp_path / name, quality=95)
-    expected = np.asarray(Image.open(tmp_path / name).convert("RGB"))
-    monkeypatch.setenv("HIFUSION_MAX_IMAGE_PIXELS", "1000")
-    with pytest.raises(SlideError, match="hifusion convert"):
-        Slide.open(tmp_path / name, mpp=0.5)
-    out = convert_to_ome_tiff(tmp_path / name, tmp_path / "o.ome.tif", mpp=0.5, tile=32,
-                              compression="zlib")
-    with Slide.open(out) as slide:
-        np.testing.assert_array_equal(np.asarray(slide.levels[0][:, :]), expected)
-        assert len(slide.levels) == 5
-
-
-def test_convert_of_a_truncated_bomb_fails_fast_naming_the_row(tmp_path):
-    bomb = uniform_png(tmp_path / "bomb.png", 40_000, 40_000, rows_present=3)
-    with pytest.raises(SlideError, match=r"bomb.png is truncated or corrupt: its image data ends "
-                                         r"at row 3 of 40000$"):
-        convert_to_ome_tiff(bomb, tmp_path / "b.ome.tif", mpp=0.5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.png"]
-
-
 def test_absurd_regions_and_big_thumbnails_are_bounded(tmp_path, pyramid, rgb, monkeypatch):
     import hifusion_model.data.slide as slide_module
+    from hifusion_model.data.slide_plain import halve
 
     with Slide.open(pyramid, mpp=0.0001) as slide:  # a 55 µm spot: 550,000 px, 137,500 at 4×
         with pytest.raises(SlideError, match=r"a region of 137500 × 137500 px \(level 2\) would take .* GB "
@@ -417,7 +338,7 @@ def test_absurd_regions_and_big_thumbnails_are_bounded(tmp_path, pyramid, rgb, m
         banded, d2 = slide.thumbnail(max_px=100)
     assert banded.shape == direct.shape == (80, 100, 3) and d1 == d2 == 4.0
     assert max(fetched) * 400 * 3 <= 40_000 and len(fetched) > 5
-    np.testing.assert_array_equal(banded, slide_module._half(slide_module._half(rgb)))
+    np.testing.assert_array_equal(banded, halve(halve(rgb)))
 
 
 # The peak RSS of this process alone: VmHWM starts afresh at exec, while getrusage's ru_maxrss
@@ -428,7 +349,8 @@ PEAK_MB = ("def peak_mb():\n"
            "            return int(line.split()[1]) / 1024\n")
 MEASURE = PEAK_MB + """
 from hifusion_model.errors import SlideError
-from hifusion_model.data.slide import Slide, convert_to_ome_tiff
+from hifusion_model.data.convert import convert_to_ome_tiff
+from hifusion_model.data.slide import Slide
 base = peak_mb()
 try:
     {call}
@@ -453,18 +375,6 @@ def test_opening_or_converting_a_bomb_costs_no_memory(tmp_path):
     extra, out = _extra_mb(f"convert_to_ome_tiff({str(bomb)!r}, {str(tmp_path / 'b.tif')!r}, "
                            "mpp=0.5)")
     assert extra < 60 and "ends at row 1 of 40000" in out
-
-
-def test_convert_holds_a_big_png_a_band_at_a_time(tmp_path):
-    """A 7,000 × 7,000 px PNG is 147 MB as RGB; decoded whole (Pillow's 4 bytes a pixel, the
-    copy to numpy, the in-memory pyramid) it took ~400 MB. Streamed: a band, level 1 (37 MB)."""
-    png = uniform_png(tmp_path / "big.png", 7_000, 7_000)
-    out = tmp_path / "big.ome.tif"
-    extra, _ = _extra_mb(f"convert_to_ome_tiff({str(png)!r}, {str(out)!r}, mpp=0.5)")
-    assert extra < 100, f"{extra:.0f} MB"
-    with Slide.open(out) as slide:
-        assert slide.shape == (7000, 7000) and (slide.read_region_px((3500, 3500), 64, 64) > 225
-                                                ).all()
 
 
 def test_the_cli_refuses_a_bomb_within_500_mb(tmp_path):

@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..data.slide import COMPRESSIONS, Slide, convert_to_ome_tiff
+from ..data.convert import COMPRESSIONS, convert_to_ome_tiff
+from ..data.slide import Slide
 from ._options import add_any_mpp_option, add_overwrite_option, check_mpp, check_out
 
 

@@ -407,10 +407,10 @@ class _RGBLevel:
         self.slide, self.shape, self.dtype, self.ndim = slide, (*slide.shape, 3), np.uint8, 3
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        from .slide import _to_rgb8
+        from .slide import to_rgb8
 
         rows, cols = key[0], key[1]
-        return _to_rgb8(np.asarray(self.slide.levels[0][rows, cols]))[:, :, key[2]]
+        return to_rgb8(np.asarray(self.slide.levels[0][rows, cols]))[:, :, key[2]]
 
 
 def _element_name(name: str) -> str:
