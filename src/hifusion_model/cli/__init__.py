@@ -41,6 +41,8 @@ COMMANDS = {
     "plot": ("plot", "draw one gene of a prediction file over the H&E, beside the measurement"),
     "map": ("map", "interpolate genes of a prediction file into images over the tissue "
             "(pyramidal OME-TIFF in µm)"),
+    "subspot": ("subspot", "estimate genes in each of a spot's 7 × 7 HISM tiles with a HiFusion "
+                "model (pyramidal OME-TIFF in µm; no ground truth at that scale)"),
     "info": ("info", "show a model's card: genes, patch sizes, training data, validation "
              "metrics"),
     "benchmark": ("benchmark", "measure accuracy on sections never seen (leave one out) or by "
