@@ -7,6 +7,7 @@ import scipy.sparse as sp
 from hifusion_model.data.expression import (
     counts_matrix,
     normalize_counts,
+    section_targets,
     select_top_genes,
     smooth_targets,
 )
@@ -85,6 +86,15 @@ def test_counts_matrix_names_missing_genes():
         counts_matrix(s, ["ERBB2", "A", "KRT19"])
 
 
+def test_section_targets_normalise_the_genes_asked_for_in_their_order():
+    s = _section(["A", "B", "C"], [[1, 0, 3], [0, 0, 0]])
+    np.testing.assert_allclose(section_targets(s, ["C", "A"]), np.log([[4 / 6, 2 / 6], [0.5, 0.5]]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(section_targets(s, ["A"], "log1p_cp10k"), [[np.log1p(1e4)], [0]])
+    with pytest.raises(SectionError, match="lacks 1 of the 2 genes"):
+        section_targets(s, ["A", "ERBB2"])
+
+
 @pytest.mark.her2st
 def test_her2st_top_genes_hold_erbb2(her2st_dir):
     from hifusion_model.data.importers import import_her2st
@@ -101,7 +111,7 @@ def test_her2st_top_genes_hold_erbb2(her2st_dir):
     assert len(genes) == 250
     assert genes.index("ERBB2") < 10  # HER2-positive tumours: ERBB2 is the 3rd most expressed
     assert {"KRT19", "CD74"} <= set(genes)
-    y = normalize_counts(counts_matrix(sections[0], genes))
+    y = section_targets(sections[0], genes)
     assert y.shape == (283, 250) and np.isfinite(y).all()
     np.testing.assert_allclose(np.exp(y.astype(np.float64)).sum(axis=1), 1, rtol=1e-4)
 

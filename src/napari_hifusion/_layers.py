@@ -92,14 +92,14 @@ def expression_features(section: Any, genes: Sequence[str] | None = None,
     Without ``genes`` the section's most expressed genes (at most :data:`MAX_FEATURE_GENES`)
     are used; with them (a model's genes) the values are directly comparable to its predictions.
     """
-    from hifusion_model.data.expression import counts_matrix, normalize_counts, select_top_genes
+    from hifusion_model.data.expression import section_targets, select_top_genes
 
     features = pd.DataFrame({SPOT_ID: np.asarray(section.obs_names, dtype=object)})
     if section.n_vars == 0:
         return features
     if genes is None:
         genes = select_top_genes([section], n=min(MAX_FEATURE_GENES, section.n_vars))
-    values = normalize_counts(counts_matrix(section, genes), method=normalization)
+    values = section_targets(section, genes, normalization)
     expression = pd.DataFrame(np.asarray(values, dtype=np.float32), columns=genes)
     return pd.concat([features, expression], axis=1)
 

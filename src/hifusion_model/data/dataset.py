@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ..errors import ConfigError, SectionError
 from ..models.config import ModelConfig
-from .expression import counts_matrix, normalize_counts
+from .expression import section_targets
 from .slide import Slide
 
 #: skimage's ``rgb2hed`` divides natural-log optical density by ``-ln(1e-6)``.
@@ -119,7 +119,7 @@ class SpotDataset(Dataset):
         self.region_size_px = config.region_um / mpp
         self.genes = None if genes is None else list(genes)
         self.targets = None if genes is None else torch.from_numpy(
-            normalize_counts(counts_matrix(section, self.genes), config.normalization))
+            section_targets(section, self.genes, config.normalization))
         self._rng: np.random.Generator | None = None
         self._rng_key: Any = None
 

@@ -94,6 +94,24 @@ def normalize_counts(counts: np.ndarray, method: str = "log_relative") -> np.nda
     return np.log1p(scaled).astype(np.float32)
 
 
+def section_targets(
+    section: ad.AnnData, genes: Sequence[str], normalization: str = "log_relative"
+) -> np.ndarray:
+    """What a model with ``genes`` is trained to predict for each spot of ``section``: their
+    counts normalised per spot (:func:`normalize_counts`); ``(n_spots, len(genes))`` float32.
+
+    Training targets, the measured truth beside a prediction and the viewer's expression all
+    come from here, so they can be compared value for value.
+
+    >>> import anndata as ad, pandas as pd
+    >>> s = ad.AnnData(np.array([[1.0, 0.0], [3.0, 3.0]]), var=pd.DataFrame(index=["A", "B"]))
+    >>> section_targets(s, ["B", "A"]).round(3)
+    array([[-1.099, -0.405],
+           [-0.693, -0.693]], dtype=float32)
+    """
+    return normalize_counts(counts_matrix(section, genes), normalization)
+
+
 def smooth_targets(xy: np.ndarray, targets: np.ndarray, sigma: float) -> np.ndarray:
     """Targets averaged over neighbouring spots with Gaussian weights; float32.
 

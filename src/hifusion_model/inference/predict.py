@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from ..data.dataset import SpotDataset, as_unit_float
-from ..data.expression import counts_matrix, normalize_counts
+from ..data.expression import section_targets
 from ..data.grids import GRID_DEFAULTS, spot_grid, tissue_mask
 from ..data.sections import UNS_KEY, new_section, section_name, section_slide_path
 from ..devices import autocast, autocast_dtype, resolve_device
@@ -311,7 +311,7 @@ def predictions_to_anndata(
     if uncertainty is not None:
         layers["uncertainty"] = np.asarray(uncertainty, dtype=np.float32).reshape(pred.shape)
     if section.n_vars:
-        layers["truth"] = normalize_counts(counts_matrix(section, genes), ckpt.config.normalization)
+        layers["truth"] = section_targets(section, genes, ckpt.config.normalization)
     obs = pd.DataFrame(index=section.obs_names.copy())
     for col in ("array_row", "array_col"):
         if col in section.obs:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..data.expression import NORMALIZATIONS
 from ..errors import ConfigError
 from ..serialization import JsonDataclass
 
-#: Normalisations of counts into model targets (see :mod:`hifusion_model.data.expression`).
-NORMALIZATIONS = ("log_relative", "log1p_cp10k")
 #: How images are standardised before the encoders.
 INPUT_NORMS = ("image", "none")
 #: BatchNorm running statistics of the spot encoder: one set for all HISM levels (as released)
