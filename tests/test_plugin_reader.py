@@ -115,7 +115,7 @@ def test_prediction_export_needs_its_model(section_path: Path, tmp_path: Path) -
 
 
 def test_missing_sample_data_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_sample_data, "SAMPLE_PACKAGE", "hifusion_model.no_such_samples")
+    monkeypatch.setattr("hifusion_model.samples.SAMPLE_NAME", "no_such_sample")
     with pytest.raises(SectionError, match="sample data is not installed"):
         _sample_data.her2st_c4()
 

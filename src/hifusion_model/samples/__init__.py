@@ -15,12 +15,19 @@ SAMPLE_NAME = "her2st_C4"
 
 
 def sample_section_path() -> Path:
-    """Path of the sample section ``.h5ad`` (its slide lies beside it)."""
+    """Path of the sample section ``.h5ad`` (its slide lies beside it).
+
+    The one lookup of the sample: the library, napari's sample menu and the demo all use it.
+
+    >>> sample_section_path().name
+    'her2st_C4.h5ad'
+    """
     path = Path(__file__).with_name(f"{SAMPLE_NAME}.h5ad")
     if not path.is_file():
         raise SectionError(
-            f"the sample section {path} is missing from this installation; reinstall "
-            "napari-hifusion or rebuild it with scripts/make_sample_data.py"
+            f"the HER2ST C4 sample data is not installed (expected {path}); reinstall "
+            "napari-hifusion (or rebuild it with scripts/make_sample_data.py), or open a section "
+            "of your own"
         )
     return path
 
