@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import xml.etree.ElementTree as ET
 from itertools import pairwise
 from pathlib import Path
@@ -15,7 +14,6 @@ import tifffile
 
 from hifusion_model.cli import main
 from hifusion_model.errors import ConfigError, SectionError
-from hifusion_model.inference import maps
 from hifusion_model.inference.maps import (
     expression_map,
     interpolate_spots,
@@ -55,10 +53,6 @@ def prediction(xy_um: np.ndarray, values: np.ndarray, genes: list[str], mpp: flo
 def at_spots(emap, xy_um: np.ndarray, channel: int = 0) -> np.ndarray:
     rows, cols = np.array([emap.pixel_of(p) for p in xy_um]).T
     return emap.data[channel, rows, cols]
-
-
-def test_docstring_example_runs() -> None:
-    assert doctest.testmod(maps, optionflags=doctest.ELLIPSIS).failed == 0
 
 
 def test_the_map_at_each_spot_is_about_its_value() -> None:

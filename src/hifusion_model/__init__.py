@@ -2,10 +2,15 @@
 
 The calls a notebook needs, all importable from here:
 
->>> from hifusion_model import predict, evaluate, load_model, create_model   # doctest: +SKIP
->>> pred = predict("C4.h5ad", model="bundled")        # AnnData: X, layers truth/uncertainty
->>> evaluate(pred)["gene_pcc"]                        # per-gene PCC beside the constant
->>> net = create_model("hifusion", genes=["ERBB2", "KRT19"])   # a fresh network
+>>> from hifusion_model import available_models, create_model, evaluate, predict
+>>> pred = predict("C4.h5ad", model="bundled")  # doctest: +SKIP
+>>> evaluate(pred)["gene_pcc"]                  # doctest: +SKIP
+>>> sorted(available_models())
+['hifusion', 'hifusion_tiny', 'spot_resnet18']
+>>> net = create_model("hifusion_tiny", genes=["ERBB2", "KRT19"])   # a fresh network
+
+``predict`` returns an AnnData (``X`` predicted, ``layers['truth']`` measured where the input
+has counts, ``layers['uncertainty']``); ``evaluate`` scores it per gene beside the constant.
 
 Names are imported on first use, so ``import hifusion_model`` (and ``hifusion --version``)
 stays fast: torch loads only when a model is touched.
@@ -25,7 +30,7 @@ _API = {
     "predict": "api",
     "evaluate": "api",
     "load_model": "models.checkpoint",
-    "train": "engine.training",
+    "train": "engine.train",
     "read_section": "data.sections",
     "write_section": "data.sections",
     "create_model": "models.registry",
