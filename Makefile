@@ -1,5 +1,8 @@
 # Two entry points for a newcomer; both set everything up first (see scripts/setup.sh).
-.PHONY: setup demo test
+.PHONY: setup demo test test-slow
+
+# GUI tests run on a virtual display when there is no screen.
+PYTEST = $(if $(or $(DISPLAY),$(shell command -v xvfb-run >/dev/null || echo none)),,xvfb-run -a -s "-screen 0 1600x1200x24") .venv/bin/python -m pytest
 
 setup:
 	@bash scripts/setup.sh
@@ -9,10 +12,10 @@ setup:
 demo: setup
 	.venv/bin/hifusion demo
 
-## Run the test suite (GUI tests on a virtual display when there is no screen).
+## Run the test suite (a few minutes; the slow script, benchmark and protocol tests are left out).
 test: setup
-	@if [ -n "$${DISPLAY:-}" ] || ! command -v xvfb-run >/dev/null; then \
-		.venv/bin/python -m pytest; \
-	else \
-		xvfb-run -a -s "-screen 0 1600x1200x24" .venv/bin/python -m pytest; \
-	fi
+	$(PYTEST)
+
+## The slow tests only (scripts, benchmarks, whole protocols; CI runs them after `make test`).
+test-slow: setup
+	$(PYTEST) -m slow

@@ -251,7 +251,9 @@ def test_level_heads_script_reports_every_head(
     assert "no level heads" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                    pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+                                    signal.SIGKILL],
                          ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_a_signal_mid_training_leaves_files_that_resume(
     tmp_path: Path, signum: int, capsys: pytest.CaptureFixture
@@ -261,7 +263,7 @@ def test_a_signal_mid_training_leaves_files_that_resume(
     and ``--resume`` finishes the run."""
     from synthetic import synthetic_section
 
-    from hifusion_model.engine.training import companion_paths
+    from hifusion_model.engine.state import companion_paths
     from hifusion_model.models.checkpoint import load_checkpoint, safe_load
 
     section = synthetic_section(tmp_path / "data")

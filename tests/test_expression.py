@@ -96,6 +96,7 @@ def test_section_targets_normalise_the_genes_asked_for_in_their_order():
 
 
 @pytest.mark.her2st
+@pytest.mark.slow
 def test_her2st_top_genes_hold_erbb2(her2st_dir):
     from hifusion_model.data.importers import import_her2st
 

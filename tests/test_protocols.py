@@ -243,6 +243,7 @@ def tiny_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_3d_protocol_runs_end_to_end(her2st_dir: Path, sections: dict, tmp_path: Path):
     plan = plan_protocol("3d", scan_her2st(her2st_dir))
     recipe = tiny_recipe()
@@ -274,6 +275,7 @@ def test_constant_baseline_scores_zero_gene_pcc(sections: dict):
     assert constant.info["n_train"] == N_SPOTS - validation_masks(train, tiny_recipe())[0].sum()
 
 
+@pytest.mark.slow
 def test_ridge_baseline_is_deterministic_and_finite(sections: dict):
     config = tiny_config(1)
     first, again = (section_features(sections["C3"], config) for _ in range(2))
@@ -287,6 +289,7 @@ def test_ridge_baseline_is_deterministic_and_finite(sections: dict):
     assert all(np.isfinite(metrics[k]) for k in ("mse", "mae", "spot_pcc", "gene_pcc"))
 
 
+@pytest.mark.slow
 def test_spot_only_cnn_trains_with_the_engine(sections: dict, tmp_path: Path):
     train, test = [sections["C2"]], {"C3": sections["C3"]}
     genes = gene_panel(train, list(test.values()), 20)
@@ -296,6 +299,7 @@ def test_spot_only_cnn_trains_with_the_engine(sections: dict, tmp_path: Path):
     assert predict_and_score(net, test)["per_section"]["C3"]["n_spots"] == N_SPOTS
 
 
+@pytest.mark.slow
 def test_cli_benchmark_her2st_quick_run(her2st_dir, work, tiny_json, tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["benchmark", "her2st", str(her2st_dir), "--protocol", "3d", "--epochs", "1",
@@ -312,6 +316,7 @@ def test_cli_benchmark_her2st_quick_run(her2st_dir, work, tiny_json, tmp_path, c
     assert result["summary"]["hifusion"]["metrics"]["gene_pcc"]["n_folds"] == 1
 
 
+@pytest.mark.slow
 def test_cli_loso_runs_in_pieces_and_keeps_the_cells_it_has(
     her2st_dir, work, tiny_json, tmp_path, capsys
 ):
@@ -369,6 +374,7 @@ def test_cli_benchmark_help_says_what_runs(capsys):
     assert "train C2 -> test C3, C4" in text and "{D,H}" in text and "--max-spots" in text
 
 
+@pytest.mark.slow
 def test_accuracy_script_runs_in_pieces_and_merges(her2st_dir, work, tiny_json, tmp_path, capsys):
     script, out = load_benchmark("accuracy_her2st"), tmp_path / "acc.json"
     common = ["--experiments", "3d-C", "--her2st", str(her2st_dir), "--work", str(work),
@@ -387,6 +393,7 @@ def test_accuracy_script_runs_in_pieces_and_merges(her2st_dir, work, tiny_json, 
     assert script.main(["--variants", "e", *common]) == 2
 
 
+@pytest.mark.slow
 def test_accuracy_script_self_trains_a_student(her2st_dir, work, tiny_json, tmp_path):
     script, out = load_benchmark("accuracy_her2st"), tmp_path / "acc.json"
     argv = ["--experiments", "3d-C", "--her2st", str(her2st_dir), "--work", str(tmp_path / "w"),
@@ -423,6 +430,7 @@ def pretrained_runs(her2st_dir, work, tiny_json, tmp_path_factory) -> dict:
             "models": [work / "3d-C" / v / "model.pt" for v in ("a", "c")]}
 
 
+@pytest.mark.slow
 def test_accuracy_script_pretrains_the_encoders_a_variant_has_once(pretrained_runs):
     runs, trunks = pretrained_runs, pretrained_runs["trunks"]
     assert runs["after_c"] == ["spot_2.pt"]  # c has no region encoder
@@ -445,6 +453,7 @@ def test_accuracy_script_pretrains_the_encoders_a_variant_has_once(pretrained_ru
                              "--spot-encoder-init", str(trunks / "spot_2.pt")])
 
 
+@pytest.mark.slow
 def test_ensemble_script_scores_the_mean_of_models_trained_on_the_same_genes(
         pretrained_runs, work, tmp_path):
     # a and c of 3d-C: same genes and training mean

@@ -27,19 +27,13 @@ from hifusion_model.data.expression import select_top_genes, smooth_targets
 from hifusion_model.data.importers import import_her2st
 from hifusion_model.data.sections import new_section, read_section, write_section
 from hifusion_model.data.splits import mixed_seed, spatial_block_split
+from hifusion_model.engine.curves import format_epoch
+from hifusion_model.engine.optim import gene_weights, lr_factor, weight_average
 from hifusion_model.engine.recipes import RECIPES, TrainConfig, get_recipe
-from hifusion_model.engine.training import (
-    _open_sources,
-    _prepare_data,
-    companion_paths,
-    format_epoch,
-    gene_dependent_keys,
-    gene_weights,
-    lr_factor,
-    read_gene_list,
-    train,
-    weight_average,
-)
+from hifusion_model.engine.sources import open_sources, prepare_data, read_gene_list
+from hifusion_model.engine.starting_weights import gene_dependent_keys
+from hifusion_model.engine.state import companion_paths
+from hifusion_model.engine.train import train
 from hifusion_model.errors import Cancelled, CheckpointError, ConfigError, SectionError
 from hifusion_model.models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from hifusion_model.models.config import tiny_config
@@ -203,6 +197,7 @@ def test_train_writes_best_model_curves_and_card(full_run) -> None:
 
 
 @pytest.mark.her2st
+@pytest.mark.slow
 def test_train_on_a_real_her2st_crop(her2st_dir: Path, tmp_path: Path) -> None:
     """The same run and checks on 40 spots of a real HER2ST section (B4)."""
     epochs: list[dict] = []
@@ -399,9 +394,9 @@ def test_weight_average_ramps_up_and_averages_batchnorm_statistics() -> None:
 def test_target_smoothing_relabels_training_spots_only(section: Path) -> None:
     """Training labels are averaged over training neighbours; validation keeps the raw labels."""
     for sigma in (0.0, 1.0):
-        sources = _open_sources([section], "training")
+        sources = open_sources([section], "training")
         config = tiny_config(select_top_genes([sources[0].adata], N_GENES))
-        data = _prepare_data(sources, None, config, tiny_recipe(target_smoothing=sigma))
+        data = prepare_data(sources, None, config, tiny_recipe(target_smoothing=sigma))
         spots = sources[0].adata
         held = spatial_block_split(spots.obsm["spatial"], fraction=0.15, grid=4,
                                    seed=mixed_seed(0, 0))
