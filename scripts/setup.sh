@@ -39,6 +39,7 @@ $PIP install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 # The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==${TORCH_VERSION:-2.13.0}"
 # spatialdata: the SpatialData import/export and its tests (~35 s more the first time);
-# openslide: scanner formats (.mrxs, vendor .svs/.ndpi) and their test.
-$PIP install -q -e ".[qt,test,spatialdata,openslide]" 2>&1 | grep -v "^WARNING: Location" || true
+# openslide: scanner formats (.mrxs, vendor .svs/.ndpi) and their test; scverse: scanpy and
+# squidpy, which the interoperability tests plot with (~25 s more).
+$PIP install -q -e ".[qt,test,spatialdata,openslide,scverse]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import hifusion_model, napari_hifusion, torch; print('setup: ok, torch', torch.__version__)"
