@@ -31,6 +31,10 @@ def lattice_mpp(
     step along axis ``j`` is the norm of the fit's ``j``-th column. Axes the spots do not span
     are left out. ``ValueError`` when the spots fix no scale, or when the axes' scales differ
     by more than ``max_anisotropy`` (the array is not the assumed one).
+
+    >>> grid = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])  # a 200 µm array, 400 px a step
+    >>> round(lattice_mpp(grid, grid[:, ::-1] * 400.0, (200.0, 200.0)).mpp, 6)
+    0.5
     """
     grid = np.asarray(grid, dtype=float).reshape(len(grid), -1)
     pixels = np.asarray(pixels, dtype=float)[:, :2]
