@@ -48,9 +48,9 @@ from typing import Any
 
 from hifusion_model.cli._options import add_set_option
 from hifusion_model.cli.train import load_model_config
+from hifusion_model.engine.curves import format_epoch
 from hifusion_model.engine.pretrain import PretrainConfig, describe, encoder_patch, pretrain_encoder
 from hifusion_model.engine.recipes import TrainConfig, get_recipe
-from hifusion_model.engine.training import format_epoch
 from hifusion_model.errors import ConfigError, HiFusionError
 from hifusion_model.evaluation.baselines import fit_constant, fit_ridge
 from hifusion_model.evaluation.protocols import (

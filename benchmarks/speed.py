@@ -53,8 +53,8 @@ from hifusion_model.data.dataset import SpotDataset
 from hifusion_model.data.expression import counts_matrix, normalize_counts, select_top_genes
 from hifusion_model.data.sections import new_section, section_slide, write_section
 from hifusion_model.devices import autocast, autocast_dtype, cpu_has_native_bf16, resolve_device
+from hifusion_model.engine.optim import build_optimizer
 from hifusion_model.engine.recipes import get_recipe
-from hifusion_model.engine.training import build_optimizer
 from hifusion_model.evaluation.metrics import evaluate_predictions, gene_pcc
 from hifusion_model.inference.predict import predict_batch, predict_section, prefetch_batches
 from hifusion_model.models.checkpoint import load_checkpoint, save_checkpoint

@@ -29,7 +29,7 @@ from synthetic import synthetic_section, tiny_checkpoint
 from hifusion_model.cli import main
 from hifusion_model.data.sections import read_section, write_section
 from hifusion_model.engine.recipes import get_recipe
-from hifusion_model.engine.training import train
+from hifusion_model.engine.train import train
 from hifusion_model.errors import Cancelled
 from hifusion_model.models.checkpoint import load_checkpoint, save_checkpoint
 from hifusion_model.models.config import tiny_config

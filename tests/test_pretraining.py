@@ -11,6 +11,7 @@ import torch
 from test_training import tiny_recipe
 
 from hifusion_model.cli import main
+from hifusion_model.engine.optim import build_optimizer, pretrained_encoders
 from hifusion_model.engine.pretrain import (
     PretrainConfig,
     augment_views,
@@ -18,7 +19,7 @@ from hifusion_model.engine.pretrain import (
     nt_xent,
     pretrain_encoder,
 )
-from hifusion_model.engine.training import build_optimizer, pretrained_encoders, train
+from hifusion_model.engine.train import train
 from hifusion_model.errors import CheckpointError, ConfigError, SectionError
 from hifusion_model.models.backbones import load_torchvision_resnet18
 from hifusion_model.models.checkpoint import load_checkpoint
@@ -112,7 +113,7 @@ def test_training_starts_from_the_pretrained_encoder(section: Path, trunk: Path,
 def test_pretrained_encoders_learn_at_their_own_rate():
     model = build_model(tiny_config())
     recipe = tiny_recipe(pretrained_lr=0.1)
-    prefixes = pretrained_encoders({"spot_encoder_init": "ssl.pt", "init": None}, model)
+    prefixes = pretrained_encoders(model, init=None, encoder_init={"spot": "ssl.pt"})
     assert prefixes == ["spot_encoder."]
     rate = {id(p): (g["lr"], g["weight_decay"]) for g in build_optimizer(model, recipe, prefixes)
             .param_groups for p in g["params"]}
@@ -120,10 +121,10 @@ def test_pretrained_encoders_learn_at_their_own_rate():
     for name, p in model.named_parameters():
         lr = recipe.lr * (0.1 if name.startswith("spot_encoder.") else 1.0)
         assert rate[id(p)] == (lr, recipe.weight_decay if p.ndim > 1 else 0.0), name
-    assert pretrained_encoders({"init": "bundled.pt"}, model) == ["spot_encoder.", "region_encoder."]
+    assert pretrained_encoders(model, init="bundled.pt") == ["spot_encoder.", "region_encoder."]
     spot_only = build_model(spot_only_config(tiny_config()))
-    assert pretrained_encoders({"init": "c.pt"}, spot_only) == ["spot_encoder."]
-    assert pretrained_encoders({"init": None}, model) == []
+    assert pretrained_encoders(spot_only, init="c.pt") == ["spot_encoder."]
+    assert pretrained_encoders(model, init=None) == []
     with pytest.raises(ConfigError, match="pretrained_lr"):
         tiny_recipe(pretrained_lr=0.0)
 

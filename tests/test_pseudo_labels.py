@@ -14,7 +14,7 @@ from test_training import tiny_recipe
 from hifusion_model.cli import main
 from hifusion_model.data.expression import select_top_genes
 from hifusion_model.data.sections import read_section, section_slide
-from hifusion_model.engine.training import train
+from hifusion_model.engine.train import train
 from hifusion_model.errors import ConfigError, SectionError
 from hifusion_model.future.pseudo_labels import (
     gap_positions,

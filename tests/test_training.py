@@ -297,6 +297,7 @@ def test_validation_sections_replace_the_spatial_split(section: Path, tmp_path: 
     card = load_checkpoint(result.checkpoint).card
     assert card["sections"][0]["n_val"] == 0 and card["validation"]["n_spots"] == 40
     assert card["validation_split"] == "sections B4-copy"
+    assert card["split"] == {"kind": "sections", "sections": ["B4-copy"]}
     with pytest.raises(ConfigError, match="both training and validation"):
         _train(section, tmp_path / "x.pt", val_sections=[section])
 
@@ -449,6 +450,9 @@ def test_refit_retrains_on_every_spot_to_the_chosen_epoch(refit_run) -> None:
     assert selection.card["sections"][0]["n_val"] > 0
     assert refit.card["sections"][0] == {**selection.card["sections"][0], "n_train": 40, "n_val": 0}
     assert refit.card["refit"]["selection_validation_split"].startswith("spatial blocks")
+    assert refit.card["refit"]["selection_split"] == {"kind": "spatial_blocks", "fraction": 0.15,
+                                                      "grid": 4}
+    assert refit.card["split"] == {"kind": "none", "refit": True}
     assert refit.card["command"] == refit.card["refit"]["selection_command"] == "hifusion train"
     # three selection epochs with validation, then `chosen` refit epochs without
     assert [e["refit"] for e in epochs] == [False] * 3 + [True] * chosen
@@ -503,6 +507,7 @@ def test_no_validation_trains_every_spot_to_the_end(section: Path, tmp_path: Pat
     assert card["sections"][0]["n_train"] == 40 and card["sections"][0]["n_val"] == 0
     assert result.best_epoch == card["epoch"] == 2 and result.validation == {}
     assert card["validation"] is None and card["validation_split"].startswith("none")
+    assert card["split"] == {"kind": "none", "refit": False}
     assert [e["best"] for e in epochs] == [False, True]
     assert all(e["val_mse"] is None and not e["refit"] for e in epochs)
     assert "every spot trains, no validation" in format_epoch(epochs[-1])

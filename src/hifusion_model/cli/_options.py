@@ -38,7 +38,7 @@ class Reporter:
         self.bar.update(done - self.bar.n)
 
     def epoch(self, r: dict[str, Any]) -> None:
-        from ..engine.training import format_epoch
+        from ..engine.curves import format_epoch
 
         (self.bar.write if self.bar is not None else print)(format_epoch(r), file=sys.stderr)
 

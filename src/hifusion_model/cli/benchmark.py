@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..engine.training import format_epoch
+from ..engine.curves import format_epoch
 from ..errors import ConfigError
 from ..evaluation.protocol_runs import (
     VARIANTS,

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.recipes import DEFAULT_RECIPE
-from ..engine.training import companion_paths, read_gene_list, train
+from ..engine.sources import read_gene_list
+from ..engine.state import companion_paths
+from ..engine.train import train
 from ..errors import ConfigError, HiFusionError
 from ..evaluation.metrics import MetricInputError
 from ..models.config import ModelConfig

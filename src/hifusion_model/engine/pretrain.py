@@ -42,7 +42,7 @@ from ..io_utils import atomic_path
 from ..models.backbones import ResNetTrunk, resnet10_trunk, resnet18_trunk
 from ..models.config import ENCODERS, ModelConfig
 from ..models.hifusion import zscore_per_channel
-from .training import seed_everything
+from .state import seed_everything
 
 Progress = Callable[[int, int, str], None]
 

@@ -20,6 +20,7 @@ from torch import nn
 from ..data.sections import read_section, section_slide
 from ..data.splits import validation_masks
 from ..devices import autocast_dtype, resolve_device
+from ..engine.card import ModelCard
 from ..engine.recipes import TrainConfig
 from ..errors import HiFusionError
 from ..inference.predict import predict_section
@@ -39,10 +40,11 @@ def held_out_sections(card: dict[str, Any],
     if card.get("refit"):
         raise HiFusionError("a refit model has trained on its validation spots; give "
                             f"its selection run, {card['refit'].get('selection')}")
-    if not str(card.get("validation_split", "")).startswith("spatial blocks"):
+    typed = ModelCard.from_dict(card)
+    if typed.split.kind != "spatial_blocks":
         raise HiFusionError("the card holds no spatial validation split (validated on "
-                            f"{card.get('validation_split')!r}); nothing to draw again")
-    named = card.get("sections") or []
+                            f"{typed.split.describe()!r}); nothing to draw again")
+    named = typed.sections
     if sections is None:
         missing = [s.get("name") for s in named if not s.get("path")]
         if missing:
@@ -53,7 +55,7 @@ def held_out_sections(card: dict[str, Any],
     if [s.n_obs for s in read] != [s.get("n_spots") for s in named]:
         raise HiFusionError("the sections given are not the ones the model trained on (their "
                             "spot counts differ from the card's)")
-    masks = validation_masks(read, TrainConfig.from_dict(card["recipe"]))
+    masks = validation_masks(read, typed.recipe)
     return [s[m].copy() for s, m in zip(read, masks, strict=True)]
 
 

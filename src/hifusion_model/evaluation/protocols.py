@@ -36,7 +36,7 @@ from ..data.expression import select_top_genes
 from ..data.importers import import_her2st
 from ..data.sections import read_section, section_slide, write_section
 from ..engine.recipes import TrainConfig
-from ..engine.training import train
+from ..engine.train import train
 from ..errors import ConfigError, SectionError
 from ..future.pseudo_labels import pseudo_label
 from ..inference.predict import predict_section, write_predictions

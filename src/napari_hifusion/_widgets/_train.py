@@ -186,7 +186,7 @@ class TrainPanel(QWidget):
     @guarded("Training")
     def train(self) -> Any:
         """Train on the checked sections; returns the worker."""
-        from hifusion_model.engine.training import train
+        from hifusion_model.engine.train import train
 
         held_out = self.validation.currentText()
         names = [n for n in self.checked_names() if n != held_out]
@@ -229,7 +229,7 @@ class TrainPanel(QWidget):
     def may_write(self, out: Path, inputs: list[Any]) -> bool:
         """Whether training may write ``out`` and its companion files: never over one of its
         inputs, and over existing files only when the user says so (never silently)."""
-        from hifusion_model.engine.training import companion_paths
+        from hifusion_model.engine.state import companion_paths
         from hifusion_model.io_utils import check_output
 
         companions = list(companion_paths(out).values())
