@@ -174,8 +174,9 @@ def test_manifest_claims_only_its_own_files(tmp_path: Path) -> None:
     assert not (Path(__file__).parents[1] / "napari.yaml").exists()  # one manifest, in the package
     for theirs in ("a.csv", "a.png", "a.npy", "a.tif", "a.jpg", "notes.txt", "points.json"):
         assert _manifest_readers(str(tmp_path / theirs)) == set(), theirs
-    for ours in ("s.h5ad", "s.ome.tif", "s.OME.TIFF", "s.svs", "s.ndpi"):
+    for ours in ("s.h5ad", "s.ome.tif", "s.OME.TIFF", "s.svs", "s.ndpi", "s.mrxs", "s.scn"):
         assert _manifest_readers(str(tmp_path / ours)) == {"napari-hifusion"}, ours
+        assert get_reader(str(tmp_path / ours)) is not None, ours  # and the reader takes it
 
 
 def test_get_reader_declines_foreign_paths_without_reading_them(tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hifusion_model.data.slide import SUPPORTED_SUFFIXES
+
 from ._layers import (
     PREDICTION,
     SPOT_ID,
@@ -32,9 +34,10 @@ from ._layers import (
     slide_layer_data,
 )
 
-#: Files this reader opens when asked (napari.yaml claims only the unambiguous ones: OME-TIFF,
-#: SVS, NDPI and .h5ad; plain TIFF/JPEG/PNG stay napari's own unless a caller picks this plugin).
-SLIDE_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".svs", ".ndpi", ".jpg", ".jpeg", ".png")
+#: Files this reader opens when asked: every slide the core opens (napari.yaml claims only the
+#: unambiguous ones: OME-TIFF, the scanner formats and .h5ad; plain TIFF/JPEG/PNG stay napari's
+#: own unless a caller picks this plugin).
+SLIDE_SUFFIXES = SUPPORTED_SUFFIXES
 SECTION_SUFFIXES = (".h5ad",)
 #: Folders never read here, whatever they hold (OME-Zarr images and the like), except a
 #: ``.zarr`` SpatialData store (its table's spots on its image).
