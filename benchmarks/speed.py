@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from released_port import ReleasedHiFusion
 
 from hifusion_model.data.dataset import SpotDataset
-from hifusion_model.data.expression import counts_matrix, normalize_counts, select_top_genes
+from hifusion_model.data.expression import section_targets, select_top_genes
 from hifusion_model.data.sections import new_section, section_slide, write_section
 from hifusion_model.devices import autocast, autocast_dtype, cpu_has_native_bf16, resolve_device
 from hifusion_model.engine.optim import build_optimizer
@@ -104,7 +104,7 @@ def build_setup(args: argparse.Namespace) -> Setup:
         config = tiny_config(genes) if args.quick else ModelConfig(genes=genes)
         torch.manual_seed(0)
         state = HiFusion(config).state_dict()
-        mean = normalize_counts(counts_matrix(sample, genes), config.normalization).mean(axis=0)
+        mean = section_targets(sample, genes, config.normalization).mean(axis=0)
     return Setup(device, config, state, np.asarray(mean, np.float32), bool(args.model),
                  args.batch_size, args.batches, args.repeats, args.workers, args.quick,
                  Path(args.workdir), args)

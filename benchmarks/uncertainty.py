@@ -34,7 +34,7 @@ import torch
 from scipy.stats import spearmanr
 
 from hifusion_model.data.dataset import SpotDataset, as_unit_float
-from hifusion_model.data.expression import counts_matrix, normalize_counts
+from hifusion_model.data.expression import section_targets
 from hifusion_model.data.sections import read_section, section_slide
 from hifusion_model.devices import autocast, autocast_dtype, resolve_device
 from hifusion_model.inference.predict import MAX_TTA, dihedral, prefetch_batches
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         stain = section_stain_features(section, slide, ckpt.config)
     finally:
         slide.close()
-    truth = normalize_counts(counts_matrix(section, ckpt.config.genes), ckpt.config.normalization)
+    truth = section_targets(section, ckpt.config.genes, ckpt.config.normalization)
     plain = heads[0, 0]
     candidates = {
         "levels": (plain, heads[0].std(0)),
