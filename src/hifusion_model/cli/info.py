@@ -10,16 +10,11 @@ import argparse
 import json
 from typing import Any
 
+from ..data.expression import NORMALIZATIONS
 from ..evaluation.metrics import MARKER_GENES, top_genes
 from ..models.checkpoint import FORMAT, Checkpoint, load_model
 from ..models.config import ENCODERS
 from ..models.hifusion import count_parameters
-
-NORMALIZATION_FORMULAS = {
-    "log_relative": "ln((c + 1) / sum(c + 1)) per spot, as in the paper",
-    "log1p_cp10k": "ln(1 + 1e4 * c / sum(c)) per spot",
-}
-
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -155,7 +150,7 @@ def format_card(ckpt: Checkpoint, n_parameters: int) -> str:
     size_mb = ckpt.path.stat().st_size / 1e6
     shown = ", ".join(c.genes[:6]) + (", ..." if c.n_genes > 6 else "")
     markers = ", ".join(f"{g} {'yes' if g in c.genes else 'no'}" for g in MARKER_GENES)
-    norm = f"{c.normalization}: {NORMALIZATION_FORMULAS.get(c.normalization, '')}"
+    norm = f"{c.normalization}: {NORMALIZATIONS.get(c.normalization, '')}"
     if card.get("normalization") not in (None, c.normalization):
         norm += f" ({card['normalization']})"
     lines = [

@@ -19,7 +19,11 @@ from scipy.spatial import cKDTree
 from ..errors import ConfigError, SectionError
 from .sections import section_name
 
-NORMALIZATIONS = ("log_relative", "log1p_cp10k")
+#: The per-spot normalisations of counts ``c`` a model may be trained on, and their formulas.
+NORMALIZATIONS = {
+    "log_relative": "ln((c + 1) / sum(c + 1)) per spot, as in the paper",
+    "log1p_cp10k": "ln(1 + 1e4 * c / sum(c)) per spot",
+}
 
 
 def select_top_genes(sections: Sequence[ad.AnnData], n: int = 250) -> list[str]:

@@ -114,7 +114,7 @@ class ModelConfig(JsonDataclass):
         if self.spot_um <= 0 or self.region_um <= 0 or self.spot_px <= 0 or self.region_px <= 0:
             problems.append("patch sizes must be positive")
         if self.normalization not in NORMALIZATIONS:
-            problems.append(f"normalization must be one of {NORMALIZATIONS}")
+            problems.append(f"normalization must be one of {', '.join(NORMALIZATIONS)}")
         if self.input_norm not in INPUT_NORMS:
             problems.append(f"input_norm must be one of {INPUT_NORMS}")
         if self.level_norm not in LEVEL_NORMS:
