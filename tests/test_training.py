@@ -135,6 +135,26 @@ def test_recipe_json_round_trip_and_errors() -> None:
         TrainConfig.from_dict({"learning_rate": 1})
 
 
+def test_every_declared_range_and_choice_is_enforced() -> None:
+    """One generic check reads the fields' declarations: a value past any of them is refused."""
+    checked = 0
+    for f in dataclasses.fields(TrainConfig):
+        limit, choices = f.metadata.get("limit"), f.metadata.get("choices")
+        if choices:
+            bad = "nonsense"
+        elif limit:
+            bad = limit.low - 1 if limit.high is None else limit.high + 1
+            bad = (bad, bad) if str(f.type).startswith("tuple") else bad
+        else:
+            continue
+        with pytest.raises(ConfigError, match=rf"^invalid training recipe: {f.name} must be "):
+            TrainConfig(**{f.name: bad})
+        checked += 1
+    assert checked >= 20
+    with pytest.raises(ConfigError, match="need min_lr <= lr, got lr=0.001, min_lr=0.01"):
+        TrainConfig(lr=1e-3, min_lr=1e-2)
+
+
 def test_switches_must_be_true_or_false() -> None:
     """``--set refit=yes`` reads as a string, which must not silently switch refit on."""
     with pytest.raises(ConfigError, match="refit must be true or false, got 'yes'"):

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ..errors import ConfigError
@@ -64,69 +64,6 @@ GENE_WEIGHTS = ("uniform", "inverse_variance")
 #: What picks the epoch that is kept: the lowest validation MSE, or the highest mean per-gene
 #: PCC (the field's metric). Both are noisy on a few dozen held-out spots (docs/experiments.md).
 SELECT_ON = ("mse", "gene_pcc")
-
-
-@dataclass
-class TrainConfig(JsonDataclass):
-    """How to train: optimiser, schedule, augmentation, validation split, precision, seed."""
-
-    _what = "training recipe"
-
-    name: str = "custom"
-    epochs: int = 10
-    batch_size: int = 32
-    optimizer: str = "adamw"
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-2
-    min_lr: float = 1e-6
-    warmup_epochs: float = 1.0
-    lr_step: str = "step"
-    head_dropout: float | None = 0.2  # None keeps the model configuration's value
-    level_norm: str | None = None  # HISM BatchNorm statistics; None keeps the model's value
-    align_weight: float | None = None  # weight of the level-alignment L1; None keeps the model's
-    flips: bool = True
-    rotations: bool = True
-    color_jitter: float = 0.05  # per-channel gain 1 ± j and bias ± j/2 (RGB); 0 = off
-    hed_jitter: float = 0.0  # stain jitter: H, E, DAB scaled by 1 ± s and shifted by ± s; 0 = off
-    shift_um: float = 0.0  # the spot window moves by up to ± shift_um µm (region stays); 0 = off
-    n_genes: int = 250
-    val_fraction: float = 0.15  # share of training spots held out in spatial blocks (no --val);
-    # 0: none held out, every spot trains for the whole schedule and the last epoch is kept
-    val_grid: int = 4  # each section is cut into val_grid × val_grid spatial blocks
-    seed: int = 0  # initial weights and the validation split (and, by default, the data order)
-    data_seed: int | None = None  # data order, augmentation and dropout; None: seed
-    precision: str = "auto"
-    grad_clip: float | None = None
-    gene_weights: str = "uniform"
-    ema_decay: float = 0.0  # validate and save an exponential moving average of the weights; 0 = off
-    target_smoothing: float = 0.0  # train on labels averaged over neighbours, σ in spot pitches
-    refit: bool = False  # after choosing the epoch on validation, retrain on every spot to it
-    select_on: str = "mse"  # the validation metric that chooses the epoch: mse or gene_pcc
-    pretrained_lr: float = 1.0  # lr multiplier of encoders that start from trained weights
-
-    def __post_init__(self) -> None:
-        check_types(self)  # before anything compares or converts a value
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        self.validate()
-
-    @property
-    def order_seed(self) -> int:
-        """The seed of what changes from step to step. Runs that share ``seed`` but not
-        ``data_seed`` start from the same weights and hold out the same spots: the spread between
-        them is the data order's alone."""
-        return self.seed if self.data_seed is None else self.data_seed
-
-    def validate(self) -> None:
-        check_types(self)
-        problems = [p for f in dataclasses.fields(self)
-                    if (p := _limit_problem(f.name, str(f.type), getattr(self, f.name)))]
-        if not problems and not self.min_lr <= self.lr:
-            problems.append(f"need min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if problems:
-            raise ConfigError("invalid training recipe: " + "; ".join(problems))
 
 
 class Limit(NamedTuple):
@@ -152,37 +89,101 @@ class Limit(NamedTuple):
                 f"{')' if self.high_open else ']'}")
 
 
-#: The declared range of every numeric field: ``--set`` values and recipe files are checked
-#: against it, and the error names it. Fields not listed take any finite value of their type.
-LIMITS: dict[str, Limit] = {
-    "epochs": Limit(1),
-    "batch_size": Limit(2, note="batch norm needs it"),
-    "lr": Limit(0, low_open=True),
-    "weight_decay": Limit(0),
-    "min_lr": Limit(0),
-    "warmup_epochs": Limit(0),
-    "head_dropout": Limit(0, 1, high_open=True),
-    "align_weight": Limit(0),
-    "color_jitter": Limit(0, 0.5),
-    "hed_jitter": Limit(0, 0.5),
-    "shift_um": Limit(0, 50, note="µm"),
-    "n_genes": Limit(1),
-    "val_fraction": Limit(0, 1, high_open=True),
-    "val_grid": Limit(2),
-    "grad_clip": Limit(0, low_open=True),
-    "ema_decay": Limit(0, 1, high_open=True),
-    "target_smoothing": Limit(0, 2, note="spot pitches"),
-    "pretrained_lr": Limit(0, 1, low_open=True),
-}
-#: The allowed values of the fields that name a choice.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "optimizer": OPTIMIZERS,
-    "lr_step": LR_STEPS,
-    "level_norm": LEVEL_NORMS,
-    "precision": PRECISIONS,
-    "gene_weights": GENE_WEIGHTS,
-    "select_on": SELECT_ON,
-}
+def bounded(default: Any, low: float | None, high: float | None = None, *,
+            low_open: bool = False, high_open: bool = False, note: str = "",
+            at_most: str | None = None) -> Any:
+    """A numeric field and its declared range (every item's, for a tuple): ``--set`` values
+    and recipe files are checked against it, and the error names it. ``at_most`` names a field
+    this one may not exceed."""
+    return field(default=default, metadata={
+        "limit": Limit(low, high, low_open, high_open, note), "at_most": at_most})
+
+
+def one_of(default: str | None, choices: tuple[str, ...]) -> Any:
+    """A field that names one of ``choices`` (or is ``None`` where its type allows)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class TrainConfig(JsonDataclass):
+    """How to train: optimiser, schedule, augmentation, validation split, precision, seed.
+
+    Each numeric field declares its range (:func:`bounded`) and each named choice its options
+    (:func:`one_of`); other fields take any value of their type.
+    """
+
+    _what = "training recipe"
+
+    name: str = "custom"
+    epochs: int = bounded(10, 1)
+    batch_size: int = bounded(32, 2, note="batch norm needs it")
+    optimizer: str = one_of("adamw", OPTIMIZERS)
+    lr: float = bounded(3e-4, 0, low_open=True)
+    betas: tuple[float, float] = bounded((0.9, 0.999), 0, 1, high_open=True)
+    weight_decay: float = bounded(1e-2, 0)
+    min_lr: float = bounded(1e-6, 0, at_most="lr")
+    warmup_epochs: float = bounded(1.0, 0)
+    lr_step: str = one_of("step", LR_STEPS)
+    # None keeps the model configuration's value
+    head_dropout: float | None = bounded(0.2, 0, 1, high_open=True)
+    # HISM BatchNorm statistics; None keeps the model's value
+    level_norm: str | None = one_of(None, LEVEL_NORMS)
+    # weight of the level-alignment L1; None keeps the model's
+    align_weight: float | None = bounded(None, 0)
+    flips: bool = True
+    rotations: bool = True
+    # per-channel gain 1 ± j and bias ± j/2 (RGB); 0 = off
+    color_jitter: float = bounded(0.05, 0, 0.5)
+    # stain jitter: H, E, DAB scaled by 1 ± s and shifted by ± s; 0 = off
+    hed_jitter: float = bounded(0.0, 0, 0.5)
+    # the spot window moves by up to ± shift_um µm (region stays); 0 = off
+    shift_um: float = bounded(0.0, 0, 50, note="µm")
+    n_genes: int = bounded(250, 1)
+    # share of training spots held out in spatial blocks (no --val); 0: none held out, every
+    # spot trains for the whole schedule and the last epoch is kept
+    val_fraction: float = bounded(0.15, 0, 1, high_open=True)
+    val_grid: int = bounded(4, 2)  # each section is cut into val_grid × val_grid spatial blocks
+    seed: int = 0  # initial weights and the validation split (and, by default, the data order)
+    data_seed: int | None = None  # data order, augmentation and dropout; None: seed
+    precision: str = one_of("auto", PRECISIONS)
+    grad_clip: float | None = bounded(None, 0, low_open=True)
+    gene_weights: str = one_of("uniform", GENE_WEIGHTS)
+    # validate and save an exponential moving average of the weights; 0 = off
+    ema_decay: float = bounded(0.0, 0, 1, high_open=True)
+    # train on labels averaged over neighbours, σ in spot pitches
+    target_smoothing: float = bounded(0.0, 0, 2, note="spot pitches")
+    refit: bool = False  # after choosing the epoch on validation, retrain on every spot to it
+    # the validation metric that chooses the epoch: mse or gene_pcc
+    select_on: str = one_of("mse", SELECT_ON)
+    # lr multiplier of encoders that start from trained weights
+    pretrained_lr: float = bounded(1.0, 0, 1, low_open=True)
+
+    def __post_init__(self) -> None:
+        check_types(self)  # before anything compares or converts a value
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        self.validate()
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of what changes from step to step. Runs that share ``seed`` but not
+        ``data_seed`` start from the same weights and hold out the same spots: the spread between
+        them is the data order's alone."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    def validate(self) -> None:
+        """Refuse any value outside its field's declared type, range or choices."""
+        check_types(self)
+        fields = dataclasses.fields(self)
+        problems = [p for f in fields if (p := _declared_problem(f, getattr(self, f.name)))]
+        if not problems:  # bounds by another field, once every value is in its own range
+            problems = [f"need {f.name} <= {other}, got {other}={getattr(self, other)}, "
+                        f"{f.name}={getattr(self, f.name)}"
+                        for f in fields if (other := f.metadata.get("at_most"))
+                        and not getattr(self, f.name) <= getattr(self, other)]
+        if problems:
+            raise ConfigError("invalid training recipe: " + "; ".join(problems))
+
+
 _KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
 
 
@@ -206,25 +207,25 @@ def _fits(kind: str, value: object) -> bool:
     return True
 
 
-def expected(name: str, annotation: str) -> str:
+def expected(f: dataclasses.Field) -> str:
     """What a field takes, in words: its type and its declared range or choices."""
-    kinds = [k.strip() for k in annotation.split("|")]
-    if name in CHOICES:
-        what = f"one of {CHOICES[name]}"
+    kinds = [k.strip() for k in str(f.type).split("|")]
+    limit = f.metadata.get("limit")
+    if "choices" in f.metadata:
+        what = f"one of {f.metadata['choices']}"
     elif kinds[0].startswith("tuple["):
         what = f"a list of {len(kinds[0].split(','))} numbers"
     else:
         what = _KINDS.get(kinds[0], kinds[0])
-        limit = LIMITS.get(name)
-        if limit is not None:
-            what += f" {limit}" + (f" ({limit.note})" if limit.note else "")
+    if limit is not None:
+        what += f" {limit}" + (f" ({limit.note})" if limit.note else "")
     return what + (" or null" if "None" in kinds else "")
 
 
 def check_types(config: Any) -> None:
     """Refuse a field whose value has the wrong type (``--set lr=abc``), naming what it takes."""
     problems = [
-        f"{f.name} must be {expected(f.name, str(f.type))}, got {getattr(config, f.name)!r}"
+        f"{f.name} must be {expected(f)}, got {getattr(config, f.name)!r}"
         for f in dataclasses.fields(config)
         if not any(_fits(k.strip(), getattr(config, f.name)) for k in str(f.type).split("|"))
     ]
@@ -232,13 +233,15 @@ def check_types(config: Any) -> None:
         raise ConfigError(f"invalid {config._what}: " + "; ".join(problems))
 
 
-def _limit_problem(name: str, annotation: str, value: Any) -> str | None:
+def _declared_problem(f: dataclasses.Field, value: Any) -> str | None:
     """The range or choice a value breaks, in words; None when it is allowed."""
     if value is None:
         return None
-    if (name in CHOICES and value not in CHOICES[name]) or (
-            name in LIMITS and value not in LIMITS[name]):
-        return f"{name} must be {expected(name, annotation)}, got {value!r}"
+    limit, choices = f.metadata.get("limit"), f.metadata.get("choices")
+    items = value if isinstance(value, tuple) else (value,)
+    if (choices is not None and value not in choices) or (
+            limit is not None and not all(v in limit for v in items)):
+        return f"{f.name} must be {expected(f)}, got {value!r}"
     return None
 
 
