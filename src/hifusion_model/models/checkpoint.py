@@ -12,7 +12,8 @@ model. The ``card`` is JSON-like provenance; keys read by ``hifusion info``:
 
 ``data`` (training sections), ``date``, ``command`` (the exact training command),
 ``normalization``, ``validation`` (a :func:`~hifusion_model.evaluation.metrics.evaluate_predictions`
-result, whose ``gene_pcc_all`` holds the validation PCC of every gene) and ``notes``.
+result, whose ``gene_pcc_all`` holds the validation PCC of every gene) and ``notes``. Training
+writes the card from its typed form, :class:`hifusion_model.engine.card.ModelCard`.
 """
 
 from __future__ import annotations
