@@ -24,7 +24,7 @@ import numpy as np
 from hifusion_model.data.sections import read_section
 from hifusion_model.errors import HiFusionError
 from hifusion_model.evaluation.protocols import NetworkPredictor, score
-from hifusion_model.inference.predict import check_tta
+from hifusion_model.inference.views import check_tta
 from hifusion_model.io_utils import atomic_path
 from hifusion_model.models.checkpoint import load_model
 

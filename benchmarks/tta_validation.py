@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from hifusion_model.evaluation.held_out import held_out_sections, validate
-from hifusion_model.inference.predict import MAX_TTA
+from hifusion_model.inference.views import MAX_TTA
 from hifusion_model.models.checkpoint import load_model
 
 MARKERS = ("ERBB2", "KRT19", "CD74")

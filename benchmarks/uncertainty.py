@@ -37,13 +37,14 @@ from hifusion_model.data.dataset import SpotDataset, as_unit_float
 from hifusion_model.data.expression import section_targets
 from hifusion_model.data.sections import read_section, section_slide
 from hifusion_model.devices import autocast, autocast_dtype, resolve_device
-from hifusion_model.inference.predict import MAX_TTA, dihedral, prefetch_batches
+from hifusion_model.inference.predict import prefetch_batches
 from hifusion_model.inference.uncertainty import (
     NoiseModel,
     library_sizes,
     poisson_log_sd,
     section_stain_features,
 )
+from hifusion_model.inference.views import MAX_TTA, dihedral
 from hifusion_model.models.checkpoint import load_model
 
 

@@ -13,7 +13,7 @@ with their provenance, and close the slide again whatever happens.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,8 @@ from .errors import CheckpointError, ConfigError, SectionError
 from .evaluation.metrics import MARKER_GENES, evaluate_predictions, gene_pcc
 from .inference.uncertainty import STAIN_FEATURES, NoiseModel, stain_features
 from .models.checkpoint import Checkpoint, load_model
+from .progress import Progress, ShouldStop
 
-Progress = Callable[[int, int, str], None]
 ModelSource = str | os.PathLike | tuple[torch.nn.Module, Checkpoint]
 
 
@@ -154,7 +154,7 @@ def predict(
     batch_size: int = 32,
     workers: int = 4,
     progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: ShouldStop | None = None,
     source: str | os.PathLike | None = None,
 ) -> ad.AnnData:
     """Predicted expression of every spot, as an AnnData ready for scanpy and ``evaluate``.

@@ -20,8 +20,8 @@ from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
 
 from hifusion_model.errors import Cancelled, HiFusionError
+from hifusion_model.progress import Progress, ShouldStop
 
-Progress = Callable[[int, int, str], None]
 _DONE = object()
 
 
@@ -34,7 +34,7 @@ class JobContext:
     """
 
     progress: Progress
-    should_stop: Callable[[], bool]
+    should_stop: ShouldStop
     emit: Callable[[Any], None]
 
 

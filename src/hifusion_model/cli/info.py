@@ -16,6 +16,7 @@ from ..models.checkpoint import FORMAT, Checkpoint, load_model
 from ..models.config import ENCODERS
 from ..models.hifusion import count_parameters
 
+
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,

@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..errors import Cancelled, SlideError
 from ..io_utils import atomic_path
+from ..progress import Progress, ShouldStop
 from .png_rows import PngRows
 from .slide import PLAIN_SUFFIXES, TIFF_SUFFIXES, Slide, check_channels, checked_mpp, to_rgb8
 from .slide_plain import decode_plain, halve, pixel_limit, pixel_limit_off
@@ -31,7 +32,6 @@ COMPRESSIONS = ("jpeg", "zlib")
 MAX_BUFFER_BYTES = 64 * 2**20
 
 
-Progress = Callable[[int, int, str], None]
 
 
 def _available_memory() -> int | None:
@@ -114,7 +114,7 @@ def _decode_jpeg(path: Path) -> np.ndarray | None:
 def convert_to_ome_tiff(src: str | os.PathLike, dst: str | os.PathLike, mpp: float | None = None,
                         tile: int = 512, progress: Progress | None = None, *,
                         compression: str = "jpeg", quality: int = 90,
-                        should_stop: Callable[[], bool] | None = None) -> Path:
+                        should_stop: ShouldStop | None = None) -> Path:
     """Write ``src`` as a tiled pyramidal OME-TIFF carrying its µm/px; returns ``dst``.
 
     Level 0 is streamed from the source one band of ``tile`` rows at a time, and each level is

@@ -29,13 +29,13 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import Cancelled, ConfigError, SectionError
+from ..progress import Progress, ShouldStop
 
 if TYPE_CHECKING:  # Slide.open imports this module: opening a slide must not load pandas
     import anndata as ad
@@ -49,7 +49,6 @@ UM_SYSTEMS = frozenset({"um", "µm", "μm", "micron", "microns", "micrometer", "
 UM_UNITS = frozenset({"um", "µm", "μm", "micrometer", "micrometre", "micron"})
 #: Longest side (px) below which ``write_spatialdata`` stops adding pyramid levels.
 MIN_LEVEL_PX = 1024
-Progress = Callable[[int, int, str], None]
 
 
 def _spatialdata() -> Any:
@@ -423,7 +422,7 @@ def write_spatialdata(
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> Path:
     """Write a prediction (or a section) as a SpatialData store, atomically.
 
@@ -504,7 +503,7 @@ def write_spatialdata(
     return path
 
 
-def _write_atomically(sdata: Any, path: Path, should_stop: Callable[[], bool] | None) -> None:
+def _write_atomically(sdata: Any, path: Path, should_stop: ShouldStop | None) -> None:
     """Write into a hidden folder beside ``path``, then rename it there: a crash or Ctrl-C
     leaves any earlier store untouched and no half-written one under the name."""
     path.parent.mkdir(parents=True, exist_ok=True)

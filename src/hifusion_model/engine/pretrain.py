@@ -24,7 +24,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,8 @@ from ..io_utils import atomic_path
 from ..models.backbones import ResNetTrunk, resnet10_trunk, resnet18_trunk
 from ..models.config import ENCODERS, ModelConfig
 from ..models.hifusion import zscore_per_channel
+from ..progress import Progress, ShouldStop
 from .state import seed_everything
-
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -186,7 +185,7 @@ def pretrain_encoder(
     device: str | torch.device = "auto",
     precision: str = "auto",
     progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> PretrainResult:
     """Pretrain an ``encoder`` (``spot`` or ``region``) on the tissue around the spots of
     ``sections``; write the trunk's state dict to ``out`` atomically.

@@ -38,6 +38,7 @@ from ..inference.uncertainty import fit_on_sections
 from ..io_utils import atomic_path
 from ..models.checkpoint import Checkpoint, load_checkpoint
 from ..models.config import ModelConfig
+from ..progress import Progress, ShouldStop
 from .card import ModelCard, Refit
 from .distributed import distributed, from_main
 from .recipes import DEFAULT_RECIPE, TrainConfig, get_recipe
@@ -52,7 +53,7 @@ from .sources import (
 )
 from .starting_weights import load_init
 from .state import check_same_sections, companion_paths, read_resume
-from .trainer import Progress, Runtime, Stage, Trainer, TrainResult
+from .trainer import Runtime, Stage, Trainer, TrainResult
 
 
 def _model_config(recipe: TrainConfig, genes: int | Sequence[str] | None,
@@ -225,7 +226,7 @@ def train(
     workers: int = 0,
     command: Sequence[str] | None = None,
     progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: ShouldStop | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train HiFusion on ``sections`` (``.h5ad`` paths or AnnData); the best model goes to ``out``.

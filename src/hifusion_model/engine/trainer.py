@@ -26,6 +26,7 @@ from ..errors import Cancelled, HiFusionError, SectionError
 from ..models.checkpoint import Checkpoint, save_checkpoint
 from ..models.config import ModelConfig
 from ..models.losses import hifusion_loss
+from ..progress import Progress, ShouldStop
 from .card import ModelCard, Outcome, Refit
 from .curves import LossTally, validation_fields, write_curves
 from .distributed import DistInfo, any_rank
@@ -35,8 +36,6 @@ from .sources import Data, EpochAugmented, SkipSampler
 from .starting_weights import initial_model
 from .state import companion_paths, rng_state, seed_everything, set_rng_state, write_resume
 from .validation import to_device, validate
-
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -58,7 +57,7 @@ class Runtime:
     info: DistInfo
     workers: int = 0
     progress: Progress | None = None
-    should_stop: Callable[[], bool] | None = None
+    should_stop: ShouldStop | None = None
     on_epoch: Callable[[dict[str, Any]], None] | None = None
 
 

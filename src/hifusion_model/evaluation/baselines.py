@@ -15,7 +15,7 @@ validation blocks that training holds out (:func:`hifusion_model.data.splits.val
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +31,7 @@ from ..data.sections import section_name, section_slide
 from ..data.splits import HoldOut, validation_masks
 from ..errors import SectionError
 from ..models.config import ModelConfig
-
-Progress = Callable[[int, int, str], None]
+from ..progress import Progress
 
 # -- shared data preparation ------------------------------------------------------------------
 

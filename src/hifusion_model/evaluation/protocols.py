@@ -42,10 +42,10 @@ from ..future.pseudo_labels import pseudo_label
 from ..inference.predict import predict_section, write_predictions
 from ..models.checkpoint import Checkpoint, load_model
 from ..models.config import ModelConfig
+from ..progress import Progress, ShouldStop
 from .baselines import section_targets
 from .metrics import MARKER_GENES, evaluate_predictions, gene_pcc
 
-Progress = Callable[[int, int, str], None]
 Log = Callable[[str], None]
 
 PROTOCOLS = ("loso", "3d", "2d")
@@ -382,7 +382,7 @@ def fit_network(
     device: str = "auto",
     workers: int = 2,
     progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: ShouldStop | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     pseudo_labels: Sequence[str | os.PathLike] | None = None,
 ) -> NetworkPredictor:

@@ -16,7 +16,7 @@ it and between which spots. Training reads ``X`` as the targets of those spots.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,10 @@ from ..data.sections import UNS_KEY, new_section, section_mpp, section_name, sec
 from ..errors import SectionError
 from ..inference.predict import predict_section, predictions_to_anndata
 from ..models.checkpoint import Checkpoint
+from ..progress import Progress
 
 #: Key of a pseudo-label file's provenance in ``adata.uns``.
 PSEUDO_KEY = "hifusion_pseudo"
-Progress = Callable[[int, int, str], None]
 
 
 def lattice_of(xy: np.ndarray) -> tuple[float, int, float]:

@@ -41,7 +41,7 @@ import difflib
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,8 +50,8 @@ import numpy as np
 
 from ..errors import ConfigError, SectionError
 from ..io_utils import atomic_path
+from ..progress import Progress
 
-Progress = Callable[[int, int, str], None]
 #: Marker and version of the map's JSON in the OME ``Description`` (what :func:`is_map_file` reads).
 MAP_FORMAT = "hifusion-map/1"
 #: Default map pixel: a fifth of the spot pitch (20 µm on Visium's 100 µm grid).

@@ -37,13 +37,13 @@ from ..data.expression import section_targets
 from ..data.grids import GRID_DEFAULTS, spot_grid, tissue_mask
 from ..data.sections import UNS_KEY, new_section, section_name, section_slide_path
 from ..devices import autocast, autocast_dtype, resolve_device
-from ..errors import Cancelled, ConfigError, SectionError
+from ..errors import Cancelled, SectionError
 from ..io_utils import atomic_path
 from ..models.checkpoint import Checkpoint
 from ..models.config import ModelConfig
-from .views import MAX_TTA, check_tta, dihedral
+from ..progress import Progress, ShouldStop
+from .views import check_tta, dihedral
 
-Progress = Callable[[int, int, str], None]
 #: Spots per model call on the CPU. Whole batches of 32 hold four times the activations
 #: (448-px regions through a ResNet) and ran slower: 14.3 vs 17.8 spots/s (BENCHMARKS.md).
 CPU_CHUNK = 8
@@ -102,7 +102,7 @@ def predict_section(
     precision: str = "auto",
     workers: int = 2,
     progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: ShouldStop | None = None,
     tta: int = 1,
     observe: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> np.ndarray:
