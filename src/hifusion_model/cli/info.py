@@ -11,6 +11,8 @@ import json
 from typing import Any
 
 from ..data.expression import NORMALIZATIONS
+from ..engine.card import ModelCard
+from ..errors import CheckpointError, ConfigError
 from ..evaluation.metrics import MARKER_GENES, top_genes
 from ..models.checkpoint import FORMAT, Checkpoint, load_model
 from ..models.config import ENCODERS
@@ -119,8 +121,11 @@ def _validation_lines(v: dict[str, Any], title: str = "Validation",
 
 def _unvalidated(card: dict[str, Any]) -> str | None:
     """Why a run has no validation metrics, when it held no spot out on purpose."""
-    split = str(card.get("validation_split") or "")
-    return split if split.startswith("none") else None
+    try:
+        split = ModelCard.from_dict(card).split
+    except (CheckpointError, ConfigError):  # not a card hifusion train wrote
+        return None
+    return split.describe() if split.kind == "none" else None
 
 
 def _refit_lines(refit: dict[str, Any] | None, command: str | None) -> list[tuple[str, str]]:

@@ -97,8 +97,9 @@ def check_pseudo_validation(sources: list[Source], val_sources: list[Source] | N
     if any(s.pseudo for s in sources) and not val_sources and recipe.val_fraction > 0:
         raise ConfigError(
             "pseudo-labels come from teachers trained on these sections, so spots held out of "
-            "them would validate nothing; add --set val_fraction=0 (train every spot, keep the "
-            "last epoch) or give --val sections the teachers never saw"
+            "them would validate nothing; train every spot and keep the last epoch (--set "
+            "val_fraction=0; the Train panel's validation 'none'), or validate on sections the "
+            "teachers never saw (--val; a section picked as validation)"
         )
 
 
