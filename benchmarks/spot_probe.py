@@ -11,7 +11,7 @@ field and a real benchmark run. It reports test metrics, so it must never choose
 setting by itself.
 
     python benchmarks/spot_probe.py --sections runs/accuracy/accuracy_her2st_work/sections \\
-        --train C2 --test C3,C4 [--norm slide] [--smooth 0.5] [--holdout] [--seed 1]
+        --train C2 --test C3,C4 [--norm slide] [--holdout] [--seed 1]
 
 ``--norm image`` standardises each patch per channel (as the model does); ``--norm slide``
 standardises by the channel mean and std of all spot patches of the patch's section.
@@ -20,8 +20,7 @@ standardises by the channel mean and std of all spot patches of the patch's sect
 ``--rank k`` projects the predictions onto the top k principal axes of the training targets.
 ``--adapt-bn`` re-estimates the BatchNorm statistics on each test section before predicting (AdaBN).
 ``--init TRUNK.pt`` starts the trunk from self-supervised weights (``hifusion pretrain``).
-``--smooth σ`` trains on labels averaged over neighbouring training spots (σ in spot pitches,
-``expression.smooth_targets``). ``--holdout`` drops the spatial validation blocks the trainer
+``--holdout`` drops the spatial validation blocks the trainer
 would hold out, to train on the same spots as ``accuracy_her2st.py``.
 """
 
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hifusion_model.data.dataset import Augment, SpotDataset
-from hifusion_model.data.expression import select_top_genes, smooth_targets
+from hifusion_model.data.expression import select_top_genes
 from hifusion_model.data.sections import read_section, section_slide
 from hifusion_model.data.splits import mixed_seed, spatial_block_split
 from hifusion_model.evaluation.baselines import section_targets
@@ -123,7 +122,7 @@ def training_set(data: dict, train: Sequence[str], args: argparse.Namespace):
             keep = ~spatial_block_split(data[f"{n}_xy"], fraction=0.15, grid=4,
                                         seed=mixed_seed(args.seed, k))
         xs.append(data[f"{n}_spot"][keep])
-        ys.append(smooth_targets(data[f"{n}_xy"][keep], data[f"{n}_y"][keep], args.smooth))
+        ys.append(data[f"{n}_y"][keep])
         stats.append(colour_stats(data[f"{n}_spot"])[keep])
     return (torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
             torch.cat(stats))
@@ -192,7 +191,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, help="patch cache (default: runs/spot_probe/TRAIN.npz; "
                    "the gene panel depends on the training sections)")
     p.add_argument("--norm", choices=("image", "slide"), default="image")
-    p.add_argument("--smooth", type=float, default=0.0)
     p.add_argument("--holdout", action="store_true")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)

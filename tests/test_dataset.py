@@ -162,23 +162,3 @@ def test_loader_batches_in_a_worker_process(section, slide, config):
     assert batches[0]["index"].tolist() == [0, 1]
 
 
-def test_spot_shift_crops_a_moved_window_from_a_wider_read(section, slide, config, image):
-    wide = SpotDataset(section, slide, config, margin_px=3)[1]["spot"]
-    assert wide.shape == (3, 34, 34)
-    np.testing.assert_array_equal(as_uint8(wide), crop(image, (160.4, 120.6), 34))
-    shift = Augment(flips=False, rotations=False, shift_px=3)
-    windows = set()
-    for seed in range(40):
-        spot, region = shift(wide.numpy().transpose(1, 2, 0), np.zeros((56, 56, 3), np.float32),
-                             np.random.default_rng(seed))
-        assert spot.shape == (28, 28, 3) and region.shape == (56, 56, 3)
-        hits = [(dy, dx) for dy in range(7) for dx in range(7)
-                if np.array_equal(spot, wide.numpy().transpose(1, 2, 0)[dy:dy + 28, dx:dx + 28])]
-        assert len(hits) == 1
-        windows.add(hits[0])
-    assert len(windows) > 10  # many distinct offsets in [0, 6]²
-    with pytest.raises(ConfigError, match="margin_px=3"):
-        shift(np.zeros((6, 6, 3), np.float32), np.zeros((56, 56, 3), np.float32),
-              np.random.default_rng(0))
-    with pytest.raises(ConfigError, match="shift_px"):
-        Augment(shift_px=-1)

@@ -9,6 +9,7 @@ import pytest
 
 from hifusion_model.data.splits import ValidationSplit
 from hifusion_model.engine.card import ModelCard, Refit
+from hifusion_model.engine.recipes import TrainConfig
 from hifusion_model.engine.train import train
 from hifusion_model.errors import CheckpointError, ConfigError, HiFusionError
 from hifusion_model.evaluation.held_out import held_out_sections
@@ -57,6 +58,9 @@ def test_the_bundled_card_reads_typed_and_writes_back_what_it_held(bundled_card)
     assert written.pop("split") == {"kind": "none", "refit": True}
     assert written["refit"].pop("selection_split") == {"kind": "spatial_blocks",
                                                        "fraction": 0.15, "grid": 4}
+    # and without the recipe fields since removed, which the bundled card holds off
+    retired = {k: bundled_card["recipe"].pop(k) for k in TrainConfig._retired}
+    assert retired == TrainConfig._retired
     assert written == bundled_card
 
 

@@ -9,7 +9,6 @@ from hifusion_model.data.expression import (
     normalize_counts,
     section_targets,
     select_top_genes,
-    smooth_targets,
 )
 from hifusion_model.data.sections import new_section
 from hifusion_model.errors import ConfigError, SectionError
@@ -117,25 +116,3 @@ def test_her2st_top_genes_hold_erbb2(her2st_dir):
     np.testing.assert_allclose(np.exp(y.astype(np.float64)).sum(axis=1), 1, rtol=1e-4)
 
 
-def test_smooth_targets_by_hand():
-    """Pitch 1: at σ = 0.5 pitch a neighbour weighs exp(-2) against the spot's own 1."""
-    xy = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [9.0, 9.0]])
-    y = np.array([[0.0], [1.0], [2.0], [3.0]], dtype=np.float32)
-    w = np.exp(-2.0)
-    out = smooth_targets(xy, y, 0.5)
-    assert out.dtype == np.float32
-    assert out[0, 0] == pytest.approx((w * 1 + w * 2) / (1 + 2 * w))
-    # spots 1 and 2 are √2 apart: weight exp(-4)
-    assert out[1, 0] == pytest.approx((1 + w * 0 + np.exp(-4) * 2) / (1 + w + np.exp(-4)))
-    assert out[3, 0] == 3.0  # no neighbour within 3 σ
-    np.testing.assert_array_equal(smooth_targets(xy, y, 0), y)
-
-
-def test_smooth_targets_rejects_bad_input():
-    y = np.zeros((3, 2), np.float32)
-    with pytest.raises(ConfigError, match=">= 0"):
-        smooth_targets(np.zeros((3, 2)), y, -1)
-    with pytest.raises(SectionError, match="one \\(x, y\\) centre per target row"):
-        smooth_targets(np.zeros((2, 2)), y, 0.5)
-    with pytest.raises(SectionError, match="share one centre"):
-        smooth_targets(np.zeros((3, 2)), y, 0.5)

@@ -23,7 +23,7 @@ import torch
 
 from hifusion_model.cli._options import recipe_setting
 from hifusion_model.cli.info import format_card
-from hifusion_model.data.expression import select_top_genes, smooth_targets
+from hifusion_model.data.expression import select_top_genes
 from hifusion_model.data.importers import import_her2st
 from hifusion_model.data.sections import new_section, read_section, write_section
 from hifusion_model.data.splits import mixed_seed, spatial_block_split
@@ -133,6 +133,14 @@ def test_recipe_json_round_trip_and_errors() -> None:
         TrainConfig(batch_size=1)
     with pytest.raises(ConfigError, match="unknown training recipe keys"):
         TrainConfig.from_dict({"learning_rate": 1})
+
+
+def test_a_removed_field_reads_when_off_and_is_refused_when_on() -> None:
+    """Old cards record every field of their day: the removed spot shift, off, still loads."""
+    old = {**RECIPES["hifusion"].to_dict(), "shift_um": 0.0, "target_smoothing": 0.0}
+    assert TrainConfig.from_dict(old) == RECIPES["hifusion"]
+    with pytest.raises(ConfigError, match=r"sets shift_um=16: removed .* drop the key"):
+        TrainConfig.from_dict({**old, "shift_um": 16})
 
 
 def test_every_declared_range_and_choice_is_enforced() -> None:
@@ -412,33 +420,14 @@ def test_weight_average_ramps_up_and_averages_batchnorm_statistics() -> None:
     assert ema.module[1].num_batches_tracked.item() == 1
 
 
-def test_target_smoothing_relabels_training_spots_only(section: Path) -> None:
-    """Training labels are averaged over training neighbours; validation keeps the raw labels."""
-    for sigma in (0.0, 1.0):
-        sources = open_sources([section], "training")
-        config = tiny_config(select_top_genes([sources[0].adata], N_GENES))
-        data = prepare_data(sources, None, config, tiny_recipe(target_smoothing=sigma))
-        spots = sources[0].adata
-        held = spatial_block_split(spots.obsm["spatial"], fraction=0.15, grid=4,
-                                   seed=mixed_seed(0, 0))
-        raw = data.val.datasets[0].dataset.targets.numpy()  # the section's own labels
-        keep = np.flatnonzero(~held)
-        expected = smooth_targets(spots.obsm["spatial"][keep], raw[keep], sigma)
-        got = np.stack([data.train[i]["target"].numpy() for i in range(len(data.train))])
-        np.testing.assert_allclose(got, expected, rtol=1e-6)
-        assert (sigma == 0) == np.allclose(got, raw[keep])
-        val = np.stack([data.val[i]["target"].numpy() for i in range(len(data.val))])
-        np.testing.assert_array_equal(val, raw[held])
-        np.testing.assert_allclose(data.train_mean, expected.mean(axis=0), rtol=1e-5)
-
-
 def test_ema_recipe_saves_the_averaged_weights(section: Path, tmp_path: Path) -> None:
-    """Also trains with the spot shift (wider training reads, plain validation reads),
-    inverse-variance gene weights and the recipe's alignment weight."""
-    recipe = tiny_recipe(epochs=1, shift_um=8, gene_weights="inverse_variance", align_weight=0.1)
+    """Also trains with stain jitter, inverse-variance gene weights and the recipe's alignment
+    weight."""
+    recipe = tiny_recipe(epochs=1, hed_jitter=0.05, gene_weights="inverse_variance",
+                         align_weight=0.1)
     result = _train(section, tmp_path / "m.pt", recipe=recipe.replace(ema_decay=0.5))
     ckpt = load_checkpoint(result.checkpoint)
-    assert ckpt.card["recipe"]["ema_decay"] == 0.5 and ckpt.card["recipe"]["shift_um"] == 8
+    assert ckpt.card["recipe"]["ema_decay"] == 0.5 and ckpt.card["recipe"]["hed_jitter"] == 0.05
     assert ckpt.config.align_weight == 0.1  # the recipe's, not the model configuration's 0.5
     raw = _train(section, tmp_path / "raw.pt", recipe=recipe.replace(ema_decay=0.0))
     plain = load_checkpoint(raw.checkpoint).state_dict  # same seed and data, no average

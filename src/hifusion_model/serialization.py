@@ -17,10 +17,14 @@ class JsonDataclass:
     Tuples become lists in JSON and are rebuilt by the dataclass's own ``__post_init__``;
     unknown keys are refused so that a typo in a hand-written file is not silently ignored.
     ``_what`` names the thing in error messages ("model configuration", "training recipe").
+    ``_retired`` maps removed fields to their "off" value: old files that hold them off still
+    load (checkpoint cards record every field), ones that turned them on are refused, since the
+    run they describe can no longer be repeated.
     """
 
     _what = "configuration"
     _required: tuple[str, ...] = ()
+    _retired: dict[str, Any] = {}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -29,6 +33,13 @@ class JsonDataclass:
     @classmethod
     def from_dict(cls: type[T], d: dict[str, Any]) -> T:
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        used = {k: d[k] for k in cls._retired if k in d and d[k] != cls._retired[k]}
+        if used:
+            raise ConfigError(
+                f"{cls._what} sets {', '.join(f'{k}={v!r}' for k, v in used.items())}: "
+                "removed from napari-hifusion (it measured no gain); drop the key to run "
+                "without it")
+        d = {k: v for k, v in d.items() if k not in cls._retired}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown {cls._what} keys: {sorted(unknown)}")

@@ -62,9 +62,9 @@ no spot covers. Their teachers saw every spot of the section, so give --set val_
 (or --val sections they never saw); pseudo-labels never validate nor choose the genes.
 
 --set KEY=VALUE changes any other recipe field (repeatable), e.g. --set ema_decay=0.98
-(validate and save a moving average of the weights), --set shift_um=16 (move the spot
-window by up to 16 µm) or --set pretrained_lr=0.3 (encoders started from --*-encoder-init
-or --init weights learn at 0.3x the rate); the checkpoint's card records the full recipe.
+(validate and save a moving average of the weights), --set hed_jitter=0.05 (stain jitter)
+or --set pretrained_lr=0.3 (encoders started from --*-encoder-init or --init weights learn
+at 0.3x the rate); the checkpoint's card records the full recipe.
 
 --model-config FILE.json sets the architecture (any ModelConfig field: width, spot_px,
 region_px, spot_um, region_um, levels, ...); its "genes" are ignored, they come from the data.

@@ -37,9 +37,6 @@ class Augment:
     ``bias ∈ ± color_bias``; ``hed_sigma`` scales the haematoxylin, eosin and DAB
     concentrations by ``1 ± σ`` and shifts them by ``± σ`` optical density (natural log), a
     stain jitter in the manner of Tellez et al. (0.02-0.05 is mild). Both are off by default.
-    ``shift_px`` moves the spot window by up to ``± shift_px`` in x and y: the spot must then be
-    read ``2 · shift_px`` larger (``SpotDataset(margin_px=shift_px)``) and is cropped back here;
-    the region stays centred.
     ``seed`` makes the draws reproducible (see :meth:`SpotDataset.generator`).
     """
 
@@ -48,7 +45,6 @@ class Augment:
     color_gain: float = 0.0
     color_bias: float = 0.0
     hed_sigma: float = 0.0
-    shift_px: int = 0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -56,14 +52,10 @@ class Augment:
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise ConfigError(f"augmentation {name} must be in [0, 1), got {value}")
-        if self.shift_px < 0:
-            raise ConfigError(f"augmentation shift_px must be >= 0, got {self.shift_px}")
 
     def __call__(self, spot: np.ndarray, region: np.ndarray,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Transform two (H, W, 3) float32 images in ``[0, 1]`` with the same draw from ``rng``."""
-        if self.shift_px:
-            spot = self._shifted(spot, rng)
         images = [spot, region]
         if self.flips:
             for axis in (1, 0):  # horizontal (columns), then vertical (rows)
@@ -83,16 +75,6 @@ class Augment:
         spot, region = (np.ascontiguousarray(im, dtype=np.float32) for im in images)
         return spot, region
 
-    def _shifted(self, spot: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """A window ``2 · shift_px`` smaller than ``spot``, moved by up to ± shift_px."""
-        m = self.shift_px
-        h, w = spot.shape[:2]
-        if h <= 2 * m or w <= 2 * m:
-            raise ConfigError(f"a {h}×{w} spot patch cannot be shifted by ± {m} px; read it "
-                              f"with SpotDataset(margin_px={m})")
-        dy, dx = rng.integers(0, 2 * m + 1, 2)
-        return spot[dy : dy + h - 2 * m, dx : dx + w - 2 * m]
-
 
 class SpotDataset(Dataset):
     """``{"spot", "region", "target", "index"}`` for each spot of a section on its slide.
@@ -102,20 +84,18 @@ class SpotDataset(Dataset):
     the model; :func:`as_unit_float` converts them); ``target`` is the ``(G,)`` normalised
     counts of ``genes`` (absent when ``genes`` is None, e.g. for prediction on a bare grid).
     Targets are computed once here; patches are read on demand, touching only the tiles under
-    them. ``margin_px`` widens the spot patch by that many (output) pixels on each side, at the
-    same scale, for :class:`Augment`'s ``shift_px`` to crop from.
+    them.
     """
 
     def __init__(self, section: AnnData, slide: Slide, config: ModelConfig,
                  genes: list[str] | None = None, augment: Augment | None = None,
-                 raw: bool = False, margin_px: int = 0) -> None:
+                 raw: bool = False) -> None:
         if raw and augment is not None:
             raise ConfigError("raw (uint8) patches cannot be augmented; augment float patches")
         self.centers = _spot_centers(section)
         self.slide, self.config, self.augment, self.raw = slide, config, augment, raw
         mpp = slide.require_mpp()
-        self.spot_out_px = config.spot_px + 2 * margin_px
-        self.spot_size_px = config.spot_um / mpp * self.spot_out_px / config.spot_px
+        self.spot_size_px = config.spot_um / mpp
         self.region_size_px = config.region_um / mpp
         self.genes = None if genes is None else list(genes)
         self.targets = None if genes is None else torch.from_numpy(
@@ -129,7 +109,7 @@ class SpotDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = range(len(self))[i]  # IndexError past the end, as iteration expects
         center = tuple(self.centers[i])
-        spot = self.slide.read_region_px(center, self.spot_size_px, self.spot_out_px)
+        spot = self.slide.read_region_px(center, self.spot_size_px, self.config.spot_px)
         region = self.slide.read_region_px(center, self.region_size_px, self.config.region_px)
         if self.raw:
             return self._sample(i, _chw(spot), _chw(region))

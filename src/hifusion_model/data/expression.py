@@ -14,7 +14,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.spatial import cKDTree
 
 from ..errors import ConfigError, SectionError
 from .sections import section_name
@@ -114,33 +113,3 @@ def section_targets(
            [-0.693, -0.693]], dtype=float32)
     """
     return normalize_counts(counts_matrix(section, genes), normalization)
-
-
-def smooth_targets(xy: np.ndarray, targets: np.ndarray, sigma: float) -> np.ndarray:
-    """Targets averaged over neighbouring spots with Gaussian weights; float32.
-
-    A spot's counts are a small sample (tens to hundreds of reads over 250 genes), so its
-    normalised label is mostly sampling noise for all but the strongest genes; neighbouring spots
-    share tissue. Averaging a spot with its neighbours (weight ``exp(-d² / 2 (σ·pitch)²)``,
-    itself weight 1) trades a little spatial detail for much less label noise. ``sigma`` is in
-    units of the median nearest-neighbour distance (the spot pitch); 0 returns the targets as
-    they are. Weights beyond 3 σ are dropped, so memory grows with the spots, not their square.
-    """
-    y = np.asarray(targets, dtype=np.float32)
-    xy = np.asarray(xy, dtype=np.float64)
-    if sigma < 0:
-        raise ConfigError(f"target smoothing must be >= 0, got {sigma}")
-    if xy.shape != (len(y), 2):
-        raise SectionError(f"need one (x, y) centre per target row, got {xy.shape} for {len(y)}")
-    if sigma == 0 or len(y) < 2:
-        return y
-    tree = cKDTree(xy)
-    pitch = float(np.median(tree.query(xy, k=2)[0][:, 1]))
-    if pitch <= 0:
-        raise SectionError("several spots share one centre; cannot measure the spot pitch")
-    scale = sigma * pitch
-    d = tree.sparse_distance_matrix(tree, 3 * scale, output_type="coo_matrix")
-    w = sp.coo_matrix((np.exp(-0.5 * (d.data / scale) ** 2), (d.row, d.col)), shape=d.shape)
-    w = w.tocsr()
-    w.setdiag(1.0)  # each spot itself, whether or not its zero distance was stored
-    return np.asarray((w @ y) / np.asarray(w.sum(axis=1)), dtype=np.float32)

@@ -27,9 +27,10 @@ Two named recipes ship:
     +0.027 gene PCC over their own selection runs, with a lower MSE every time. It doubles the
     training time; ``--set refit=false`` keeps the validated run.
 
-  Stain (HED) jitter, a spot shift, spatially smoothed training labels and a lower learning
-  rate for pretrained encoders are available (``hed_jitter``, ``shift_um``,
-  ``target_smoothing``, ``pretrained_lr``) but off: none helped on HER2ST.
+  Stain (HED) jitter and a lower learning rate for pretrained encoders are available
+  (``hed_jitter``, ``pretrained_lr``) but off: neither helped on HER2ST. A spot shift and
+  spatially smoothed training labels were measured, gave nothing, and were removed (their
+  fields in an old recipe are read only when off; ``docs/experiments.md``).
 
   Note on the colour jitter: the model standardises each image per channel (``input_norm``
   ``"image"``), which undoes a per-channel gain and bias exactly except where pixels clip, so
@@ -113,6 +114,7 @@ class TrainConfig(JsonDataclass):
     """
 
     _what = "training recipe"
+    _retired = {"shift_um": 0.0, "target_smoothing": 0.0}
 
     name: str = "custom"
     epochs: int = bounded(10, 1)
@@ -136,8 +138,6 @@ class TrainConfig(JsonDataclass):
     color_jitter: float = bounded(0.05, 0, 0.5)
     # stain jitter: H, E, DAB scaled by 1 ± s and shifted by ± s; 0 = off
     hed_jitter: float = bounded(0.0, 0, 0.5)
-    # the spot window moves by up to ± shift_um µm (region stays); 0 = off
-    shift_um: float = bounded(0.0, 0, 50, note="µm")
     n_genes: int = bounded(250, 1)
     # share of training spots held out in spatial blocks (no --val); 0: none held out, every
     # spot trains for the whole schedule and the last epoch is kept
@@ -150,8 +150,6 @@ class TrainConfig(JsonDataclass):
     gene_weights: str = one_of("uniform", GENE_WEIGHTS)
     # validate and save an exponential moving average of the weights; 0 = off
     ema_decay: float = bounded(0.0, 0, 1, high_open=True)
-    # train on labels averaged over neighbours, σ in spot pitches
-    target_smoothing: float = bounded(0.0, 0, 2, note="spot pitches")
     refit: bool = False  # after choosing the epoch on validation, retrain on every spot to it
     # the validation metric that chooses the epoch: mse or gene_pcc
     select_on: str = one_of("mse", SELECT_ON)

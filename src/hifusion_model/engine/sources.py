@@ -23,7 +23,6 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Sampler, Subset
 
 from ..data.dataset import Augment, SpotDataset
-from ..data.expression import smooth_targets
 from ..data.sections import read_section, section_fingerprint, section_name, section_slide
 from ..data.splits import ValidationSplit, held_out_spots
 from ..errors import ConfigError, SectionError
@@ -129,15 +128,8 @@ def read_gene_list(path: str | os.PathLike) -> list[str]:
 
 
 # -- datasets ---------------------------------------------------------------------------------
-def shift_px(recipe: TrainConfig, config: ModelConfig) -> int:
-    """The recipe's spot shift in the model's spot pixels."""
-    return round(recipe.shift_um * config.spot_px / config.spot_um)
-
-
-def _augment(recipe: TrainConfig, config: ModelConfig) -> Augment | None:
-    shift = shift_px(recipe, config)
-    if not (recipe.flips or recipe.rotations or recipe.color_jitter or recipe.hed_jitter
-            or shift):
+def _augment(recipe: TrainConfig) -> Augment | None:
+    if not (recipe.flips or recipe.rotations or recipe.color_jitter or recipe.hed_jitter):
         return None
     return Augment(
         flips=recipe.flips,
@@ -145,12 +137,11 @@ def _augment(recipe: TrainConfig, config: ModelConfig) -> Augment | None:
         color_gain=recipe.color_jitter,
         color_bias=recipe.color_jitter / 2,
         hed_sigma=recipe.hed_jitter,
-        shift_px=shift,
     )
 
 
 class Relabelled(Dataset):
-    """``base``'s samples with ``targets[i]`` as their target (e.g. spatially smoothed labels)."""
+    """``base``'s samples with ``targets[i]`` as their target (e.g. a pseudo-label)."""
 
     def __init__(self, base: Dataset, targets: np.ndarray) -> None:
         if len(base) != len(targets):  # type: ignore[arg-type]
@@ -240,7 +231,6 @@ def prepare_data(
     """Datasets of a run. A refit, or a recipe with ``val_fraction`` 0 and no validation
     sections, trains on every spot and validates on none."""
     hold_out = not refit and recipe.val_fraction > 0
-    margin = shift_px(recipe, config)
     train_parts, val_parts, val_labels, targets, info = [], [], [], [], []
     for s in train_sources:
         n = s.adata.n_obs
@@ -250,17 +240,16 @@ def prepare_data(
             else held_out_spots(s.adata.obsm["spatial"], recipe, len(info))
         )
         keep = np.flatnonzero(~held)
-        spots = SpotDataset(s.adata, s.slide, config, None if s.pseudo else config.genes,
-                            margin_px=margin)  # augmented later, per epoch
-        every = (s.pseudo.targets_for(config.genes, config.normalization) if s.pseudo
-                 else spots.targets.numpy())
-        labels = smooth_targets(s.adata.obsm["spatial"][keep], every[keep],
-                                recipe.target_smoothing)  # held-out labels never leak in
-        train_parts.append(Relabelled(Subset(spots, keep), labels))
+        spots = SpotDataset(s.adata, s.slide, config, None if s.pseudo else config.genes)
+        if s.pseudo:  # augmented later, per epoch
+            labels = s.pseudo.targets_for(config.genes, config.normalization)[keep]
+            train_parts.append(Relabelled(Subset(spots, keep), labels))
+        else:
+            labels = spots.targets.numpy()[keep]
+            train_parts.append(Subset(spots, keep))
         targets.append(labels)
-        if held.any():  # validation reads the plain spot window
-            val_spots = SpotDataset(s.adata, s.slide, config, config.genes) if margin else spots
-            val_parts.append(Subset(val_spots, np.flatnonzero(held)))
+        if held.any():
+            val_parts.append(Subset(spots, np.flatnonzero(held)))
             val_labels.append(np.full(int(held.sum()), s.label))
         info.append(
             {
@@ -276,7 +265,7 @@ def prepare_data(
     for s in val_sources or []:
         val_parts.append(SpotDataset(s.adata, s.slide, config, config.genes))
         val_labels.append(np.full(s.adata.n_obs, s.label))
-    augment = _augment(recipe, config)
+    augment = _augment(recipe)
     train: Dataset = ConcatDataset(train_parts)
     train_targets = np.concatenate(targets)
     return Data(
@@ -302,5 +291,4 @@ __all__ = [
     "prepare_data",
     "pseudo_sources",
     "read_gene_list",
-    "shift_px",
 ]
