@@ -11,10 +11,17 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
-from ..engine.recipes import DEFAULT_RECIPE
+from ..engine.recipes import (
+    DEFAULT_RECIPE,
+    RECIPE_ORIGINS,
+    RECIPES,
+    describe_recipe,
+    get_recipe,
+)
 from ..engine.sources import read_gene_list
 from ..engine.state import companion_paths
 from ..engine.train import train
@@ -32,20 +39,28 @@ from ._options import (
     recipe_from_args,
 )
 
-EPILOG = """\
-recipes:
-  hifusion   ours (default): AdamW 3e-4, weight decay 1e-2, head dropout 0.2, mild colour
-             jitter, 1-epoch warm-up + cosine, 20 epochs, batch 16, per-level BatchNorm,
-             no level-alignment loss, a 0.98 moving average of the weights is saved,
-             the epoch is chosen on validation gene PCC, then the model is
-             retrained on every spot up to it (refit; twice the time)
-  released   the paper's: Adam 1e-3, weight decay 1e-5, cosine to 1e-6 per epoch, 50 epochs,
-             batch 32, flips and rotations only
-  FILE.json  a recipe written by TrainConfig.to_json (e.g. from a checkpoint's card)
 
-validation: --val sections, else 4x4 spatial blocks per training section with >= 15 % of the
-spots held out (neighbouring spots share tissue, so a random split would leak). MODEL.pt is the
-epoch with the highest mean per-gene validation PCC (recipe released, or --set select_on=mse:
+def _recipes_help() -> str:
+    """The named recipes, each in words read from its own fields."""
+    rows = []
+    for name, recipe in RECIPES.items():
+        origin = RECIPE_ORIGINS.get(name, "")
+        if name == DEFAULT_RECIPE:
+            origin += " (default)"
+        rows.append(textwrap.fill(f"{origin}: {describe_recipe(recipe)}", width=95,
+                                  initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13))
+    rows.append("  FILE.json  a recipe written by TrainConfig.to_json (e.g. from a checkpoint's "
+                "card)")
+    return "recipes:\n" + "\n".join(rows)
+
+
+_D = get_recipe()
+EPILOG = _recipes_help() + f"""
+
+validation: --val sections, else {_D.val_grid}x{_D.val_grid} spatial blocks per training section \
+with >= {_D.val_fraction:.0%} of
+the spots held out (neighbouring spots share tissue, so a random split would leak). MODEL.pt is
+the epoch with the highest mean per-gene validation PCC (recipe released, or --set select_on=mse:
 the lowest validation MSE); MODEL.curves.json/.csv hold per-epoch curves; MODEL.resume.pt lets
 --resume continue a stopped run (Ctrl-C is safe). --set data_seed=N changes only the data order,
 augmentation and dropout (same start and split).

@@ -284,6 +284,41 @@ RECIPES: dict[str, TrainConfig] = {
     ),
 }
 DEFAULT_RECIPE = "hifusion"
+#: Where each named recipe comes from, for ``--help`` (its choices are read from its fields).
+RECIPE_ORIGINS = {"released": "the paper's", "hifusion": "ours, for small ST cohorts"}
+
+
+def describe_recipe(recipe: TrainConfig) -> str:
+    """The recipe's choices in words, read from its fields, so ``--help`` cannot drift from it.
+
+    >>> describe_recipe(RECIPES["released"])  # doctest: +NORMALIZE_WHITESPACE
+    'Adam 0.001, weight decay 1e-05, cosine to 1e-06 per epoch, 50 epochs of batch 32, flips and
+    rotations, shared BatchNorm, the epoch chosen on validation MSE'
+    """
+    r = recipe
+    warmup = f"{r.warmup_epochs:g}-epoch warm-up + " if r.warmup_epochs else ""
+    augment = [n for n, on in (("flips", r.flips), ("rotations", r.rotations)) if on]
+    augment += [f"{kind} jitter {v:g}" for kind, v in (("colour", r.color_jitter),
+                                                       ("stain", r.hed_jitter)) if v]
+    parts = [f"{dict(adam='Adam', adamw='AdamW')[r.optimizer]} {r.lr:g}, "
+             f"weight decay {r.weight_decay:g}",
+             *([f"head dropout {r.head_dropout:g}"] if r.head_dropout else []),
+             f"{warmup}cosine to {r.min_lr:g} per {r.lr_step}",
+             f"{r.epochs} epochs of batch {r.batch_size}",
+             " and ".join([", ".join(augment[:-1]), augment[-1]] if len(augment) > 1
+                          else augment) or "no augmentation"]
+    if r.level_norm:
+        parts.append(f"{r.level_norm.replace('_', '-')} BatchNorm")
+    if r.align_weight is not None:
+        parts.append("no level-alignment loss" if r.align_weight == 0
+                     else f"level alignment {r.align_weight:g}")
+    if r.ema_decay:
+        parts.append(f"a {r.ema_decay:g} moving average of the weights is saved")
+    metric = "gene PCC" if r.select_on == "gene_pcc" else "MSE"
+    parts.append(f"the epoch chosen on validation {metric}")
+    if r.refit:
+        parts.append("then retrained on every spot up to it (refit; twice the time)")
+    return ", ".join(parts)
 
 
 def get_recipe(name: str = DEFAULT_RECIPE, **overrides: Any) -> TrainConfig:
@@ -294,4 +329,5 @@ def get_recipe(name: str = DEFAULT_RECIPE, **overrides: Any) -> TrainConfig:
     return RECIPES[name].replace(**changes)
 
 
-__all__ = ["TrainConfig", "RECIPES", "DEFAULT_RECIPE", "get_recipe", "OPTIMIZERS", "PRECISIONS"]
+__all__ = ["TrainConfig", "RECIPES", "DEFAULT_RECIPE", "RECIPE_ORIGINS", "describe_recipe",
+           "get_recipe", "OPTIMIZERS", "PRECISIONS"]
