@@ -102,9 +102,9 @@ def test_prediction_round_trips_through_spatialdata(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from hifusion_model.api import predict
-    from hifusion_model.data import spatialdata_io
+    from hifusion_model.data import spatialdata_write
 
-    monkeypatch.setattr(spatialdata_io, "MIN_LEVEL_PX", 256)  # a pyramid even on a small slide
+    monkeypatch.setattr(spatialdata_write, "MIN_LEVEL_PX", 256)  # a pyramid even on a small slide
 
     store = make_store(tmp_path / "in.zarr", synthetic_section_path, hires=False)
     pred = predict(store, tiny_checkpoint_path, device="cpu", workers=0, batch_size=64)

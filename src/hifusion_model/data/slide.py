@@ -82,7 +82,7 @@ class Slide:
         mpp_arg = None if mpp is None else checked_mpp(mpp, path)
         if not path.exists():
             raise SlideError(f"slide {path} does not exist; check the path")
-        from .spatialdata_io import is_zarr_image, zarr_image_levels
+        from .spatialdata_stores import is_zarr_image, zarr_image_levels
 
         zarr_image = path.is_dir() and is_zarr_image(path)  # e.g. a SpatialData image element
         if not zarr_image and not path.is_file():
