@@ -188,3 +188,47 @@ def test_napari_reader_opens_stores_but_not_plain_ome_zarr(
     assert len(points[0]) == truth.n_obs
     np.testing.assert_allclose(points[0], truth.obsm["spatial"][:, ::-1])  # (row, col) px
     assert points[1]["scale"] == pytest.approx((MPP, MPP), rel=0.01)  # drawn in µm
+
+
+def test_prediction_store_reopens_in_napari_with_its_values(
+    tmp_path: Path, synthetic_section_path: Path, tiny_checkpoint_path: Path,
+) -> None:
+    """``hifusion predict … --out PRED.zarr`` reopens as a prediction file does: the store's
+    image, the measured spots and the predicted spots with their values."""
+    from hifusion_model.cli import main
+    from napari_hifusion._layers import PREDICTION, SPOT_ID, TRUTH
+    from napari_hifusion._reader import get_reader
+    from napari_hifusion._writer import export_h5ad
+
+    store = make_store(tmp_path / "in.zarr", synthetic_section_path, hires=False)
+    out = tmp_path / "pred.zarr"
+    assert main(["predict", str(store), "--model", str(tiny_checkpoint_path), "--out", str(out),
+                 "--device", "cpu", "--workers", "0"]) == 0
+    assert main(["evaluate", str(out), "--json"]) == 0  # scored as a prediction file is
+    table = sd.read_zarr(out).tables["table"]
+    (_, image_kw, _), (_, truth_kw, _), (yx, pred_kw, _) = get_reader(str(out))(str(out))
+    kinds = [kw["metadata"]["hifusion"]["kind"] for kw in (image_kw, truth_kw, pred_kw)]
+    assert kinds == ["slide", TRUTH, PREDICTION]
+    assert Path(image_kw["metadata"]["hifusion"]["path"]).parent == out / "images"
+    genes = list(table.var_names)
+    np.testing.assert_allclose(pred_kw["features"][genes].to_numpy(), table.X)
+    np.testing.assert_allclose(truth_kw["features"][genes].to_numpy(), table.layers["truth"])
+    assert list(pred_kw["features"][SPOT_ID]) == list(table.obs_names)
+    np.testing.assert_allclose(yx, read_section(synthetic_section_path).obsm["spatial"][:, ::-1])
+    assert pred_kw["scale"] == pytest.approx((MPP, MPP))
+
+    # saved from napari as a prediction file, it names the store's image as its slide
+    layer = type("Layer", (), {"name": pred_kw["name"], "data": yx,
+                               "features": pred_kw["features"],
+                               "metadata": pred_kw["metadata"]})()
+    again = export_h5ad(layer, tmp_path / "again.h5ad")
+    layers = get_reader(str(again))(str(again))
+    np.testing.assert_allclose(layers[2][1]["features"][genes].to_numpy(), table.X)
+
+
+def test_a_section_store_is_no_prediction(tmp_path: Path, synthetic_section_path: Path) -> None:
+    from hifusion_model.data.spatialdata_io import read_spatialdata_prediction
+
+    store = make_store(tmp_path / "in.zarr", synthetic_section_path, hires=False)
+    with pytest.raises(SectionError, match=r"holds no predictions.*--out PRED\.zarr"):
+        read_spatialdata_prediction(store)

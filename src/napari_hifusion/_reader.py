@@ -4,9 +4,9 @@ A section (``.h5ad``, a Space Ranger output folder or a HEST-1k folder) opens as
 line up in µm: the slide, and a points layer whose ``features`` hold the measured expression,
 normalised like a model's targets. The section itself rides along in
 ``layer.metadata['hifusion']['section']`` for the dock widgets. A prediction file (written by
-``hifusion predict`` or the plugin's writer) opens as the slide, its measured spots (when it
-holds the truth) and its predicted spots. A scanpy/squidpy Visium ``.h5ad`` is imported on the
-fly.
+``hifusion predict`` or the plugin's writer) or prediction store (``--out PRED.zarr``) opens as
+the slide, its measured spots (when it holds the truth) and its predicted spots. A
+scanpy/squidpy Visium ``.h5ad`` is imported on the fly.
 
 ``get_reader`` decides from names and a few ``stat`` calls only, never by opening a file, so
 napari asks other plugins at once about anything this one does not read.
@@ -199,9 +199,12 @@ def _beside_hest_files(path: Path) -> bool:
 
 
 def read_spatialdata_store(path: Path) -> list[LayerData]:
-    """A SpatialData store: its table's spots (and their counts) over its H&E image."""
-    from hifusion_model.data.spatialdata_io import read_spatialdata
+    """A SpatialData store: its table's spots (and their counts) over its H&E image, or, for
+    a prediction store (``hifusion predict --out PRED.zarr``), the layers of a prediction file."""
+    from hifusion_model.data.spatialdata_io import is_prediction_store, read_spatialdata
 
+    if is_prediction_store(path):
+        return prediction_layers(path)
     return section_layers(read_spatialdata(path))
 
 
@@ -246,14 +249,17 @@ def section_layers(section: Any, slide: Any = None) -> list[LayerData]:
 
 
 def read_predictions(path: Path) -> tuple[Any, Any]:
-    """A prediction file and the (count-free) section of its spots, its slide path resolved."""
+    """A prediction file or store and the (count-free) section of its spots, its slide path
+    resolved."""
     import numpy as np
 
     from hifusion_model.data.sections import UNS_KEY, new_section, read_h5ad
+    from hifusion_model.data.spatialdata_io import read_spatialdata_prediction
     from hifusion_model.errors import SectionError
     from hifusion_model.inference.predict import SECTION_KEYS
 
-    adata = read_h5ad(path, "prediction file not found")
+    adata = (read_spatialdata_prediction(path) if path.is_dir()
+             else read_h5ad(path, "prediction file not found"))
     meta = dict(adata.uns.get(UNS_KEY, {}))
     missing = [f"uns['{UNS_KEY}']['{k}']" for k in SECTION_KEYS if k not in meta]
     if "spatial" not in adata.obsm:

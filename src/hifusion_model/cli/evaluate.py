@@ -28,7 +28,8 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         "constant predictor that always answers the training mean.",
     )
     p.add_argument(
-        "predictions", nargs="+", type=Path, metavar="PRED.h5ad", help="prediction files"
+        "predictions", nargs="+", type=Path, metavar="PRED.h5ad|PRED.zarr",
+        help="prediction files or stores"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument(
@@ -42,13 +43,20 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
 
 
 def read_predictions(path: Path, *, need_truth: bool = True) -> ad.AnnData:
-    """A prediction file (with its truth, unless ``need_truth`` is off), or a clear error."""
-    if not path.is_file():
+    """A prediction file or store (with its truth, unless ``need_truth`` is off), or a clear
+    error."""
+    if path.suffix == ".zarr" and path.is_dir():
+        from ..data.spatialdata_io import read_spatialdata_prediction
+
+        adata = read_spatialdata_prediction(path)
+    elif not path.is_file():
         raise SectionError(f"{path}: prediction file not found")
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as e:  # h5py/anndata raise many types for a file that is not an .h5ad
-        raise SectionError(f"{path}: cannot read as an .h5ad ({type(e).__name__}: {e})") from e
+    else:
+        try:
+            adata = ad.read_h5ad(path)
+        except Exception as e:  # h5py/anndata raise many types for a file that is not an .h5ad
+            raise SectionError(f"{path}: cannot read as an .h5ad ({type(e).__name__}: {e})") \
+                from e
     if "hifusion_model" not in adata.uns:
         raise SectionError(
             f"{path}: not a prediction file (no uns['hifusion_model']); make one with "

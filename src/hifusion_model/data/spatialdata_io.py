@@ -20,12 +20,14 @@ and images), :mod:`.spatialdata_read` and :mod:`.spatialdata_write`.
 >>> section = read_spatialdata("visium.zarr")                # doctest: +SKIP
 >>> pred = predict(section)                                  # doctest: +SKIP
 >>> write_spatialdata(pred, "visium_pred.zarr")              # doctest: +SKIP
+>>> again = read_spatialdata_prediction("visium_pred.zarr")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from .spatialdata_read import read_spatialdata
+from .spatialdata_read import read_spatialdata, read_spatialdata_prediction
 from .spatialdata_stores import (
+    is_prediction_store,
     is_spatialdata_store,
     is_zarr_image,
     looks_like_spatialdata_store,
@@ -33,5 +35,6 @@ from .spatialdata_stores import (
 )
 from .spatialdata_write import write_spatialdata
 
-__all__ = ["is_spatialdata_store", "is_zarr_image", "looks_like_spatialdata_store",
-           "read_spatialdata", "write_spatialdata", "zarr_image_levels"]
+__all__ = ["is_prediction_store", "is_spatialdata_store", "is_zarr_image",
+           "looks_like_spatialdata_store", "read_spatialdata", "read_spatialdata_prediction",
+           "write_spatialdata", "zarr_image_levels"]

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import SectionError
-from .spatialdata_stores import import_spatialdata, is_spatialdata_store, zarr_image_levels
+from .spatialdata_stores import (
+    MODEL_KEY,
+    import_spatialdata,
+    is_spatialdata_store,
+    zarr_image_levels,
+)
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -114,6 +120,20 @@ def _counts(table: ad.AnnData) -> tuple[Any, pd.Index, str] | None:
     return None
 
 
+@dataclass
+class StoreSpots:
+    """The chosen table's rows for the chosen spots, placed on the chosen image."""
+
+    rows: ad.AnnData  # the table's rows annotating the spots, in the table's order
+    spatial: np.ndarray  # (n, 2) spot centres (x, y) in the image's full-resolution pixels
+    spot_diameter_um: float
+    mpp: float
+    mpp_source: str
+    slide: Path  # the image element's folder, read as the slide
+    elements: dict[str, str]  # table, image, shapes and the coordinate system they share
+    keys: tuple[str, str]  # the table's region_key and instance_key columns
+
+
 def read_spatialdata(
     path: str | os.PathLike,
     *,
@@ -136,24 +156,42 @@ def read_spatialdata(
     """
     import pandas as pd
 
-    from .importers.visium_scale import visium_lattice
-    from .sections import check_mpp_plausible, check_spots_inside, new_section
+    from .sections import new_section
 
     path = Path(path).expanduser()
-    if not path.exists():
-        raise SectionError(f"{path} does not exist; give a SpatialData .zarr store")
-    if not is_spatialdata_store(path):
-        raise SectionError(f"{path} is not a SpatialData store (no spatialdata_attrs, images/ "
-                           "or tables/ in it); write it with SpatialData.write")
-    sd = import_spatialdata()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sdata = sd.read_zarr(path)
-    except Exception as e:
-        raise SectionError(f"cannot read {path} as a SpatialData store ({type(e).__name__}: "
-                           f"{e}); check that it is complete") from e
+    spots = store_spots(path, table=table, image=image, shapes=shapes, mpp=mpp)
+    rows = spots.rows
+    counts = _counts(rows)
+    if counts is None and require_counts:
+        raise SectionError(f"{path}: the table {spots.elements['table']!r} holds no raw counts "
+                           "(X, layers['counts'] or raw.X); training needs them")
+    obs = rows.obs
+    grid = {c: obs[c].to_numpy() for c in ("array_row", "array_col")
+            if c in obs and pd.api.types.is_integer_dtype(obs[c])}
+    return new_section(
+        spots.spatial, slide=spots.slide, mpp=spots.mpp,
+        spot_diameter_um=spots.spot_diameter_um,
+        name=name or path.name.removesuffix(".zarr"), source="spatialdata", label=path,
+        obs_names=list(rows.obs_names),
+        counts=None if counts is None else counts[0],
+        genes=None if counts is None else list(counts[1]),
+        array_row=grid.get("array_row"), array_col=grid.get("array_col"),
+        extra={"mpp_source": spots.mpp_source,
+               "counts_source": counts[2] if counts else "none",
+               "spatialdata": spots.elements},
+    )
 
+
+def store_spots(path: Path, *, table: str | None = None, image: str | None = None,
+                shapes: str | None = None, mpp: float | None = None) -> StoreSpots:
+    """Open the store, choose its elements and map the spots onto the image (see
+    :func:`read_spatialdata`); what a section and a prediction read from a store share."""
+    import pandas as pd
+
+    from .importers.visium_scale import visium_lattice
+    from .sections import check_mpp_plausible, check_spots_inside
+
+    sd, sdata = _open_store(path)
     table_name = _choose("table", list(sdata.tables), table, path, "table")
     adata = sdata.tables[table_name]
     regions, region_key, instance_key = _table_regions(adata)
@@ -196,24 +234,58 @@ def read_spatialdata(
     slide = path / "images" / image_name
     levels = zarr_image_levels(slide)
     check_spots_inside(spatial, levels[0].shape[:2], path, slide)
-    counts = _counts(rows)
-    if counts is None and require_counts:
-        raise SectionError(f"{path}: the table {table_name!r} holds no raw counts (X, "
-                           "layers['counts'] or raw.X); training needs them")
-    obs = rows.obs
-    grid = {c: obs[c].to_numpy() for c in ("array_row", "array_col")
-            if c in obs and pd.api.types.is_integer_dtype(obs[c])}
-    return new_section(
-        spatial, slide=slide, mpp=float(mpp), spot_diameter_um=diameter_px * float(mpp),
-        name=name or path.name.removesuffix(".zarr"), source="spatialdata", label=path,
-        obs_names=list(rows.obs_names),
-        counts=None if counts is None else counts[0],
-        genes=None if counts is None else list(counts[1]),
-        array_row=grid.get("array_row"), array_col=grid.get("array_col"),
-        extra={"mpp_source": origin, "counts_source": counts[2] if counts else "none",
-               "spatialdata": {"table": table_name, "image": image_name,
-                               "shapes": shapes_name, "coordinate_system": system}},
-    )
+    return StoreSpots(
+        rows=rows.copy(), spatial=spatial, spot_diameter_um=diameter_px * float(mpp),
+        mpp=float(mpp), mpp_source=origin, slide=slide,
+        elements={"table": table_name, "image": image_name, "shapes": shapes_name,
+                  "coordinate_system": system},
+        keys=(region_key, instance_key))
+
+
+def read_spatialdata_prediction(path: str | os.PathLike, *, table: str | None = None,
+                                image: str | None = None,
+                                shapes: str | None = None) -> ad.AnnData:
+    """A prediction written by :func:`~hifusion_model.data.spatialdata_io.write_spatialdata`,
+    as :func:`~hifusion_model.api.predict` returned it: ``X`` the predictions, the truth and
+    uncertainty layers, the model's identity; its slide is now the store's own image, so the
+    store reopens wherever it is moved.
+    """
+    from .sections import UNS_KEY
+
+    path = Path(path).expanduser()
+    spots = store_spots(path, table=table, image=image, shapes=shapes)
+    pred = spots.rows
+    if MODEL_KEY not in pred.uns:
+        raise SectionError(f"{path}: the table {spots.elements['table']!r} holds no "
+                           f"predictions (no uns['{MODEL_KEY}']); predict into a store with "
+                           "hifusion predict --out PRED.zarr")
+    pred.obs = pred.obs.drop(columns=[k for k in spots.keys if k in pred.obs])
+    pred.uns.pop("spatialdata_attrs", None)
+    pred.obsm["spatial"] = spots.spatial
+    meta = dict(pred.uns.get(UNS_KEY) or {})
+    meta.pop("slide_abs", None)
+    pred.uns[UNS_KEY] = {**meta, "slide": str(spots.slide.resolve()), "mpp": spots.mpp,
+                         "spot_diameter_um": spots.spot_diameter_um,
+                         "name": str(meta.get("name") or path.name.removesuffix(".zarr")),
+                         "source": str(meta.get("source") or "spatialdata")}
+    return pred
+
+
+def _open_store(path: Path) -> tuple[Any, Any]:
+    """``spatialdata`` and the store read lazily, or a :class:`SectionError` saying why not."""
+    if not path.exists():
+        raise SectionError(f"{path} does not exist; give a SpatialData .zarr store")
+    if not is_spatialdata_store(path):
+        raise SectionError(f"{path} is not a SpatialData store (no spatialdata_attrs, images/ "
+                           "or tables/ in it); write it with SpatialData.write")
+    sd = import_spatialdata()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return sd, sd.read_zarr(path)
+    except Exception as e:
+        raise SectionError(f"cannot read {path} as a SpatialData store ({type(e).__name__}: "
+                           f"{e}); check that it is complete") from e
 
 
 def _pick_image(sd: Any, sdata: Any, gdf: Any, wanted: str | None, path: Path,
@@ -250,4 +322,4 @@ def _pick_image(sd: Any, sdata: Any, gdf: Any, wanted: str | None, path: Path,
     return name, element, system
 
 
-__all__ = ["read_spatialdata"]
+__all__ = ["read_spatialdata", "read_spatialdata_prediction", "store_spots"]

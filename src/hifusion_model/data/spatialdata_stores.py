@@ -18,6 +18,8 @@ import numpy as np
 from ..errors import ConfigError
 
 EXTRA = "napari-hifusion[spatialdata]"
+#: The ``uns`` key of a prediction's model identity (``predictions_to_anndata`` writes it).
+MODEL_KEY = "hifusion_model"
 
 
 def import_spatialdata() -> Any:
@@ -70,6 +72,12 @@ def is_spatialdata_store(path: str | os.PathLike) -> bool:
     if "spatialdata_attrs" in attrs:
         return True
     return any((path / k).is_dir() for k in STORE_FOLDERS)
+
+
+def is_prediction_store(path: str | os.PathLike) -> bool:
+    """A store one of whose tables holds predictions (``uns/hifusion_model``), from ``stat``
+    calls alone."""
+    return any(Path(path).glob(f"tables/*/uns/{MODEL_KEY}"))
 
 
 def _multiscales(attrs: dict) -> list | None:
@@ -147,5 +155,5 @@ def zarr_image_levels(path: str | os.PathLike) -> list[_ChannelsLast]:
 
 
 
-__all__ = ["import_spatialdata", "is_spatialdata_store", "is_zarr_image",
-           "looks_like_spatialdata_store", "zarr_image_levels"]
+__all__ = ["MODEL_KEY", "import_spatialdata", "is_prediction_store", "is_spatialdata_store",
+           "is_zarr_image", "looks_like_spatialdata_store", "zarr_image_levels"]
