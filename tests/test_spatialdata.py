@@ -22,7 +22,7 @@ from hifusion_model.data.spatialdata_io import (
     read_spatialdata,
     write_spatialdata,
 )
-from hifusion_model.errors import SectionError
+from hifusion_model.errors import Cancelled, OutputError, SectionError
 
 
 def make_store(path: Path, section_path: Path, *, physical: bool = False, grid: bool = True,
@@ -130,7 +130,7 @@ def test_prediction_round_trips_through_spatialdata(
     assert again.uns["hifusion"]["mpp_source"] == "coordinate system 'global'"
     np.testing.assert_allclose(again.obsm["spatial"], pred.obsm["spatial"])
     assert again.n_vars == 0
-    with pytest.raises(SectionError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists; add overwrite=True"):
         write_spatialdata(pred, out)
     write_spatialdata(pred, out, overwrite=True)
     with pytest.raises(SectionError, match="no raw counts"):
@@ -232,3 +232,76 @@ def test_a_section_store_is_no_prediction(tmp_path: Path, synthetic_section_path
     store = make_store(tmp_path / "in.zarr", synthetic_section_path, hires=False)
     with pytest.raises(SectionError, match=r"holds no predictions.*--out PRED\.zarr"):
         read_spatialdata_prediction(store)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_cli_replaces_a_store_only_with_overwrite_and_never_an_input(
+    tmp_path: Path, synthetic_section_path: Path, tiny_checkpoint_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from hifusion_model.cli import main
+
+    store = make_store(tmp_path / "in.zarr", synthetic_section_path, hires=False)
+    out = tmp_path / "pred.zarr"
+    args = ["--model", str(tiny_checkpoint_path), "--device", "cpu", "--workers", "0"]
+    assert main(["predict", str(synthetic_section_path), "--out", str(out), *args]) == 0
+    before = _snapshot(out)
+    assert main(["predict", str(store), "--out", str(out), *args]) == 2
+    assert "already exists; add --overwrite" in capsys.readouterr().err
+    assert _snapshot(out) == before
+    assert main(["predict", str(store), "--out", str(out), "--overwrite", *args]) == 0
+    assert _snapshot(out) != before and sd.read_zarr(out).tables["table"].n_obs > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr", "pred.zarr"]  # no leftovers
+
+    inputs = _snapshot(store)
+    for argv in (["predict", str(store), "--out", str(store), "--overwrite"],  # itself
+                 ["predict", str(store / "images" / "full"), "--grid", "hex:100",  # inside it
+                  "--out", str(store), "--overwrite"]):
+        assert main([*argv, *args]) == 2
+        assert "inputs" in capsys.readouterr().err
+    plain = tmp_path / "folder.zarr"  # a folder that is no zarr store is never replaced
+    (plain / "notes.txt").parent.mkdir()
+    (plain / "notes.txt").write_text("keep me")
+    assert main(["predict", str(store), "--out", str(plain), "--overwrite", *args]) == 2
+    assert "existing folder" in capsys.readouterr().err
+    assert (plain / "notes.txt").read_text() == "keep me" and _snapshot(store) == inputs
+
+
+def test_a_failed_or_cancelled_overwrite_keeps_the_old_store(
+    tmp_path: Path, synthetic_section_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    section = read_section(synthetic_section_path)
+    out = write_spatialdata(section, tmp_path / "s.zarr")
+    before = _snapshot(out)
+    answers = iter([False, False, True])  # stop once the new store is written, before the swap
+    with pytest.raises(Cancelled):
+        write_spatialdata(section, out, overwrite=True, should_stop=lambda: next(answers))
+    assert _snapshot(out) == before
+
+    def half_then_fail(self, path, *a, **k):
+        (Path(path) / "images").mkdir(parents=True)
+        (Path(path) / "zarr.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sd.SpatialData, "write", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        write_spatialdata(section, out, overwrite=True)
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]  # no temporary folder left
+
+
+def test_a_store_is_not_written_over_its_own_image(
+    tmp_path: Path, synthetic_section_path: Path,
+) -> None:
+    from hifusion_model.data.spatialdata_io import read_spatialdata
+
+    store = make_store(tmp_path / "in.zarr", synthetic_section_path, hires=False)
+    before = _snapshot(store)
+    section = read_spatialdata(store)  # its slide is store/images/full
+    with pytest.raises(OutputError, match="holds one of the inputs"):
+        write_spatialdata(section, store, overwrite=True)
+    assert _snapshot(store) == before

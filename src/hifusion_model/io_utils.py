@@ -66,6 +66,22 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def is_zarr_store(folder: str | os.PathLike) -> bool:
+    """A zarr store folder (v3 ``zarr.json`` or v2 ``.zgroup``/``.zarray``): the one kind of
+    folder an output may be, and so the one ``--overwrite`` replaces whole.
+
+    >>> is_zarr_store(".")
+    False
+    """
+    folder = Path(folder)
+    return any((folder / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray"))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """``path`` lies inside the existing ``folder`` (after resolving links)."""
+    return folder.is_dir() and path.resolve().is_relative_to(folder.resolve())
+
+
 def check_output(
     out: str | os.PathLike,
     inputs: Iterable[str | os.PathLike | None] = (),
@@ -73,13 +89,17 @@ def check_output(
     overwrite: bool = False,
     flag: str = "--out",
     companions: Iterable[str | os.PathLike] = (),
+    overwrite_flag: str = "--overwrite",
 ) -> Path:
     """Refuse, before any work, an output that is an input, exists, or cannot be written.
 
     The one home of the rule every writing command follows: ``out`` (and the ``companions``
-    written beside it) must be none of ``inputs`` (compared after resolving links and by inode),
-    ``out`` must not exist unless ``overwrite``, and its folder (or the nearest existing parent
-    that would hold it) must accept a new file. Raises :class:`OutputError`; returns ``out``.
+    written beside it) must be none of ``inputs`` (compared after resolving links and by inode)
+    and hold none of them (a store replaced whole would take them along), ``out`` must not
+    exist unless ``overwrite`` (``overwrite_flag`` names it in the message), an existing folder
+    is replaced only when it is a zarr store, and the folder that would hold ``out`` (or its
+    nearest existing parent) must accept a new file. Raises :class:`OutputError`; returns
+    ``out``.
     """
     out = Path(out).expanduser()
     sources = [Path(p).expanduser() for p in inputs if p is not None and str(p) != "bundled"]
@@ -89,11 +109,16 @@ def check_output(
                 raise OutputError(
                     f"{target}: {flag} is one of the inputs ({source}); choose another file name"
                 )
-    if out.is_dir():
+            if _inside(source, target):
+                raise OutputError(
+                    f"{target}: {flag} holds one of the inputs ({source}); replacing it would "
+                    "delete that input, so choose another name"
+                )
+    if out.is_dir() and not is_zarr_store(out):
         raise OutputError(f"{out}: {flag} is an existing folder; give a file name inside it")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise OutputError(
-            f"{out} already exists; add --overwrite to replace it, or choose another {flag}"
+            f"{out} already exists; add {overwrite_flag} to replace it, or choose another {flag}"
         )
     folder = out.parent
     while not folder.exists():  # atomic_path creates the missing folders

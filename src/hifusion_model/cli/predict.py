@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.suffix == ".zarr":
         from ..data.spatialdata_io import write_spatialdata
 
-        write_spatialdata(result, args.out)
+        write_spatialdata(result, args.out, overwrite=args.overwrite)
     else:
         write_predictions(result, args.out)
     precision = str(dtype).removeprefix("torch.") if dtype else "fp32"

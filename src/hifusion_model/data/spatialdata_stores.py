@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..io_utils import is_zarr_store
 
 EXTRA = "napari-hifusion[spatialdata]"
 #: The ``uns`` key of a prediction's model identity (``predictions_to_anndata`` writes it).
@@ -56,8 +57,7 @@ def looks_like_spatialdata_store(path: str | os.PathLike) -> bool:
     """A zarr group folder with SpatialData's element folders, from ``stat`` calls alone (for
     napari's reader choice, which must not open files)."""
     path = Path(path)
-    return (((path / "zarr.json").is_file() or (path / ".zgroup").is_file())
-            and any((path / k).is_dir() for k in STORE_FOLDERS))
+    return is_zarr_store(path) and any((path / k).is_dir() for k in STORE_FOLDERS)
 
 
 def is_spatialdata_store(path: str | os.PathLike) -> bool:

@@ -63,7 +63,7 @@ def write_spatialdata(
     ``Scale``, so spatialdata-plot and napari-spatialdata draw them in micrometres.
     """
     from .. import open_slide
-    from ..io_utils import anndata_nbytes, check_space
+    from ..io_utils import anndata_nbytes, check_output, check_space
     from .sections import UNS_KEY, section_slide_path
 
     sd = import_spatialdata()
@@ -77,8 +77,8 @@ def write_spatialdata(
     if "mpp" not in meta or "spatial" not in data.obsm:
         raise SectionError(f"{path}: the AnnData is neither a section nor a prediction (no "
                            f"uns['{UNS_KEY}'] or obsm['spatial']); predict or import it first")
-    if path.exists() and not overwrite:
-        raise SectionError(f"{path} already exists; remove it or pass overwrite=True")
+    check_output(path, [section_slide_path(data)], overwrite=overwrite, flag="path",
+                 overwrite_flag="overwrite=True")
     mpp = float(meta["mpp"])
     base = _element_name(str(meta.get("name", "section")))
     names = {"image": f"{base}_image", "shapes": f"{base}_spots", "table": "table"}
@@ -134,30 +134,44 @@ def write_spatialdata(
 
 
 def _write_atomically(sdata: Any, path: Path, should_stop: ShouldStop | None) -> None:
-    """Write into a hidden folder beside ``path``, then rename it there: a crash or Ctrl-C
-    leaves any earlier store untouched and no half-written one under the name."""
+    """Write into a hidden folder beside ``path``, then swap it in: a crash, Ctrl-C or
+    cancel leaves any earlier store whole under its name and no half-written one there."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".tmp.zarr", dir=path.parent))
+    tmp = _hidden_sibling(path, "tmp.zarr")
     old = None
     try:
-        tmp.rmdir()  # SpatialData.write wants to create the folder itself
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # zarr's sharding notices
             sdata.write(tmp)
         if should_stop is not None and should_stop():
             raise Cancelled(f"{path}: writing cancelled; nothing was written")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists() or path.is_symlink():
+            old = _hidden_sibling(path, "old")
             os.replace(path, old)
         os.replace(tmp, path)
     except BaseException:
-        if old is not None and old.exists() and not path.exists():
-            os.replace(old, path)
+        if old is not None and (old.exists() or old.is_symlink()) and not path.exists():
+            os.replace(old, path)  # put the earlier store back
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
+
+
+def _hidden_sibling(path: Path, suffix: str) -> Path:
+    """A fresh name beside ``path`` (same file system, so ``os.replace`` is atomic), free now."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=f".{suffix}", dir=path.parent))
+    folder.rmdir()  # SpatialData.write and os.replace want to create it themselves
+    return folder
+
+
+def _remove(path: Path) -> None:
+    """Delete a replaced store (or a file or link that stood at its name)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 __all__ = ["write_spatialdata"]
