@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -26,10 +27,11 @@ from hifusion_model.errors import Cancelled, OutputError, SectionError
 
 
 def make_store(path: Path, section_path: Path, *, physical: bool = False, grid: bool = True,
-               tables: int = 1, hires: bool = True) -> Path:
+               tables: int = 1, hires: bool = True, twin: bool = False) -> Path:
     """A Visium-like store as spatialdata-io writes one: ``global`` in full-resolution pixels
     (the full image's own), a 2× smaller hires image, spots as circles, counts in the table.
-    ``physical`` adds a µm coordinate system; ``grid`` keeps array_row/array_col."""
+    ``physical`` adds a µm coordinate system; ``grid`` keeps array_row/array_col; ``twin`` adds
+    a second full-resolution image (``stain2``), so no image is the one finest."""
     section = read_section(section_path)
     full = tissue_image(SHAPE).transpose(2, 0, 1)
     um = {"physical": Scale([MPP, MPP], axes=("y", "x"))} if physical else {}
@@ -41,6 +43,9 @@ def make_store(path: Path, section_path: Path, *, physical: bool = False, grid: 
             transformations={"global": Scale([2.0, 2.0], axes=("y", "x")),
                              **({"physical": Scale([2 * MPP, 2 * MPP], axes=("y", "x"))}
                                 if physical else {})})
+    if twin:
+        images["stain2"] = Image2DModel.parse(full, dims=("c", "y", "x"),
+                                              transformations={"global": Identity(), **um})
     xy = np.asarray(section.obsm["spatial"])
     diameter_px = section.uns["hifusion"]["spot_diameter_um"] / MPP
     spots = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), diameter_px / 2),
@@ -139,7 +144,7 @@ def test_prediction_round_trips_through_spatialdata(
 
 def test_bad_stores_say_what_is_wrong(tmp_path: Path, synthetic_section_path: Path) -> None:
     two = make_store(tmp_path / "two.zarr", synthetic_section_path, tables=2)
-    with pytest.raises(SectionError, match=r"2 tables \('table', 'table1'\); choose one with table="):
+    with pytest.raises(SectionError, match=r"2 tables \('table', 'table1'\); choose one with --table \(table= "):
         read_spatialdata(two)
     assert read_spatialdata(two, table="table1").n_obs > 0
     bare = make_store(tmp_path / "bare.zarr", synthetic_section_path, grid=False)
@@ -305,3 +310,42 @@ def test_a_store_is_not_written_over_its_own_image(
     with pytest.raises(OutputError, match="holds one of the inputs"):
         write_spatialdata(section, store, overwrite=True)
     assert _snapshot(store) == before
+
+
+def test_cli_chooses_a_stores_elements_by_name(
+    tmp_path: Path, synthetic_section_path: Path, tiny_checkpoint_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from hifusion_model.cli import main
+
+    store = make_store(tmp_path / "in.zarr", synthetic_section_path, twin=True, tables=2)
+    args = ["--model", str(tiny_checkpoint_path), "--device", "cpu", "--workers", "0"]
+    out = tmp_path / "p.h5ad"
+
+    def refused(*argv: str) -> str:
+        assert main(["predict", *argv, "--out", str(out), *args]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
+        return err
+
+    assert "2 tables ('table', 'table1'); choose one with --table" in refused(str(store))
+    err = refused(str(store), "--table", "table1")
+    assert ("3 images ('full', 'hires', 'stain2')" not in err
+            and "2 images ('full', 'stain2') at the finest resolution; choose one with --image"
+            in err)
+    assert "no image 'nope'; it holds 'full', 'hires', 'stain2'" in refused(
+        str(store), "--table", "table", "--image", "nope")
+    assert "no table 'nope'; it holds 'table', 'table1'" in refused(
+        str(store), "--table", "nope")
+    assert "no shapes element 'nope'; it holds 'spots'" in refused(
+        str(store), "--table", "table", "--image", "full", "--shapes", "nope")
+    err = refused(str(synthetic_section_path), "--image", "full")
+    assert "--image choose elements of a SpatialData .zarr store" in err
+
+    assert main(["predict", str(store), "--table", "table1", "--image", "hires",
+                 "--out", str(out), *args]) == 0
+    pred = anndata.read_h5ad(out)
+    assert Path(pred.uns["hifusion"]["slide"]).name == "hires"
+    assert pred.uns["hifusion"]["mpp"] == pytest.approx(2 * MPP, rel=0.01)
+    np.testing.assert_allclose(pred.obsm["spatial"],
+                               read_section(synthetic_section_path).obsm["spatial"] / 2)

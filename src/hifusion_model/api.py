@@ -99,15 +99,22 @@ def open_input(
 SECTION_SUFFIXES = (".h5ad", ".zarr")
 
 
-def read_input_section(path: str | os.PathLike, mpp: float | None = None) -> ad.AnnData:
+def read_input_section(path: str | os.PathLike, mpp: float | None = None, *,
+                       table: str | None = None, image: str | None = None,
+                       shapes: str | None = None) -> ad.AnnData:
     """A section ``.h5ad`` of this project, a scanpy/squidpy Visium AnnData (``uns['spatial']``
     with images and scale factors), or a SpatialData ``.zarr`` store, the last two imported on
-    the fly (``mpp``: µm/px where a store records none)."""
+    the fly (``mpp``: µm/px where a store records none; ``table``, ``image``, ``shapes``: the
+    store's elements to use where it holds several)."""
     path = Path(path)
+    elements = {"table": table, "image": image, "shapes": shapes}
     if path.suffix == ".zarr" and path.is_dir():
         from .data.spatialdata_io import read_spatialdata
 
-        return read_spatialdata(path, mpp=mpp)
+        return read_spatialdata(path, mpp=mpp, **elements)
+    if any(v is not None for v in elements.values()):
+        raise ConfigError(f"{path}: table=, image= and shapes= choose the elements of a "
+                          "SpatialData .zarr store, which this input is not")
     if not path.is_file():
         raise SectionError(f"{path} does not exist; give a section .h5ad or a slide image")
     if _is_scanpy_visium(path):

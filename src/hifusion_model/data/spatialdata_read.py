@@ -49,6 +49,8 @@ def _systems(sd: Any, element: Any) -> set[str]:
 
 def _choose(kind: str, names: list[str], wanted: str | None, path: Path, argument: str,
             why: str = "") -> str:
+    """``wanted`` if the store holds it, else the only one of ``names``; the errors list the
+    names and say how to choose (``--image`` on the command line, ``image=`` in Python)."""
     if wanted is not None:
         if wanted not in names:
             raise SectionError(f"{path}: no {kind} {wanted!r}; it holds "
@@ -58,8 +60,8 @@ def _choose(kind: str, names: list[str], wanted: str | None, path: Path, argumen
         raise SectionError(f"{path}: the store holds no {kind}{why}; a section needs an H&E "
                            "image, spot shapes and a table annotating them")
     if len(names) > 1:
-        raise SectionError(f"{path}: {len(names)} {kind}s ({', '.join(map(repr, names))}); "
-                           f"choose one with {argument}=")
+        raise SectionError(f"{path}: {len(names)} {kind}s ({', '.join(map(repr, names))})"
+                           f"{why}; choose one with --{argument} ({argument}= in Python)")
     return names[0]
 
 
