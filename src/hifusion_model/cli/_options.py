@@ -158,9 +158,9 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
 
 def check_inference_options(args: argparse.Namespace, what: str,
                             suffixes: tuple[str, ...] = (".h5ad",)) -> None:
-    """``--out`` must end in one of ``suffixes`` (``what`` it holds); batch size, workers and
-    views in range."""
-    if args.out.suffix not in suffixes:
+    """``--out`` (if given: ``--out-dir`` names its own files) must end in one of ``suffixes``
+    (``what`` it holds); batch size, workers and views in range."""
+    if args.out is not None and args.out.suffix not in suffixes:
         raise ConfigError(f"{args.out}: the {what} file must end in {' or '.join(suffixes)}")
     if args.batch_size < 1 or args.workers < 0:
         raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
@@ -178,33 +178,6 @@ def check_mpp(args: argparse.Namespace, mpp: float | None, source: Any, origin: 
     """A µm/px entering from ``origin`` must be plausible unless ``--any-mpp``."""
     if mpp is not None:
         check_mpp_plausible(mpp, source, origin, allow=getattr(args, "any_mpp", False))
-
-
-#: The elements of a SpatialData store an input may choose, where the store holds several.
-STORE_ELEMENTS = {
-    "table": "the table of spots and counts (default: the store's only table)",
-    "image": "the H&E image (default: the finest image the spots lie on)",
-    "shapes": "the spot shapes (default: the only ones the table annotates)",
-}
-
-
-def add_store_options(p: argparse.ArgumentParser) -> None:
-    """``--table``, ``--image``, ``--shapes``: which elements of a SpatialData ``.zarr`` input
-    make the section, where the store holds several."""
-    group = p.add_argument_group("SpatialData .zarr inputs")
-    for name, help in STORE_ELEMENTS.items():
-        group.add_argument(f"--{name}", metavar="NAME", help=help)
-
-
-def store_elements(args: argparse.Namespace, path: Path) -> dict[str, str]:
-    """The elements ``--table``/``--image``/``--shapes`` chose, for ``read_input_section``;
-    refused for an input that is no ``.zarr`` store, where they would silently do nothing."""
-    chosen = {k: v for k in STORE_ELEMENTS if (v := getattr(args, k, None)) is not None}
-    if chosen and path.suffix != ".zarr":
-        flags = "/".join(f"--{k}" for k in chosen)
-        raise ConfigError(f"{path}: {flags} choose elements of a SpatialData .zarr store, "
-                          f"which this input is not; drop {flags}")
-    return chosen
 
 
 def add_overwrite_option(p: argparse.ArgumentParser) -> None:

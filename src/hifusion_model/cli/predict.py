@@ -2,7 +2,7 @@
 
 On a section, every spot is predicted and its measured counts (if any) are kept as
 ``layers['truth']`` for ``hifusion evaluate``. On a bare slide, spots come from ``--grid`` or
-``--spots``.
+``--spots``. Many inputs with ``--out-dir`` are :mod:`.predict_many`'s.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,11 @@ from ._options import (
     add_any_mpp_option,
     add_inference_options,
     add_overwrite_option,
-    add_store_options,
     check_inference_options,
     check_mpp,
     check_out,
-    store_elements,
 )
+from .predict_many import add_batch_options, is_batch, run_batch
 
 
 def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
@@ -46,8 +46,10 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     p.add_argument(
         "input",
         type=Path,
-        metavar="SECTION.h5ad|STORE.zarr|SLIDE",
-        help="a section file, a SpatialData store, or a slide image (then give --grid or --spots)",
+        nargs="+",
+        metavar="SECTION.h5ad|STORE.zarr|SLIDE|FOLDER",
+        help="a section file, a SpatialData store, or a slide image (then give --grid or --spots); "
+        "several of them, or folders of them, with --out-dir",
     )
     p.add_argument(
         "--model",
@@ -55,10 +57,12 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         metavar="MODEL.pt|bundled",
         help="checkpoint, or 'bundled' for the shipped HER2ST model (default)",
     )
-    p.add_argument(
-        "--out", required=True, type=Path, metavar="PRED.h5ad|PRED.zarr",
+    outputs = p.add_mutually_exclusive_group(required=True)
+    outputs.add_argument(
+        "--out", type=Path, metavar="PRED.h5ad|PRED.zarr",
         help="predictions to write (.zarr: a SpatialData store of the image, spots and table)"
     )
+    add_batch_options(p, outputs)
     spots = p.add_mutually_exclusive_group()
     spots.add_argument(
         "--grid",
@@ -84,7 +88,6 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         help="µm per full-resolution pixel (overrides the section's or the slide's)",
     )
     add_any_mpp_option(p)
-    add_store_options(p)
     add_inference_options(p)
     add_overwrite_option(p)
     return p
@@ -92,16 +95,14 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
 
 
 
-def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
+def load_input(args: argparse.Namespace, path: Path) -> tuple[ad.AnnData, Slide]:
     """The section to predict and its opened slide, from a section file or a bare slide."""
-    path: Path = args.input
     if not path.exists():
         raise SectionError(f"{path} does not exist; give a section .h5ad or a slide image")
-    elements = store_elements(args, path)
     if path.suffix in (".h5ad", ".zarr"):
         if args.grid or args.spots:
             raise ConfigError(f"{path} is a section: it has its own spots, so drop --grid/--spots")
-        section = read_input_section(path, mpp=args.mpp, **elements)
+        section = read_input_section(path, mpp=args.mpp)
         check_mpp(args, section.uns["hifusion"]["mpp"], path, "the section")
         return section, section_slide(section, mpp_override=args.mpp)
     if args.spots:
@@ -131,35 +132,65 @@ def load_input(args: argparse.Namespace) -> tuple[ad.AnnData, Slide]:
 
 def run(args: argparse.Namespace) -> int:
     check_inference_options(args, "prediction", suffixes=(".h5ad", ".zarr"))
-    check_out(args, [args.input, args.spots, args.model])
-    check_mpp(args, args.mpp, args.input, "--mpp")
+    check_mpp(args, args.mpp, args.input[0], "--mpp")
+    if is_batch(args):
+        return run_batch(args, predict_input, write_prediction)
+    [path] = args.input
+    check_out(args, [path, args.spots, args.model])
     device = resolve_device(args.device)
-    section, slide = load_input(args)
+    result, seconds = predict_input(args, path, lambda: load_model(args.model, device), device)
+    write_prediction(args, result, args.out, device, seconds)
+    return 0
+
+
+def predict_input(
+    args: argparse.Namespace, path: Path, model: Callable[[], tuple[Any, Any]], device: Any, *,
+    take: Callable[[ad.AnnData], ad.AnnData] | None = None, progress: bool = True,
+) -> tuple[ad.AnnData | None, float]:
+    """One input's predictions and the seconds they took.
+
+    ``model()`` gives the network, called once the input is read, so a bad input is reported
+    before a model loads. ``take``: the part of the section to predict (a process's share of a
+    run split across processes); None comes back when it keeps no spot.
+    """
+    section, slide = load_input(args, path)
     slide.close()  # checked here; predict opens it again as the section says
-    model, ckpt = load_model(args.model, device)
-    dtype = autocast_dtype(device, args.precision)
+    network, ckpt = model()
+    if take is not None:
+        section = take(section)
+        if not section.n_obs:
+            return None, 0.0
     start = time.perf_counter()
     with Reporter(unit="spot") as reporter:
         result = predict(
-            section, (model, ckpt),
-            mpp=args.mpp if args.input.suffix in (".h5ad", ".zarr") else None,
+            section, (network, ckpt),
+            mpp=args.mpp if path.suffix in (".h5ad", ".zarr") else None,
             tta=args.tta, device=device, precision=args.precision, batch_size=args.batch_size,
-            workers=args.workers, progress=reporter.progress, source=args.model,
+            workers=args.workers, progress=reporter.progress if progress else None,
+            source=args.model,
         )
-    seconds = time.perf_counter() - start
-    check_space(args.out, anndata_nbytes(result))
-    if args.out.suffix == ".zarr":
+    return result, time.perf_counter() - start
+
+
+def write_prediction(args: argparse.Namespace, result: ad.AnnData, out: Path, device: Any,
+                     seconds: float, processes: int = 1) -> None:
+    """Write ``result`` to ``out`` (``.zarr``: a SpatialData store) and say what was done (by
+    how many ``processes``, when they shared its spots)."""
+    check_space(out, anndata_nbytes(result))
+    if out.suffix == ".zarr":
         from ..data.spatialdata_io import write_spatialdata
 
-        write_spatialdata(result, args.out, overwrite=args.overwrite)
+        write_spatialdata(result, out, overwrite=args.overwrite)
     else:
-        write_predictions(result, args.out)
+        write_predictions(result, out)
+    dtype = autocast_dtype(device, args.precision)
     precision = str(dtype).removeprefix("torch.") if dtype else "fp32"
     print(
-        f"{args.out}: {result.n_obs} spots × {result.n_vars} genes predicted on {device} "
-        f"({precision}) in {seconds:.1f} s ({result.n_obs / max(seconds, 1e-9):.0f} spots/s)"
-        + ("" if section.n_vars else "; no measured counts, so no truth to evaluate against")
+        f"{out}: {result.n_obs} spots × {result.n_vars} genes predicted on {device} "
+        f"({precision}){f' by {processes} processes' * (processes > 1)} in {seconds:.1f} s "
+        f"({result.n_obs / max(seconds, 1e-9):.0f} spots/s)"
+        + ("" if "truth" in result.layers else
+           "; no measured counts, so no truth to evaluate against")
         + ("" if "uncertainty" in result.layers else
            "; this model has no noise model, so no uncertainty layer")
     )
-    return 0

@@ -2,7 +2,8 @@
 
 With ``WORLD_SIZE > 1`` every rank trains on its share of the spots, validation is predicted in
 shards and gathered on rank 0, and only rank 0 writes files. A single process sees the same
-calls as no-ops, so the trainer has one code path.
+calls as no-ops, so the trainer has one code path. ``hifusion predict`` shares its inputs (or
+one input's spots) the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -35,8 +37,14 @@ class DistInfo:
 
 
 @contextlib.contextmanager
-def distributed(device: str) -> Iterator[DistInfo]:
-    """Join the process group torchrun describes (if any); leave it only if we joined it."""
+def distributed(device: str, *, backend: str | None = None,
+                timeout: timedelta | None = None) -> Iterator[DistInfo]:
+    """Join the process group torchrun describes (if any); leave it only if we joined it.
+
+    ``backend``: NCCL for a CUDA ``device``, else gloo, unless given (prediction passes only
+    Python objects, which gloo carries without GPU memory). ``timeout``: how long a collective
+    waits for the slowest rank (torch's default, 30 min, unless given).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         yield DistInfo()
@@ -44,9 +52,10 @@ def distributed(device: str) -> Iterator[DistInfo]:
     joined = not dist.is_initialized()
     if joined:
         use_nccl = torch.cuda.is_available() and str(device) not in ("cpu", "mps")
-        if use_nccl:  # NCCL collectives run on the current device: make it this rank's GPU
+        backend = backend or ("nccl" if use_nccl else "gloo")
+        if backend == "nccl":  # NCCL collectives run on the current device: this rank's GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if use_nccl else "gloo")
+        dist.init_process_group(backend, timeout=timeout)
     try:
         yield DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
         if joined:  # leave together: tearing gloo down while a peer still talks aborts it
