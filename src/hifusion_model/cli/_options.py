@@ -180,6 +180,33 @@ def check_mpp(args: argparse.Namespace, mpp: float | None, source: Any, origin: 
         check_mpp_plausible(mpp, source, origin, allow=getattr(args, "any_mpp", False))
 
 
+#: The elements of a SpatialData store an input may choose, where the store holds several.
+STORE_ELEMENTS = {
+    "table": "the table of spots and counts (default: the store's only table)",
+    "image": "the H&E image (default: the finest image the spots lie on)",
+    "shapes": "the spot shapes (default: the only ones the table annotates)",
+}
+
+
+def add_store_options(p: argparse.ArgumentParser) -> None:
+    """``--table``, ``--image``, ``--shapes``: which elements of a SpatialData ``.zarr`` input
+    make the section, where the store holds several."""
+    group = p.add_argument_group("SpatialData .zarr inputs")
+    for name, help in STORE_ELEMENTS.items():
+        group.add_argument(f"--{name}", metavar="NAME", help=help)
+
+
+def store_elements(args: argparse.Namespace, path: Path) -> dict[str, str]:
+    """The elements ``--table``/``--image``/``--shapes`` chose, for ``read_input_section``;
+    refused for an input that is no ``.zarr`` store, where they would silently do nothing."""
+    chosen = {k: v for k in STORE_ELEMENTS if (v := getattr(args, k, None)) is not None}
+    if chosen and path.suffix != ".zarr":
+        flags = "/".join(f"--{k}" for k in chosen)
+        raise ConfigError(f"{path}: {flags} choose elements of a SpatialData .zarr store, "
+                          f"which this input is not; drop {flags}")
+    return chosen
+
+
 def add_overwrite_option(p: argparse.ArgumentParser) -> None:
     """``--overwrite``: without it an existing output file is never replaced."""
     p.add_argument("--overwrite", action="store_true",

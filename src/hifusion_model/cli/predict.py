@@ -31,9 +31,11 @@ from ._options import (
     add_any_mpp_option,
     add_inference_options,
     add_overwrite_option,
+    add_store_options,
     check_inference_options,
     check_mpp,
     check_out,
+    store_elements,
 )
 from .predict_many import add_batch_options, is_batch, run_batch
 
@@ -88,6 +90,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         help="µm per full-resolution pixel (overrides the section's or the slide's)",
     )
     add_any_mpp_option(p)
+    add_store_options(p)
     add_inference_options(p)
     add_overwrite_option(p)
     return p
@@ -99,10 +102,11 @@ def load_input(args: argparse.Namespace, path: Path) -> tuple[ad.AnnData, Slide]
     """The section to predict and its opened slide, from a section file or a bare slide."""
     if not path.exists():
         raise SectionError(f"{path} does not exist; give a section .h5ad or a slide image")
+    elements = store_elements(args, path)
     if path.suffix in (".h5ad", ".zarr"):
         if args.grid or args.spots:
             raise ConfigError(f"{path} is a section: it has its own spots, so drop --grid/--spots")
-        section = read_input_section(path, mpp=args.mpp)
+        section = read_input_section(path, mpp=args.mpp, **elements)
         check_mpp(args, section.uns["hifusion"]["mpp"], path, "the section")
         return section, section_slide(section, mpp_override=args.mpp)
     if args.spots:
