@@ -1,5 +1,5 @@
-"""``hifusion predict`` under torchrun: 2 CPU processes (gloo) share one slide's spots, or share
-the inputs of a folder, and write what one process would."""
+"""``hifusion predict`` under torchrun: 2 CPU processes (gloo) share one slide's spots (``--out``
+form), or share the inputs of a folder (``--out-dir``), and write what one process would."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def test_two_processes_share_one_slides_spots_and_rank_0_writes_the_whole(
     capsys: pytest.CaptureFixture,
 ) -> None:
     model = ["--model", str(tiny_checkpoint_path), "--grid", "hex:100"]
-    shared = _torchrun(str(synthetic_slide_path), "--out-dir", str(tmp_path / "two"), *model,
-                       cwd=tmp_path)
+    shared = _torchrun(str(synthetic_slide_path), "--out", str(tmp_path / "two" / "slide.pred.h5ad"),
+                       *model, cwd=tmp_path)
     assert shared.returncode == 0, shared.stderr[-3000:]
     assert shared.stdout.count("predicted on cpu (fp32) by 2 processes") == 1  # rank 0 alone
     alone = tmp_path / "one" / "slide.pred.h5ad"

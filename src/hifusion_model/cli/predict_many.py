@@ -32,6 +32,7 @@ from ..inference.many import (
     spot_share,
 )
 from ..io_utils import check_output
+from ._options import check_out
 
 #: ``predict_input(args, path, model, device, take=None, progress=True)``: one input's
 #: predictions (of the spots ``take`` keeps; None if it keeps none) and the seconds taken.
@@ -61,7 +62,10 @@ def add_batch_options(p: argparse.ArgumentParser, outputs: Any) -> None:
 
 
 def is_batch(args: argparse.Namespace) -> bool:
-    """Whether the command line asks for the many-input form; refuses mixed forms."""
+    """Whether this run is :func:`run_batch`'s: many inputs (``--out-dir``), or one shared by
+    torchrun's processes; refuses mixed forms."""
+    from ..engine.distributed import launched_world
+
     folder = args.input[0].is_dir() and not is_store(args.input[0])
     if args.out is not None and (len(args.input) > 1 or folder):
         what = (f"{args.input[0]} is a folder" if len(args.input) == 1
@@ -76,7 +80,7 @@ def is_batch(args: argparse.Namespace) -> bool:
     if args.skip_existing and args.overwrite:
         raise ConfigError("--skip-existing leaves existing predictions, --overwrite replaces "
                           "them: give one of the two")
-    return args.out_dir is not None
+    return args.out_dir is not None or launched_world() > 1
 
 
 def _inputs(paths: list[Path]) -> str:
@@ -87,8 +91,11 @@ def plan_jobs(args: argparse.Namespace) -> tuple[list[tuple[Path, Path]], int]:
     """``(input, output)`` of every input still to predict, and how many were skipped.
 
     Every output is checked before any is written, so a batch never stops half-way on a name
-    that was wrong from the start.
+    that was wrong from the start. Under torchrun every process checks them all before it
+    joins the others, so none is written before all are checked.
     """
+    if args.out is not None:  # one input, shared by torchrun's processes
+        return [(args.input[0], check_out(args, [args.input[0], args.spots, args.model]))], 0
     inputs = expand_inputs(args.input, args.pattern)
     outputs = output_paths(inputs, args.out_dir)
     sources = [*inputs, args.model]
@@ -108,7 +115,7 @@ def plan_jobs(args: argparse.Namespace) -> tuple[list[tuple[Path, Path]], int]:
             f"({len(existing)} of {len(outputs)} outputs); add --overwrite to replace them, "
             "--skip-existing to predict only the others, or choose another --out-dir"
         )
-    return jobs, len(inputs) - len(jobs) - len(existing)
+    return jobs, len(inputs) - len(jobs)
 
 
 def run_batch(args: argparse.Namespace, predict_input: PredictInput,
@@ -125,7 +132,7 @@ def run_batch(args: argparse.Namespace, predict_input: PredictInput,
     from ..engine.distributed import distributed, from_main, gather_on_main
     from ..models.checkpoint import load_model
 
-    jobs, skipped = plan_jobs(args)  # every process checks every output before any is written
+    jobs, skipped = plan_jobs(args)
     with distributed("cpu", backend="gloo", timeout=PATIENCE) as info:
         if skipped and info.is_main:
             print(f"hifusion predict: {skipped} input(s) already predicted in {args.out_dir}, "

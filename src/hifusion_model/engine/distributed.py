@@ -36,6 +36,11 @@ class DistInfo:
         return self.world > 1
 
 
+def launched_world() -> int:
+    """How many processes torchrun started (``WORLD_SIZE``; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 @contextlib.contextmanager
 def distributed(device: str, *, backend: str | None = None,
                 timeout: timedelta | None = None) -> Iterator[DistInfo]:
@@ -45,8 +50,7 @@ def distributed(device: str, *, backend: str | None = None,
     Python objects, which gloo carries without GPU memory). ``timeout``: how long a collective
     waits for the slowest rank (torch's default, 30 min, unless given).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if launched_world() <= 1:
         yield DistInfo()
         return
     joined = not dist.is_initialized()
@@ -54,10 +58,10 @@ def distributed(device: str, *, backend: str | None = None,
         use_nccl = torch.cuda.is_available() and str(device) not in ("cpu", "mps")
         backend = backend or ("nccl" if use_nccl else "gloo")
         if backend == "nccl":  # NCCL collectives run on the current device: this rank's GPU
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timeout)
     try:
-        yield DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        yield DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
         if joined:  # leave together: tearing gloo down while a peer still talks aborts it
             dist.barrier()
     finally:
@@ -90,4 +94,4 @@ def from_main(values: list[Any], info: DistInfo) -> list[Any]:
     return values
 
 
-__all__ = ["DistInfo", "any_rank", "distributed", "from_main", "gather_on_main"]
+__all__ = ["DistInfo", "any_rank", "distributed", "from_main", "gather_on_main", "launched_world"]
