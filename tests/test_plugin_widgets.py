@@ -289,6 +289,9 @@ def test_training_writes_a_loadable_active_checkpoint(app, qtbot, tmp_path) -> N
     assert ckpt.config.n_genes == 4 and ckpt.card["refit"]["epoch"] == 1
     assert [r["refit"] for r in panel.records] == [False, True] and "refit" in panel.table.text()
     assert "refit on every spot to epoch 1" in panel.status.text()
+    assert panel.save_curve(str(tmp_path / "curve.png")) == tmp_path / "curve.png"
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert len(panel.curve.figure.axes) == 2  # loss and MSE, gene PCC on its own axis
     assert widget.state.source == str(tmp_path / "trained.pt")
     assert widget.predict.model_source() == str(tmp_path / "trained.pt")
     assert widget.genes.gene_list.count() == 4

@@ -235,6 +235,33 @@ def test_train_on_a_real_her2st_crop(her2st_dir: Path, tmp_path: Path) -> None:
     _check_full_run(result, epochs)
 
 
+def test_the_curves_of_a_run_plot_with_axes_lines_and_the_kept_epoch(full_run, tmp_path,
+                                                                       capsys) -> None:
+    from PIL import Image
+
+    from hifusion_model.cli import main
+    from hifusion_model.evaluation.figures import curve_figure
+
+    result, epochs = full_run
+    curves = companion_paths(result.checkpoint)["curves_json"]
+    fig = curve_figure(epochs)
+    loss_ax, pcc_ax = fig.axes
+    labels = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+    assert {"train loss", "val mse", "val gene pcc"} <= set(labels)
+    kept = [line for line in loss_ax.get_lines() if line.get_label().startswith("_")]
+    assert [float(line.get_xdata()[0]) for line in kept] == [result.best_epoch]
+    assert (loss_ax.get_xlabel(), pcc_ax.get_ylabel()) == ("epoch", "gene PCC")
+    out = tmp_path / "curve.png"
+    assert main(["plot", str(curves), "--out", str(out)]) == 0
+    assert "the curves of 2 epochs" in capsys.readouterr().out
+    with Image.open(out) as im:
+        assert im.size[0] > 300
+    bad = tmp_path / "bad.curves.json"
+    bad.write_text('{"epoch": 1}')
+    assert main(["plot", str(bad), "--out", str(tmp_path / "b.png")]) == 2
+    assert "not the curves of a training run" in capsys.readouterr().err
+
+
 def _check_full_run(result, epochs: list[dict]) -> None:
     model, ckpt = load_model(result.checkpoint)
     assert ckpt.config.n_genes == N_GENES and ckpt.config.head_dropout == 0.2

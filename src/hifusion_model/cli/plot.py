@@ -1,12 +1,14 @@
 """``hifusion plot PRED.h5ad --gene ERBB2 --out fig.png``: a figure of one predicted gene.
 
 Predicted beside measured over the H&E (one colour scale), the uncertainty when the model gave
-one, and every gene's PCC sorted, with the chosen gene and the markers marked.
+one, and every gene's PCC sorted, with the chosen gene and the markers marked. Given a training
+run's ``MODEL.curves.json`` instead, the figure is its curves (as the Train panel draws them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,10 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         name,
         description="Draw one gene of a prediction file (from hifusion predict or the napari "
         "Export panel) over its H&E, beside the measurement, with the per-gene PCC of all "
-        "genes.",
+        "genes; or the curves of a training run (MODEL.curves.json from hifusion train).",
     )
-    p.add_argument("predictions", type=Path, metavar="PRED.h5ad", help="a prediction file")
+    p.add_argument("predictions", type=Path, metavar="PRED.h5ad",
+                   help="a prediction file, or a training run's MODEL.curves.json")
     p.add_argument("--gene", default="ERBB2", help="the gene to draw (default: ERBB2)")
     p.add_argument("--out", type=Path, required=True, metavar="FIG.png",
                    help=f"the figure ({', '.join(FORMATS)})")
@@ -37,7 +40,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from matplotlib import colormaps
 
-    from ..evaluation.figures import gene_figure
+    from ..evaluation.figures import curve_figure, gene_figure
     from .evaluate import read_predictions
 
     if args.out.suffix.lower() not in FORMATS:
@@ -48,9 +51,29 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--colormap {args.colormap!r} is not a matplotlib colormap, e.g. "
                           "inferno, viridis, magma")
     check_out(args, [args.predictions])
-    pred = read_predictions(args.predictions, need_truth=False)
-    fig = gene_figure(pred, args.gene, cmap=args.colormap)
+    if args.predictions.name.endswith(".curves.json"):
+        records = read_curves(args.predictions)
+        fig, what = curve_figure(records), f"the curves of {len(records)} epochs"
+    else:
+        pred = read_predictions(args.predictions, need_truth=False)
+        fig, what = gene_figure(pred, args.gene, cmap=args.colormap), (
+            f"{args.gene} of {pred.n_obs} spots")
     with atomic_path(args.out) as tmp:
         fig.savefig(tmp, dpi=args.dpi, format=args.out.suffix.lower().lstrip("."))
-    print(f"{args.out}: {args.gene} of {pred.n_obs} spots")
+    print(f"{args.out}: {what}")
     return 0
+
+
+def read_curves(path: Path) -> list[dict[str, Any]]:
+    """The epoch records ``hifusion train`` wrote to ``MODEL.curves.json``."""
+    try:
+        records = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such file") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it as training curves ({e})") from e
+    if not (isinstance(records, list) and records and all(
+            isinstance(r, dict) and {"epoch", "train_loss"} <= set(r) for r in records)):
+        raise ConfigError(f"{path}: not the curves of a training run (hifusion train writes "
+                          "MODEL.curves.json: one record per epoch)")
+    return records

@@ -1,4 +1,5 @@
-"""Figures of a prediction file with matplotlib: one gene over the H&E, and how every gene did.
+"""Figures with matplotlib: one predicted gene over the H&E and how every gene did, and the
+curves of a training run.
 
 The layout a pathologist reads in one glance: the predicted map over the slide, the measured
 map beside it on the same colour scale (when the section had counts), the uncertainty (when
@@ -8,6 +9,12 @@ scanpy convention every prediction file follows), so no slide has to be opened.
 
 >>> fig = gene_figure(pred, "ERBB2")                    # doctest: +SKIP
 >>> fig.savefig("erbb2.png", dpi=150)                   # doctest: +SKIP
+>>> curve_figure([{"epoch": 1, "train_loss": 0.9, "val_mse": 0.5, "val_gene_pcc": 0.1,
+...                "best": True}]).axes[0].get_xlabel()
+'epoch'
+
+Figures are built without pyplot or a GUI backend, so they are safe in worker threads and
+embed in Qt as they are.
 """
 
 from __future__ import annotations
@@ -71,13 +78,20 @@ def _limits(*columns: np.ndarray) -> tuple[float, float]:
     return (float(lo), float(hi)) if hi > lo else (float(values.min()), float(values.min()) + 1)
 
 
+def _figure(width: float, height: float) -> Any:
+    """A Figure with its own Agg canvas: no pyplot, no GUI backend (safe in a worker thread)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def gene_figure(pred: ad.AnnData, gene: str, *, cmap: str = "inferno",
                 markers: Sequence[str] = MARKER_GENES) -> Any:
     """A matplotlib Figure of ``gene``: predicted (and measured, uncertainty) maps over the
     H&E, and the sorted per-gene PCC of every gene when the file holds the truth."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if gene not in pred.var_names:
         close = [g for g in pred.var_names if g.lower() == gene.lower()]
         hint = f"; did you mean {close[0]}?" if close else ""
@@ -87,8 +101,7 @@ def gene_figure(pred: ad.AnnData, gene: str, *, cmap: str = "inferno",
     truth = pred.layers.get("truth")
     uncertainty = pred.layers.get("uncertainty")
     panels = 1 + (truth is not None) + (uncertainty is not None) + (truth is not None)
-    fig = Figure(figsize=(4.6 * panels, 4.4), layout="constrained")
-    FigureCanvasAgg(fig)  # no pyplot, no GUI backend: safe in a worker thread
+    fig = _figure(4.6 * panels, 4.4)
     axes = fig.subplots(1, panels, squeeze=False)[0]
     name = (pred.uns.get("hifusion") or {}).get("name", "section")
     if truth is not None:
@@ -130,4 +143,38 @@ def _pcc_panel(ax: Any, pred: ad.AnnData, gene: str, markers: Sequence[str]) -> 
     ax.set_ylabel("PCC across spots")
 
 
-__all__ = ["gene_figure"]
+#: Curve colours: training loss, validation MSE, validation gene PCC.
+CURVE_COLORS = {"train_loss": "tab:blue", "val_mse": "tab:orange", "val_gene_pcc": "tab:green"}
+
+
+def curve_figure(records: Sequence[dict[str, Any]], fig: Any = None) -> Any:
+    """A training run's curves (``MODEL.curves.json``, or the ``on_epoch`` records so far):
+    training loss and validation MSE per epoch on the left axis, validation gene PCC on the
+    right, the kept epoch marked; a refit's epochs (trained on every spot, no validation) are
+    drawn dashed. Draws into ``fig`` when given (a live plot), clearing it first."""
+    if fig is None:
+        fig = _figure(5.0, 3.0)
+    fig.clear()
+    ax = fig.add_subplot()
+    pcc_ax = ax.twinx()
+    stages = [[r for r in records if bool(r.get("refit")) == refit] for refit in (False, True)]
+    for stage, style in zip(stages, ("-", "--")):
+        for key, axis in (("train_loss", ax), ("val_mse", ax), ("val_gene_pcc", pcc_ax)):
+            points = [(r["epoch"], r[key]) for r in stage if r.get(key) is not None]
+            if points:
+                label = key.replace("_", " ") + (" (refit)" if style == "--" else "")
+                axis.plot(*zip(*points), style, marker=".", color=CURVE_COLORS[key], label=label)
+    best = [r["epoch"] for r in stages[0] if r.get("best")]
+    if best:
+        ax.axvline(best[-1], color="0.5", lw=0.8, ls=":")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss, MSE")
+    pcc_ax.set_ylabel("gene PCC", color=CURVE_COLORS["val_gene_pcc"])
+    lines = [line for line in ax.get_lines() + pcc_ax.get_lines()
+             if not line.get_label().startswith("_")]  # the kept-epoch marker has no label
+    if lines:
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="best")
+    return fig
+
+
+__all__ = ["CURVE_COLORS", "curve_figure", "gene_figure"]

@@ -1,63 +1,46 @@
-"""A tiny live curve (training loss and validation error per epoch), drawn with QPainter.
-
-Plotting libraries are heavy optional dependencies for two short lines; this needs nothing.
-"""
+"""The Train panel's live curve: the core's training-curve figure on a Qt canvas, redrawn at
+each epoch, with the same axes, lines and kept-epoch mark that ``hifusion plot
+MODEL.curves.json`` writes."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import QPointF
-from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
-from qtpy.QtWidgets import QWidget
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from qtpy.QtWidgets import QVBoxLayout, QWidget
 
-SERIES_COLORS = {"train_loss": "#4c9be8", "val_mse": "#f28e2b"}
+from hifusion_model.evaluation.figures import curve_figure
+from hifusion_model.io_utils import atomic_path
 
 
-class Sparkline(QWidget):
-    """Several series over epochs, each scaled to its own range (their units differ)."""
+class CurvePlot(QWidget):
+    """Training loss, validation MSE and gene PCC per epoch of the run in progress."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.series: dict[str, list[float]] = {name: [] for name in SERIES_COLORS}
-        self.setMinimumHeight(70)
+        self.records: list[dict[str, Any]] = []
+        self.figure = Figure(figsize=(4.0, 2.6), layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(180)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.canvas)
 
     def clear(self) -> None:
-        for values in self.series.values():
-            values.clear()
-        self.update()
+        self.records.clear()
+        self.figure.clear()
+        self.canvas.draw_idle()
 
     def add(self, record: dict[str, Any]) -> None:
-        for name, values in self.series.items():
-            if record.get(name) is not None:
-                values.append(float(record[name]))
-        self.update()
+        self.records.append(dict(record))
+        curve_figure(self.records, self.figure)
+        self.canvas.draw_idle()
 
-    def paintEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
-        painter = QPainter(self)
-        painter.setRenderHint(QPainter.Antialiasing)
-        area = self.rect().adjusted(4, 14, -4, -4)
-        painter.setPen(self.palette().mid().color())
-        painter.drawRect(area)
-        x = 6
-        for name, values in self.series.items():
-            color = QColor(SERIES_COLORS[name])
-            painter.setPen(QPen(color, 2))
-            painter.drawText(x, 11, name.replace("_", " "))
-            x += 90
-            if len(values) >= 2:
-                painter.drawPolyline(self._polygon(values, area))
-            elif values:
-                painter.drawEllipse(QPointF(area.left() + 2, area.center().y()), 2, 2)
-        painter.end()
-
-    @staticmethod
-    def _polygon(values: list[float], area: Any) -> QPolygonF:
-        lo, hi = min(values), max(values)
-        span = (hi - lo) or 1.0
-        step = area.width() / (len(values) - 1)
-        return QPolygonF([
-            QPointF(area.left() + i * step, area.bottom() - (v - lo) / span * area.height())
-            for i, v in enumerate(values)
-        ])
-
+    def save(self, path: str | Path, dpi: int = 150) -> Path:
+        """The curve as an image file (PNG, PDF or SVG by the suffix), written atomically."""
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            self.figure.savefig(tmp, dpi=dpi, format=path.suffix.lower().lstrip(".") or "png")
+        return path

@@ -2,10 +2,11 @@
 
 Training sections are the measured points layers (spots as they are now, with their counts) on
 their slides. Validation is either a spatially blocked split of the training spots or one open
-section held out, or none: every spot (and any pseudo-labelled one) then trains for all epochs and the last is kept (half the
-time of a refit). The best epoch is saved and becomes the active model; with "refit" ticked the
-model is then retrained on every spot up to that epoch (twice the time, more data). The spot
-and region encoders start from random weights, or from files written by ``hifusion pretrain``.
+section held out, or none: every spot (and any pseudo-labelled one) then trains for all epochs
+and the last is kept (half the time of a refit). The best epoch is saved and becomes the active
+model; with "refit" ticked the model is then retrained on every spot up to that epoch (twice the
+time, more data). The spot and region encoders start from random weights, or from files written
+by ``hifusion pretrain``. The curve is the core's (``hifusion plot MODEL.curves.json``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .. import _jobs
 from .._jobs import JobContext, JobRunner, guarded
 from .._layers import TRUTH, kind, section_from_points
 from ._common import ModelState, button, buttons, group, spin
-from ._plot import Sparkline
+from ._plot import CurvePlot
 
 SPATIAL_SPLIT = f"spatial blocks of the training spots ({get_recipe().val_fraction:.0%})"
 NO_VALIDATION = "none: train every spot for all epochs"
@@ -81,7 +82,9 @@ class TrainPanel(QWidget):
         self.out = QLineEdit(str(Path.home() / "hifusion_model.pt"))
         self.table = QLabel("no run yet")
         self.table.setTextFormat(Qt.RichText)
-        self.curve = Sparkline()
+        self.curve = CurvePlot()
+        self.curve_button = button("Save curve…", self._save_curve_dialog,
+                                   "the training curve as an image (PNG, PDF or SVG)")
         self.status = QLabel()
         self.status.setWordWrap(True)
         self.cancel_button = button("Cancel", self.cancel)
@@ -108,7 +111,7 @@ class TrainPanel(QWidget):
             ("pseudo-labels", buttons(self.pseudo, button("…", self._browse_pseudo))),
             ("save to", buttons(self.out, button("…", self._browse))),
             buttons(button("Train", self.train), self.cancel_button),
-            self.curve, self.table, self.status,
+            self.curve, self.curve_button, self.table, self.status,
         ))
         self.refresh_sections()
 
@@ -132,8 +135,25 @@ class TrainPanel(QWidget):
         items = (self.sections.item(i) for i in range(self.sections.count()))
         return [item.text() for item in items if item.checkState() == Qt.Checked]
 
+    def _save_curve_dialog(self) -> None:
+        start = str(Path(self.out.text()).with_suffix(".curves.png"))
+        path, _ = QFileDialog.getSaveFileName(self, "Save curve", start,
+                                              "Images (*.png *.pdf *.svg)")
+        if path:
+            self.save_curve(path)
+
+    @guarded("Curve")
+    def save_curve(self, path: str) -> Path:
+        """Write the curve of the run in progress (or the last one) to ``path``."""
+        if not self.curve.records:
+            raise ConfigError("no training curve yet: train first")
+        if Path(path).suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise ConfigError(f"{path}: the curve must end in .png, .pdf or .svg")
+        return self.curve.save(path)
+
     def _browse(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save model", self.out.text(), "Checkpoints (*.pt)")
+        path, _ = QFileDialog.getSaveFileName(self, "Save model", self.out.text(),
+                                              "Checkpoints (*.pt)")
         if path:
             self.out.setText(path)
 
@@ -220,7 +240,6 @@ class TrainPanel(QWidget):
             return result, load_checkpoint(result.checkpoint)
 
         self.curve.clear()
-        self.records: list[dict] = []
         self.table.setText("starting…")
         self.cancel_button.setEnabled(True)
         return self.jobs.start(job, self._done,
@@ -253,8 +272,12 @@ class TrainPanel(QWidget):
     def _show_progress(self, done: int, total: int, message: str) -> None:
         self.status.setText(message)
 
+    @property
+    def records(self) -> list[dict]:
+        """The epochs of the run in progress (or the last run), as ``on_epoch`` sent them."""
+        return self.curve.records
+
     def _epoch(self, record: dict) -> None:
-        self.records.append(record)
         self.curve.add(record)
         rows = "".join(_table_row(r) for r in self.records[-6:])
         self.table.setText("<table cellspacing=4><tr><th>epoch</th><th>loss</th><th>val MSE</th>"
