@@ -49,9 +49,9 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         "input",
         type=Path,
         nargs="+",
-        metavar="SECTION.h5ad|STORE.zarr|SLIDE|FOLDER",
-        help="a section file, a SpatialData store, or a slide image (then give --grid or --spots); "
-        "several of them, or folders of them, with --out-dir",
+        metavar="INPUT",
+        help="a section .h5ad, a SpatialData .zarr store, or a slide image (then give --grid or "
+        "--spots); several of them, or folders of them, with --out-dir",
     )
     p.add_argument(
         "--model",
