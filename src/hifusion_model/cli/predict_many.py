@@ -7,6 +7,9 @@ exist, a folder with no match, two inputs of one name, an output that is an inpu
 (without ``--overwrite`` or ``--skip-existing``) or cannot be written. A bad input found while
 working (an unreadable slide, a section without the model's genes) is reported in one line and
 the others go on; the command then exits 2, naming the inputs that failed.
+
+Under ``torchrun`` the ``--out`` form of one input runs here too, its spots shared by the
+processes (:func:`run_batch`).
 """
 
 from __future__ import annotations
@@ -133,6 +136,7 @@ def run_batch(args: argparse.Namespace, predict_input: PredictInput,
     from ..models.checkpoint import load_model
 
     jobs, skipped = plan_jobs(args)
+    # gloo whatever the device: only Python objects (parts, failures) pass between processes
     with distributed("cpu", backend="gloo", timeout=PATIENCE) as info:
         if skipped and info.is_main:
             print(f"hifusion predict: {skipped} input(s) already predicted in {args.out_dir}, "
@@ -201,7 +205,7 @@ def _predict_together(args: argparse.Namespace, path: Path, out: Path, model: An
     except INPUT_ERRORS as e:
         outcome = (None, failure_line(e, path))
     outcomes = gather_on_main(outcome, info)
-    if outcomes is None:
+    if outcomes is None:  # not rank 0: its verdict, shared at the end, stands for this input
         return True
     failures = [line for _, line in outcomes if line]
     try:
