@@ -349,3 +349,44 @@ def test_cli_chooses_a_stores_elements_by_name(
     assert pred.uns["hifusion"]["mpp"] == pytest.approx(2 * MPP, rel=0.01)
     np.testing.assert_allclose(pred.obsm["spatial"],
                                read_section(synthetic_section_path).obsm["spatial"] / 2)
+
+
+def test_a_large_slide_streams_into_a_pyramid(
+    tmp_path: Path, synthetic_section_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 4096 px tiled OME-TIFF becomes a three-scale image while under half its decoded size
+    is ever held: the levels are computed window by window, never from the whole slide."""
+    import tracemalloc
+
+    import dask
+    import tifffile
+
+    from hifusion_model.data import spatialdata_write
+    from hifusion_model.data.sections import new_section
+
+    with monkeypatch.context() as m:  # every import the pyramid needs, before measuring
+        m.setattr(spatialdata_write, "MIN_LEVEL_PX", 256)
+        write_spatialdata(read_section(synthetic_section_path), tmp_path / "warm.zarr")
+    side, tile = 4096, tissue_image((256, 256))
+    slide = tmp_path / "large.ome.tif"  # 48 MB decoded, in 256 px tiles, no pyramid of its own
+    tifffile.imwrite(slide, np.tile(tile, (side // 256, side // 256, 1)), photometric="rgb",
+                     tile=(256, 256), ome=True, metadata={
+                         "axes": "YXS", "PhysicalSizeX": MPP, "PhysicalSizeY": MPP,
+                         "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"})
+    section = new_section(np.array([[side / 2, side / 2]]), slide=slide, mpp=MPP,
+                          spot_diameter_um=55.0, name="large", source="test")
+    tracemalloc.start()
+    try:
+        with dask.config.set(num_workers=1):  # each worker holds a window or two more
+            out = write_spatialdata(section, tmp_path / "large.zarr")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < side * side * 3 / 2, f"{peak / 1e6:.0f} MB held while writing"
+    [image] = sd.read_zarr(out).images.values()
+    assert [image[f"scale{i}"]["image"].shape for i in range(3)] == [
+        (3, side // 2**i, side // 2**i) for i in range(3)]
+    assert list(image) == ["scale0", "scale1", "scale2"]
+    np.testing.assert_array_equal(  # the pixels themselves, across a tile's edge
+        image["scale0"]["image"][:, 2050:2054, 1020:1030].values.transpose(1, 2, 0),
+        tile[np.arange(2050, 2054)[:, None] % 256, np.arange(1020, 1030)[None, :] % 256])

@@ -56,11 +56,14 @@ def write_spatialdata(
 ) -> Path:
     """Write a prediction (or a section) as a SpatialData store, atomically.
 
-    The store holds the slide as a multiscale image (level 0 read lazily from the slide, the
-    coarser levels computed by SpatialData), the spots as circles of the section's diameter in
-    the image's pixels, and the AnnData as the table annotating them (``layers['truth']`` and
-    ``layers['uncertainty']`` kept). Both reach the ``global`` coordinate system in µm through a
-    ``Scale``, so spatialdata-plot and napari-spatialdata draw them in micrometres.
+    The store holds the slide as a multiscale image, the spots as circles of the section's
+    diameter in the image's pixels, and the AnnData as the table annotating them
+    (``layers['truth']`` and ``layers['uncertainty']`` kept). Both reach the ``global``
+    coordinate system in µm through a ``Scale``, so spatialdata-plot and napari-spatialdata draw
+    them in micrometres. Level 0 is read from the slide window by window and the coarser levels
+    are averaged from those windows in the same dask pass, so a whole-slide image is never
+    decoded whole: each dask worker holds a few windows. An existing store is replaced only with
+    ``overwrite=True``, and only once the new one is complete.
     """
     from .. import open_slide
     from ..io_utils import anndata_nbytes, check_output, check_space
