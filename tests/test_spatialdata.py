@@ -390,3 +390,17 @@ def test_a_large_slide_streams_into_a_pyramid(
     np.testing.assert_array_equal(  # the pixels themselves, across a tile's edge
         image["scale0"]["image"][:, 2050:2054, 1020:1030].values.transpose(1, 2, 0),
         tile[np.arange(2050, 2054)[:, None] % 256, np.arange(1020, 1030)[None, :] % 256])
+
+
+def test_napari_says_how_to_choose_in_napari_terms(
+    tmp_path: Path, synthetic_section_path: Path
+) -> None:
+    from napari_hifusion._reader import get_reader
+
+    two = make_store(tmp_path / "two.zarr", synthetic_section_path, tables=2)
+    bare = make_store(tmp_path / "bare.zarr", synthetic_section_path, grid=False)
+    for store, said in ((two, "read_spatialdata(path, table=NAME)"),
+                        (bare, "read_spatialdata(path, mpp=")):
+        with pytest.raises(SectionError) as caught:
+            get_reader(str(store))(str(store))
+        assert said in str(caught.value) and "--" not in str(caught.value)

@@ -111,6 +111,10 @@ GUI_HINTS = (
     (r"give it with --mpp", "set it in the HiFusion Spots panel"),
     (r"\(pass --mpp to choose\)", "(set µm/px in the HiFusion Spots panel to choose)"),
     (r"pass --mpp", "open the slide by itself and set its µm/px in the HiFusion Spots panel"),
+    (r"choose one with --(table|image|shapes) \((\w+)= in Python\)",
+     r"napari opens a store with one \1 only; choose in Python: read_spatialdata(path, \2=NAME)"),
+    (r"give its µm per pixel with --mpp \(mpp= in Python\)",
+     "give it in Python: read_spatialdata(path, mpp=…)"),
 )
 
 
