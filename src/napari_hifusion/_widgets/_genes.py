@@ -46,6 +46,7 @@ from .._layers import (
     uncertainty_values,
 )
 from .._maps import GeneMaps, save_layer_map
+from .._subspot import SubspotView
 from ._common import ModelState, button, buttons, group
 
 COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "gray")
@@ -116,6 +117,14 @@ class GenesPanel(QWidget):
             "An image of the gene between the spots (Gaussian-weighted mean of the nearby "
             "spots, empty off the tissue), under the spots, in the same colours; as hifusion map")
         self.maps = GeneMaps(viewer)
+        self.show_subspot = QCheckBox("sub-spot view (the model's estimate per tile)")
+        self.show_subspot.setToolTip(
+            "The model's own estimate of the gene in each of a spot's 7 × 7 HISM tiles, as an "
+            "image above the predicted spots, in the same colours. No measurement exists at "
+            "that scale: it is checked only against the spot's prediction (docs/subspot.md). "
+            "Runs the prediction's model over its spots again; as hifusion subspot")
+        self.subspot = SubspotView(
+            viewer, on_dismissed=lambda: self.show_subspot.setChecked(False))
         self.pcc_label = QLabel()
         self.pcc_label.setWordWrap(True)
 
@@ -125,6 +134,8 @@ class GenesPanel(QWidget):
         self.side_by_side.toggled.connect(self.set_side_by_side)
         self.show_uncertainty.toggled.connect(lambda *_: self.recolor())
         self.show_map.toggled.connect(lambda on: self.recolor() if on else self.maps.clear())
+        self.show_subspot.toggled.connect(
+            lambda on: self.recolor() if on else self.subspot.clear())
         state.changed.connect(lambda *_: self.refresh_genes())
         viewer.layers.events.inserted.connect(self._layer_added)
         viewer.layers.events.removed.connect(lambda *_: self.refresh_genes())
@@ -146,7 +157,7 @@ class GenesPanel(QWidget):
             "OME-TIFF in µm that lies on the slide (as hifusion map)")
         layout.addWidget(group("Genes", self.search, self.gene_list, row, self.colorbar,
                                self.side_by_side, self.show_uncertainty, self.show_map,
-                               self.pcc_label, buttons(self.figure_button, self.map_button)))
+                               self.show_subspot, self.pcc_label, buttons(self.figure_button, self.map_button)))
         self.refresh_genes()
 
     # -- the gene list ---------------------------------------------------------------------------
@@ -227,6 +238,9 @@ class GenesPanel(QWidget):
             for layer in layers:
                 color_points(layer, gene, limits, cmap)
             self.colorbar.set(cmap, limits)
+        if self.show_subspot.isChecked():  # expression, in the spots' expression limits
+            self.subspot.show(layers, gene, robust_limits([l.features[gene] for l in layers]),
+                              cmap)
         if self.show_map.isChecked():
             self.maps.show(layers, gene, limits, cmap,
                            uncertain if self.show_uncertainty.isChecked() and uncertain else None)
