@@ -123,6 +123,15 @@ def test_tiles_lie_in_um_where_the_model_read_them() -> None:
     assert fine.data[0, row, col] == pytest.approx(tiles[0, 4, 2, 1])
 
 
+def test_the_spread_sets_tiles_beside_spots() -> None:
+    flat = np.stack([np.full((3, 3, 1), v) for v in (1.0, 3.0)]).astype(np.float32)
+    r = SubspotPrediction(tiles=flat, level=flat.mean(axis=(1, 2)), prediction=flat[:, 0, 0],
+                          genes=["A"], centers_um=np.zeros((2, 2)), tile_um=20.0, exact=True)
+    assert r.spread() == {"within_spot_sd": 0.0, "across_spot_sd": 1.0}
+    r.tiles = flat + np.array([-1.0, 1.0] * 4 + [0.0], np.float32).reshape(1, 3, 3, 1)
+    assert r.spread()["within_spot_sd"] == pytest.approx(np.sqrt(8 / 9))
+
+
 def test_overlapping_patches_are_averaged() -> None:
     tiles = np.stack([np.zeros((3, 3, 1)), np.full((3, 3, 1), 2.0)]).astype(np.float32)
     r = SubspotPrediction(tiles=tiles, level=tiles.mean(axis=(1, 2)), prediction=tiles[:, 0, 0],
@@ -158,6 +167,7 @@ def test_the_command_writes_a_map_file_that_reads_back(
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "6 spots × 7×7 tiles" in text and "tile mean vs level-7 prediction" in text
+    assert "SD over a spot's tiles" in text
     emap = read_map(out)
     assert emap.genes == ["ERBB2", "GENE2"] and emap.layer == SUBSPOT_LAYER
     assert emap.um_per_px == pytest.approx(model_tile_um(genes))

@@ -85,6 +85,12 @@ def chosen_genes(text: str, model_genes: list[str]) -> list[str]:
     return genes
 
 
+def spread_text(spread: dict[str, float]) -> str:
+    """One line on how much the tiles vary within a spot beside the spots."""
+    return (f"SD over a spot's tiles {spread['within_spot_sd']:.3f}, over spots "
+            f"{spread['across_spot_sd']:.3f} (medians over genes)")
+
+
 def agreement_text(agreement: dict[str, dict[str, float]], exact: bool, k: int) -> str:
     """One line on how the tile mean agrees with the spot's predictions."""
     level, final = agreement["level"], agreement["final"]
@@ -133,4 +139,5 @@ def run(args: argparse.Namespace) -> int:
           f"{result.tile_um:.3g} µm, {w} × {h} px at {emap.um_per_px:.3g} µm/px, in "
           f"{seconds:.1f} s on {device}")
     print(agreement_text(result.agreement(), result.exact, k))
+    print(spread_text(result.spread()))
     return 0

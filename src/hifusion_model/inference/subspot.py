@@ -113,6 +113,22 @@ class SubspotPrediction:
         return {name: _compare(mean, np.asarray(other, np.float64))
                 for name, other in (("level", self.level), ("final", self.prediction))}
 
+    def spread(self) -> dict[str, float]:
+        """How much the tiles vary within a spot beside how much spots vary (medians over genes).
+
+        ``within_spot_sd``: the SD over a spot's tiles, averaged over spots; ``across_spot_sd``:
+        the SD over spots of the tile mean. The head was fitted to the *mean* of a spot's tiles,
+        so a tile's own value carries noise that the spot's mean averages away: a large ratio
+        is not by itself heterogeneity of the tissue.
+        """
+        return _spread(self.tiles)
+
+
+def _spread(tiles: np.ndarray) -> dict[str, float]:
+    within = tiles.std(axis=(1, 2), dtype=np.float64).mean(axis=0)  # (G,) mean over spots
+    across = tiles.mean(axis=(1, 2), dtype=np.float64).std(axis=0)  # (G,)
+    return {"within_spot_sd": float(np.median(within)), "across_spot_sd": float(np.median(across))}
+
 
 def centred_offsets(n: int, step: float) -> np.ndarray:
     """Centres of ``n`` cells of size ``step`` across a patch, relative to its centre.
