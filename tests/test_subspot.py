@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from hifusion_model.api import predict
 from hifusion_model.cli import main
 from hifusion_model.cli import subspot as subspot_cli
 from hifusion_model.data.dataset import SpotDataset, as_unit_float
@@ -16,7 +17,7 @@ from hifusion_model.data.sections import read_section, section_slide, write_sect
 from hifusion_model.errors import ConfigError, SectionError
 from hifusion_model.inference import subspot
 from hifusion_model.inference.maps import read_map, write_map
-from hifusion_model.inference.predict import predict_section
+from hifusion_model.inference.predict import predict_section, write_predictions
 from hifusion_model.inference.subspot import (
     SUBSPOT_LAYER,
     SubspotPrediction,
@@ -181,6 +182,32 @@ def test_the_command_writes_a_map_file_that_reads_back(
     assert err.count("\n") == 0 and "need a HiFusion model" in err
     assert main([*argv[:-4], "--out", str(tmp_path / "x.png")]) == 2
     assert ".ome.tif" in capsys.readouterr().err
+
+
+def test_the_command_reads_a_prediction_with_the_model_that_made_it(
+        synthetic_section_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    section = read_section(synthetic_section_path)[:N_SPOTS].copy()
+    genes = list(section.var_names)
+    model = save_checkpoint(tmp_path / "m.pt", tiny(genes), train_mean=torch.zeros(len(genes)))
+    pred = predict(section, str(model), device="cpu", workers=0, precision="fp32")
+    path = write_predictions(pred, tmp_path / "pred.h5ad", image_px=0)
+    out = tmp_path / "t.ome.tif"
+    assert main(["subspot", str(path), "--out", str(out), "--device", "cpu",
+                 "--workers", "0", "--precision", "fp32"]) == 0
+    assert f"{N_SPOTS} spots" in capsys.readouterr().out
+    emap = read_map(out)
+    result = subspot_predictions(tiny(genes), section, section_slide(section), genes=["ERBB2"],
+                                 device="cpu", precision="fp32", workers=0)
+    np.testing.assert_allclose(emap.data, subspot_map(result).data, atol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(result.prediction[:, 0], pred[:, "ERBB2"].X[:, 0], atol=1e-5)
+
+    model.unlink()
+    assert main(["subspot", str(path), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "which is not found; give the checkpoint with --model" in err
+    assert main(["subspot", str(path), "--grid", "hex:100", "--out", str(out),
+                 "--overwrite"]) == 2
+    assert "drop --grid" in capsys.readouterr().err
 
 
 def model_tile_um(genes: list[str]) -> float:

@@ -255,35 +255,13 @@ def section_layers(section: Any, slide: Any = None) -> list[LayerData]:
 def read_predictions(path: Path) -> tuple[Any, Any]:
     """A prediction file or store and the (count-free) section of its spots, its slide path
     resolved."""
-    import numpy as np
-
-    from hifusion_model.data.sections import UNS_KEY, new_section, read_h5ad
+    from hifusion_model.data.sections import read_h5ad
     from hifusion_model.data.spatialdata_io import read_spatialdata_prediction
-    from hifusion_model.errors import SectionError
-    from hifusion_model.inference.predict import SECTION_KEYS
+    from hifusion_model.inference.predict import prediction_spots
 
     adata = (read_spatialdata_prediction(path) if path.is_dir()
              else read_h5ad(path, "prediction file not found"))
-    meta = dict(adata.uns.get(UNS_KEY, {}))
-    missing = [f"uns['{UNS_KEY}']['{k}']" for k in SECTION_KEYS if k not in meta]
-    if "spatial" not in adata.obsm:
-        missing.append("obsm['spatial']")
-    if missing:
-        raise SectionError(
-            f"{path}: not a complete prediction file (lacks {', '.join(missing)}); "
-            "predict again with `hifusion predict` or the Predict panel"
-        )
-    slide = Path(str(meta["slide"])).expanduser()
-    slide = slide if slide.is_absolute() else (path.parent / slide).resolve()
-    obs = adata.obs
-    section = new_section(
-        np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2], slide=slide,
-        mpp=float(meta["mpp"]), spot_diameter_um=float(meta["spot_diameter_um"]),
-        name=str(meta["name"]), source=str(meta["source"]), obs_names=list(adata.obs_names),
-        array_row=obs["array_row"].to_numpy() if "array_row" in obs else None,
-        array_col=obs["array_col"].to_numpy() if "array_col" in obs else None, label=path,
-    )
-    return adata, section
+    return adata, prediction_spots(adata, path)
 
 
 def prediction_layers(path: Path) -> list[LayerData]:

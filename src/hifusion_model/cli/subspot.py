@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ._options import (
     Reporter,
     add_any_mpp_option,
@@ -38,11 +38,12 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         "µm on the slide, one channel per gene. A model estimate with no ground truth at that "
         "scale: it is checked only against the spot's own predictions.",
     )
-    p.add_argument("input", type=Path, metavar="SECTION.h5ad|STORE.zarr|SLIDE",
-                   help="a section or prediction file, a SpatialData store, or a slide image "
-                   "(then give --grid or --spots)")
-    p.add_argument("--model", default="bundled", metavar="MODEL.pt|bundled",
-                   help="a HiFusion checkpoint, or 'bundled' (default)")
+    p.add_argument("input", type=Path, metavar="PRED.h5ad|SECTION.h5ad|STORE.zarr|SLIDE",
+                   help="a prediction file (its spots, read by the model that made it), a "
+                   "section, a SpatialData store, or a slide image (then give --grid or --spots)")
+    p.add_argument("--model", metavar="MODEL.pt|bundled",
+                   help="a HiFusion checkpoint, or 'bundled' (default: the model a prediction "
+                   "file names, else bundled)")
     p.add_argument("--genes", default="ERBB2", metavar="GENE[,GENE…]|all",
                    help="comma-separated genes, one channel each, or 'all' (default: ERBB2)")
     p.add_argument("--out", type=Path, required=True, metavar="TILES.ome.tif",
@@ -102,8 +103,49 @@ def agreement_text(agreement: dict[str, dict[str, float]], exact: bool, k: int) 
     return text
 
 
-def run(args: argparse.Namespace) -> int:
+def is_prediction(path: Path) -> bool:
+    """Whether ``path`` is a prediction file or store (``uns['hifusion_model']``), unopened by
+    anndata."""
+    from ..data.spatialdata_io import is_prediction_store
+
+    if path.suffix == ".zarr" and path.is_dir():
+        return is_prediction_store(path)
+    if path.suffix != ".h5ad" or not path.is_file():
+        return False
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "uns" in f and "hifusion_model" in f["uns"]
+    except OSError:
+        return False  # not HDF5: the section reader says what is wrong
+
+
+def open_spots(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """The spots, their opened slide, and the model to read them with (``--model``, else the
+    one a prediction file names, else the bundled one)."""
     from ..api import open_input
+
+    if not is_prediction(args.input):
+        section, slide = open_input(args.input, grid=args.grid, spots=args.spots, mpp=args.mpp)
+        return section, slide, args.model or "bundled"
+    from ..data.sections import section_slide
+    from ..inference.predict import prediction_spots
+    from .evaluate import read_predictions
+
+    if args.grid or args.spots:
+        raise ConfigError(f"{args.input} is a prediction: it has its own spots, so drop "
+                          "--grid/--spots")
+    pred = read_predictions(args.input, need_truth=False)
+    model = args.model or str(pred.uns["hifusion_model"].get("source") or "bundled")
+    if model != "bundled" and not Path(model).is_file():
+        raise CheckpointError(f"{args.input} was made by {model}, which is not found; give "
+                              "the checkpoint with --model")
+    section = prediction_spots(pred, args.input)
+    return section, section_slide(section, mpp_override=args.mpp), model
+
+
+def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..inference.maps import write_map
     from ..inference.subspot import subspot_map, subspot_predictions, tile_level
@@ -118,12 +160,12 @@ def run(args: argparse.Namespace) -> int:
     check_out(args, [args.input, args.spots, args.model])
     check_mpp(args, args.mpp, args.input, "--mpp")
     device = resolve_device(args.device)
-    model, ckpt = load_model(args.model, device)
-    k = tile_level(model, args.level)  # a spot-only model fails here, before any reading
-    genes = chosen_genes(args.genes, list(ckpt.config.genes))
-    section, slide = open_input(args.input, grid=args.grid, spots=args.spots, mpp=args.mpp)
-    start = time.perf_counter()
+    section, slide, source = open_spots(args)
     try:
+        model, ckpt = load_model(source, device)
+        k = tile_level(model, args.level)  # a spot-only model fails here, before any reading
+        genes = chosen_genes(args.genes, list(ckpt.config.genes))
+        start = time.perf_counter()
         with Reporter(unit="spot") as reporter:
             result = subspot_predictions(model, section, slide, genes=genes, level=k,
                                          batch_size=args.batch_size, device=device,

@@ -333,6 +333,32 @@ def predictions_to_anndata(
     )
 
 
+def prediction_spots(pred: ad.AnnData, path: str | os.PathLike) -> ad.AnnData:
+    """The count-free section of the spots of a prediction read from ``path``: what the model
+    read, where, on which slide (resolved against ``path``'s folder, as the file stores it), so
+    other readings of the same spots (the napari layers, sub-spot estimates) need no section."""
+    path = Path(path)
+    meta = dict(pred.uns.get(UNS_KEY, {}))
+    missing = [f"uns['{UNS_KEY}']['{k}']" for k in SECTION_KEYS if k not in meta]
+    if "spatial" not in pred.obsm:
+        missing.append("obsm['spatial']")
+    if missing:
+        raise SectionError(
+            f"{path}: not a complete prediction file (lacks {', '.join(missing)}); "
+            "predict again with `hifusion predict` or the Predict panel"
+        )
+    slide = Path(str(meta["slide"])).expanduser()
+    slide = slide if slide.is_absolute() else (path.parent / slide).resolve()
+    obs = pred.obs
+    return new_section(
+        np.asarray(pred.obsm["spatial"], dtype=np.float64)[:, :2], slide=slide,
+        mpp=float(meta["mpp"]), spot_diameter_um=float(meta["spot_diameter_um"]),
+        name=str(meta["name"]), source=str(meta["source"]), obs_names=list(pred.obs_names),
+        array_row=obs["array_row"].to_numpy() if "array_row" in obs else None,
+        array_col=obs["array_col"].to_numpy() if "array_col" in obs else None, label=path,
+    )
+
+
 #: Longest side (px) of the H&E image a prediction file carries for scanpy and squidpy (their
 #: ``hires`` convention of Space Ranger, whose hires image is at most 2000 px).
 SCANPY_IMAGE_PX = 2000
@@ -409,6 +435,7 @@ def write_predictions(adata: ad.AnnData, path: str | os.PathLike,
 
 __all__ = [
     "predict_section",
+    "prediction_spots",
     "predictions_to_anndata",
     "write_predictions",
     "prefetch_batches",

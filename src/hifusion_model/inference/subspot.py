@@ -44,7 +44,7 @@ target space (``ln`` relative expression), so the tile *mean* is the aggregate t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,10 +57,10 @@ from ..data.sections import section_name
 from ..devices import autocast, autocast_dtype, resolve_device
 from ..errors import Cancelled, ConfigError, SectionError
 from ..models.hifusion import full_precision
+from ..progress import Progress, ShouldStop
 from .maps import MAX_MAP_PIXELS, ExpressionMap, _gene_index
 from .predict import CPU_CHUNK, prefetch_batches
 
-Progress = Callable[[int, int, str], None]
 #: ``ExpressionMap.layer`` of a sub-spot map (so a map file says what it holds).
 SUBSPOT_LAYER = "subspot"
 
@@ -217,7 +217,7 @@ def subspot_predictions(
     precision: str = "auto",
     workers: int = 2,
     progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> SubspotPrediction:
     """Per-tile expression of ``genes`` (default: all the model's) for every spot of ``section``.
 
