@@ -131,3 +131,23 @@ def test_a_spot_only_model_is_a_notification(app, qtbot, errors, tmp_path) -> No
     genes.set_gene("GENE1")
     assert "not found" in errors[-1]
     assert not subspot_layers(viewer)
+
+
+def test_a_large_layer_reads_only_the_gene_shown(app, qtbot, errors, monkeypatch) -> None:
+    """Beyond the cache, each gene is read when shown; quick switches: the last one wins."""
+    monkeypatch.setattr(_subspot, "CACHE_BYTES", 0)
+    viewer, widget = app
+    genes = widget.genes
+    predicted = viewer.layers["synthetic predicted"]
+    genes.set_gene("ERBB2")
+    genes.show_subspot.setChecked(True)
+    wait_subspot(qtbot, genes, "ERBB2")
+    assert genes.subspot.tiles[id(predicted)][1].genes == ["ERBB2"]
+    genes.set_gene("GENE2")
+    assert genes.subspot.busy  # read again, for that gene
+    wait_subspot(qtbot, genes, "GENE2")
+    genes.set_gene("GENE3")
+    genes.set_gene("GENE4")
+    layer = wait_subspot(qtbot, genes, "GENE4")
+    assert genes.subspot.tiles[id(predicted)][1].genes == ["GENE4"] and "GENE4" in layer.name
+    assert not errors
