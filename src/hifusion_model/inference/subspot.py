@@ -106,8 +106,8 @@ class SubspotPrediction:
         """How the tile mean agrees with the spot's level-``k`` and final predictions.
 
         Per comparison: the largest and the mean absolute difference over all spots and genes,
-        and the median over genes of the Pearson correlation across spots (NaN with fewer than
-        3 spots or a constant gene).
+        and the median over genes of the Pearson correlation across spots (``gene_pcc``: 0 for
+        a constant gene; NaN with fewer than 3 spots).
         """
         mean = self.tile_mean.astype(np.float64)
         return {name: _compare(mean, np.asarray(other, np.float64))
@@ -121,13 +121,10 @@ class SubspotPrediction:
         so a tile's own value carries noise that the spot's mean averages away: a large ratio
         is not by itself heterogeneity of the tissue.
         """
-        return _spread(self.tiles)
-
-
-def _spread(tiles: np.ndarray) -> dict[str, float]:
-    within = tiles.std(axis=(1, 2), dtype=np.float64).mean(axis=0)  # (G,) mean over spots
-    across = tiles.mean(axis=(1, 2), dtype=np.float64).std(axis=0)  # (G,)
-    return {"within_spot_sd": float(np.median(within)), "across_spot_sd": float(np.median(across))}
+        within = self.tiles.std(axis=(1, 2), dtype=np.float64).mean(axis=0)  # (G,)
+        across = self.tiles.mean(axis=(1, 2), dtype=np.float64).std(axis=0)  # (G,)
+        return {"within_spot_sd": float(np.median(within)),
+                "across_spot_sd": float(np.median(across))}
 
 
 def centred_offsets(n: int, step: float) -> np.ndarray:
@@ -140,15 +137,10 @@ def centred_offsets(n: int, step: float) -> np.ndarray:
 
 
 def _compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    from ..evaluation.metrics import gene_pcc
+
     diff = np.abs(a - b)
-    pcc = float("nan")
-    if len(a) >= 3:
-        a0, b0 = a - a.mean(axis=0), b - b.mean(axis=0)
-        denominator = np.sqrt((a0**2).sum(axis=0) * (b0**2).sum(axis=0))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_gene = (a0 * b0).sum(axis=0) / denominator
-        if np.isfinite(per_gene).any():
-            pcc = float(np.nanmedian(per_gene))
+    pcc = float(np.median(gene_pcc(a, b))) if len(a) >= 3 else float("nan")
     return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "median_pcc": pcc}
 
 
