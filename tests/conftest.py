@@ -78,3 +78,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gui" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Error notifications shown by the plugin's panels (GUI tests)."""
+    from napari_hifusion import _jobs
+
+    shown: list[str] = []
+    monkeypatch.setattr(_jobs, "show_error", shown.append)
+    return shown

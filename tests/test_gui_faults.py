@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from panel import open_in_panel
 from synthetic import synthetic_section, tiny_checkpoint
 from test_bad_inputs import _Evil
 from test_slide import PEAK_MB, uniform_png
 
 from hifusion_model.data.sections import read_section, write_section
 from hifusion_model.errors import HiFusionError
-from napari_hifusion import _jobs
-from napari_hifusion._widgets import HiFusionWidget
 
 pytestmark = pytest.mark.gui
 GENES = ["ERBB2", *[f"GENE{i}" for i in range(1, 8)]]
@@ -67,20 +66,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Error notifications shown by the plugin's panels."""
-    shown: list[str] = []
-    monkeypatch.setattr(_jobs, "show_error", shown.append)
-    return shown
-
-
-@pytest.fixture
 def app(make_napari_viewer, base: Path):
-    viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-hifusion", "HiFusion")
-    assert isinstance(widget, HiFusionWidget)
-    viewer.open(str(base / "section.h5ad"), plugin="napari-hifusion")
-    return viewer, widget
+    return open_in_panel(make_napari_viewer(), base / "section.h5ad")
 
 
 def digests(folder: Path) -> dict[str, str]:

@@ -8,12 +8,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from panel import open_in_panel
 
 from hifusion_model.data.expression import counts_matrix, normalize_counts
 from hifusion_model.data.sections import read_section, section_slide_path
-from napari_hifusion import _jobs, _maps
+from napari_hifusion import _maps
 from napari_hifusion._layers import meta
-from napari_hifusion._widgets import HiFusionWidget
 
 pytestmark = pytest.mark.gui
 TIMEOUT_MS = 30_000
@@ -42,19 +42,8 @@ def pred_path(synthetic_section_path: Path, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture
-def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    shown: list[str] = []
-    monkeypatch.setattr(_jobs, "show_error", shown.append)
-    return shown
-
-
-@pytest.fixture
 def app(make_napari_viewer, pred_path: Path):
-    viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-hifusion", "HiFusion")
-    assert isinstance(widget, HiFusionWidget)
-    viewer.open(str(pred_path), plugin="napari-hifusion")
-    return viewer, widget
+    return open_in_panel(make_napari_viewer(), pred_path)
 
 
 def map_layers(viewer) -> dict[str, object]:

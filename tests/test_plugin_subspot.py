@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from panel import open_in_panel
 
 from hifusion_model.api import predict
 from hifusion_model.inference.predict import write_predictions
 from hifusion_model.models.checkpoint import save_checkpoint
 from hifusion_model.models.registry import create_model
-from napari_hifusion import _jobs, _subspot
+from napari_hifusion import _subspot
 from napari_hifusion._layers import meta
-from napari_hifusion._widgets import HiFusionWidget
 
 pytestmark = pytest.mark.gui
 TIMEOUT_MS = 60_000
@@ -30,19 +30,8 @@ def pred_path(synthetic_section_path: Path, tiny_checkpoint_path: Path,
 
 
 @pytest.fixture
-def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    shown: list[str] = []
-    monkeypatch.setattr(_jobs, "show_error", shown.append)
-    return shown
-
-
-@pytest.fixture
 def app(make_napari_viewer, pred_path: Path):
-    viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-hifusion", "HiFusion")
-    assert isinstance(widget, HiFusionWidget)
-    viewer.open(str(pred_path), plugin="napari-hifusion")
-    return viewer, widget
+    return open_in_panel(make_napari_viewer(), pred_path)
 
 
 def subspot_layers(viewer) -> list:

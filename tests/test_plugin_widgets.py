@@ -7,15 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from napari.utils.colormaps import ensure_colormap
+from panel import TIMEOUT_MS, open_in_panel, wait_done
 from synthetic import MPP, synthetic_section, tiny_checkpoint
 
 from napari_hifusion import _jobs, _sample_data
 from napari_hifusion._layers import PREDICTION, TRUTH, kind, meta
-from napari_hifusion._widgets import HiFusionWidget
 
 pytestmark = pytest.mark.gui
 GENES = ["ERBB2", *[f"GENE{i}" for i in range(1, 8)]]
-TIMEOUT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -29,33 +28,8 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Error notifications shown by the plugin."""
-    shown: list[str] = []
-    monkeypatch.setattr(_jobs, "show_error", shown.append)
-    return shown
-
-
-def dock(viewer) -> HiFusionWidget:
-    """The panel as a user opens it: from the plugin's manifest (Plugins menu)."""
-    _, widget = viewer.window.add_plugin_dock_widget("napari-hifusion", "HiFusion")
-    assert isinstance(widget, HiFusionWidget)
-    return widget
-
-
-def open_section(viewer, section_path: Path):
-    widget = dock(viewer)
-    viewer.open(str(section_path), plugin="napari-hifusion")
-    return viewer, widget
-
-
-@pytest.fixture
 def app(make_napari_viewer, section_path: Path):
-    return open_section(make_napari_viewer(), section_path)
-
-
-def wait_done(qtbot, runner) -> None:
-    qtbot.waitUntil(lambda: not runner.running, timeout=TIMEOUT_MS)
+    return open_in_panel(make_napari_viewer(), section_path)
 
 
 def predict(qtbot, widget, model_path: Path, layer_name: str = "synthetic measured"):
@@ -254,7 +228,7 @@ def test_side_by_side_puts_truth_on_a_slide_copy(app, qtbot, model_path) -> None
 
 
 def test_predicted_spots_are_drawn_in_colour(make_napari_viewer, section_path, qtbot, model_path) -> None:
-    viewer, widget = open_section(make_napari_viewer(show=True), section_path)  # hidden: no GL frame
+    viewer, widget = open_in_panel(make_napari_viewer(show=True), section_path)  # hidden: no GL frame
     viewer.window.resize(1400, 900)
     viewer.layers["synthetic measured"].visible = False
     viewer.reset_view()
