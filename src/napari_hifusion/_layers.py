@@ -253,3 +253,19 @@ def color_values(points: Any, values: np.ndarray, limits: tuple[float, float],
     colors[~np.isfinite(values)] = NO_VALUE_COLOR
     points.face_color = colors
     meta(points).update(limits=(float(lo), float(hi)), colormap=colormap)
+
+
+def put_image(viewer: Any, old: Any, data: Any, kwargs: dict[str, Any]) -> Any:
+    """Show an image derived from spots (a map, sub-spot tiles): update ``old`` in place when it
+    can take ``data`` (no flicker while the user steps through genes), else replace it. Returns
+    the layer newly added, or ``None`` when ``old`` was updated."""
+    if old is not None and old.multiscale == kwargs["multiscale"]:
+        old.metadata = kwargs["metadata"]
+        old.data = data
+        old.name = kwargs["name"]
+        old.scale, old.translate = kwargs["scale"], kwargs["translate"]
+        old.colormap, old.contrast_limits = kwargs["colormap"], kwargs["contrast_limits"]
+        return None
+    if old is not None:
+        viewer.layers.remove(old)
+    return viewer.add_image(data, **kwargs)

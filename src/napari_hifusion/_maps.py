@@ -23,7 +23,7 @@ import numpy as np
 from hifusion_model.errors import SectionError
 
 from ._jobs import notify_error
-from ._layers import META, LayerData, meta, robust_limits
+from ._layers import META, LayerData, meta, put_image, robust_limits
 
 #: Kind of a map layer in ``layer.metadata['hifusion']``.
 MAP = "map"
@@ -211,16 +211,9 @@ class GeneMaps:
             emap, name=f"{points.name} map", colormap=colormap, limits=limits,
             offset=tuple(points.translate),
             extra_meta={"source": points, "gene": label, "key": key})
-        old = self.map_of(points)
-        if old is not None and old.multiscale == kwargs["multiscale"]:  # in place: no flicker
-            old.metadata = kwargs["metadata"]
-            old.data = data
-            old.scale, old.translate = kwargs["scale"], kwargs["translate"]
-            old.colormap, old.contrast_limits = colormap, kwargs["contrast_limits"]
+        layer = put_image(self.viewer, self.map_of(points), data, kwargs)
+        if layer is None:
             return
-        if old is not None:
-            self.viewer.layers.remove(old)
-        layer = self.viewer.add_image(data, **kwargs)
         self.viewer.layers.move(self.viewer.layers.index(layer), self.viewer.layers.index(points))
         points.events.translate.disconnect(self._follow)
         points.events.translate.connect(self._follow)

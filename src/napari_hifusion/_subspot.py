@@ -26,7 +26,7 @@ import numpy as np
 from hifusion_model.errors import CheckpointError
 
 from ._jobs import JobContext, JobRunner, notify_error
-from ._layers import PREDICTION, gene_columns, kind, meta
+from ._layers import PREDICTION, gene_columns, kind, meta, put_image
 from ._maps import map_layer_data
 
 #: Kind of a sub-spot layer in ``layer.metadata['hifusion']``.
@@ -177,17 +177,9 @@ class SubspotView:
             emap, name=f"{points.name} {gene} {LABEL}", colormap=colormap, limits=limits,
             offset=tuple(points.translate),
             extra_meta={"kind": SUBSPOT, "source": points, "gene": gene})
-        old = self.layer_of(points)
-        if old is not None and old.multiscale == kwargs["multiscale"]:
-            old.metadata = kwargs["metadata"]
-            old.data = data
-            old.name = kwargs["name"]
-            old.scale, old.translate = kwargs["scale"], kwargs["translate"]
-            old.colormap, old.contrast_limits = colormap, kwargs["contrast_limits"]
+        layer = put_image(self.viewer, self.layer_of(points), data, kwargs)
+        if layer is None:
             return
-        if old is not None:
-            self.viewer.layers.remove(old)
-        layer = self.viewer.add_image(data, **kwargs)
         self.placed.add(id(points))
         self.viewer.layers.move(self.viewer.layers.index(layer),
                                 self.viewer.layers.index(points) + 1)
