@@ -290,12 +290,15 @@ def predictions_to_anndata(
     source: str | os.PathLike | None = None,
     tta: int = 1,
     uncertainty: np.ndarray | None = None,
+    inference: str = "exact",
 ) -> ad.AnnData:
     """Predictions as an AnnData: ``X`` = predictions, ``layers['truth']`` = measured (if any),
     ``layers['uncertainty']`` = the per-spot, per-gene uncertainty (if given; see
     :mod:`~hifusion_model.inference.uncertainty`).
 
-    ``uns['hifusion_model']`` says which model made them, with ``tta`` test-time views.
+    ``uns['hifusion_model']`` says which model made them, with ``tta`` test-time views, and
+    on which path (``inference``: ``exact``, one model call per spot, or ``dense``, see
+    :mod:`~hifusion_model.inference.dense`).
 
     The truth is the section's counts normalised exactly as the model's training targets, so
     ``hifusion evaluate`` compares like with like; a section without counts has no truth layer.
@@ -321,7 +324,8 @@ def predictions_to_anndata(
         UNS_KEY: _h5_safe(
             {k: meta.get(k) for k in SECTION_KEYS} | {"slide_abs": str(section_slide_path(section))}
         ),
-        "hifusion_model": {**model_identity(ckpt, source), "test_time_views": tta},
+        "hifusion_model": {**model_identity(ckpt, source), "test_time_views": tta,
+                           "inference": inference},
     }
     return ad.AnnData(
         X=pred,

@@ -1,0 +1,526 @@
+"""Dense inference: neighbouring spots of a grid share the spot encoder's work.
+
+On a Visium-like grid (100 µm pitch) a 154 µm spot patch overlaps its neighbours ~2.7 times, so
+the exact path (:func:`~.predict.predict_section`) encodes most tissue several times. Here two of
+HiFusion's four encoder passes are computed once per piece of tissue, on a lattice of
+``step`` = 32 model px (the ResNet's output stride, and the 7×7 tile size of a 224-px spot):
+
+* **level 1** (the whole spot): the spot encoder runs fully convolutionally over the slide, in
+  chunks, each pixel z-scored by the statistics of the spot-sized window centred on it; a
+  spot's 7×7 map is the 7×7 window of that slide map;
+* **the finest level** (7×7 tiles of 32 px): every lattice tile is encoded once, z-scored by
+  the spot-sized window centred on the tile, and a spot takes the 7×7 tiles under it.
+
+A spot between lattice points takes the bilinear blend of the windows at the four surrounding
+ones, so no spot moves. The other levels (2×2 tiles of 112 px) and the region encoder run per
+spot, exactly as the exact path runs them. Not sharing the region is measured, not assumed: its
+query follows the region's own z-score statistics so closely that statistics from a window 64 px
+off drop the per-gene agreement with the exact path to 0.988 on HER2ST C4, and a fully
+convolutional region to 0.973 (docs/experiments.md, 2026-12-03); the two spot-encoder levels
+keep 0.997 and 0.999 each.
+
+The slide is processed in bands of lattice rows, top to bottom; the shared maps of a band are
+kept only until its spots are predicted (the last rows carry over to the next band), so memory
+stays bounded by the slide's width, not its area.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Subset
+
+from ..data.dataset import SpotDataset, as_unit_float
+from ..data.sections import section_name
+from ..devices import autocast, autocast_dtype, resolve_device
+from ..errors import Cancelled, ConfigError, SectionError
+from ..models.backbones import use_level
+from ..models.config import ModelConfig
+from ..models.hifusion import (
+    NORM_EPS,
+    HiFusion,
+    align_to,
+    encode_level,
+    full_precision,
+    zscore_per_channel,
+)
+
+Progress = Callable[[int, int, str], None]
+#: Output stride of the ResNet trunks (conv1, max pool and three stride-2 stages).
+ENCODER_STRIDE = 32
+#: Lattice rows of spot origins per band. A band computes ``BAND_ROWS`` new rows of shared maps
+#: and keeps the spot extent's rows from the band above; larger bands hold more memory.
+BAND_ROWS = 32
+#: Lattice columns per fully convolutional chunk (with ``BAND_ROWS``: ~1024² model px a call).
+CHUNK_COLS = 32
+#: Lattice cells of context around a fully convolutional chunk: features near a chunk's edge see
+#: the neighbouring tissue as a whole-slide pass would, up to this far.
+CHUNK_MARGIN = 2
+#: Tiles per encoder call of the finest level.
+TILE_BATCH = 512
+
+
+# -- geometry -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Lattice:
+    """The shared lattice of a model on a slide: model px per slide px, and the step in px.
+
+    ``scale`` is the scale at which the exact path reads a spot (``spot_px`` output px for the
+    ``round(spot_um / mpp)`` slide px it crops), so both paths see the same pixels.
+
+    >>> lattice = Lattice(scale=1.0, step=32, mpp=0.6875)
+    >>> lattice.step_um
+    22.0
+    """
+
+    scale: float  #: model px per slide px
+    step: int  #: lattice step, model px
+    mpp: float  #: µm per model px
+
+    @classmethod
+    def of(cls, config: ModelConfig, slide_mpp: float) -> Lattice:
+        slide_px = max(1, round(config.spot_um / slide_mpp))
+        scale = config.spot_px / slide_px
+        return cls(scale=scale, step=dense_step(config), mpp=slide_mpp / scale)
+
+    @property
+    def step_um(self) -> float:
+        return self.step * self.mpp
+
+    def positions(self, xy: np.ndarray, spot_px: int) -> np.ndarray:
+        """Spot origins (top-left of the spot patch) in lattice units, ``(n, 2)`` as ``(x, y)``.
+
+        ``xy`` are spot centres in slide px. A spot on the lattice has integer coordinates.
+
+        >>> Lattice(1.0, 32, 0.6875).positions(np.array([[112.0, 144.0]]), 224)
+        array([[0., 1.]])
+        """
+        origin = np.asarray(xy, dtype=np.float64) * self.scale - spot_px / 2
+        if self.scale == 1.0:  # the exact path's integer crop (Slide.read_region_px)
+            origin = np.floor(origin + 0.5)
+        return origin / self.step
+
+
+def dense_step(config: ModelConfig) -> int:
+    """The lattice step (px) on which a model's spots can share work, or a ConfigError why not.
+
+    Level 1's map has one cell per :data:`ENCODER_STRIDE` px, and the finest level's tiles must
+    be those cells, so ``spot_px / max(levels)`` must equal the stride.
+
+    >>> from hifusion_model.models.config import ModelConfig
+    >>> dense_step(ModelConfig(genes=["ERBB2"]))
+    32
+    """
+    finest = max(config.levels)
+    problems = []
+    if config.arch != "hifusion":
+        problems.append(f"the {config.arch} network has no HISM levels to share")
+    elif finest == 1 or config.spot_px != finest * ENCODER_STRIDE:
+        problems.append(f"its finest tiles are {config.spot_px}/{finest} px, not the encoder's "
+                        f"{ENCODER_STRIDE}-px cells")
+    if problems:
+        raise ConfigError(f"this model cannot share work between spots ({problems[0]}); "
+                          "predict with the exact path (dense=False, --dense no)")
+    return ENCODER_STRIDE
+
+
+def dense_unsupported(model: nn.Module, config: ModelConfig, tta: int = 1) -> str | None:
+    """Why the dense path cannot run this model (None when it can)."""
+    if tta != 1:
+        return "test-time views flip and rotate each spot, and the shared maps hold one view"
+    if not isinstance(model, HiFusion):
+        return f"{type(model).__name__} is not a HiFusion network"
+    try:
+        dense_step(config)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+# -- local statistics -----------------------------------------------------------------------------
+def _integral(a: Tensor) -> Tensor:
+    """2-D inclusive prefix sums of ``(C, h, w)`` with a zero row and column in front."""
+    return F.pad(a.cumsum(1).cumsum(2), (1, 0, 1, 0))
+
+
+def _box(integral: Tensor, k: int) -> Tensor:
+    """Sums over every ``k × k`` window of the table behind ``integral``: ``(C, h-k+1, w-k+1)``."""
+    i = integral
+    return i[:, k:, k:] - i[:, :-k, k:] - i[:, k:, :-k] + i[:, :-k, :-k]
+
+
+def window_statistics(image: Tensor, window: int, cell: int) -> tuple[Tensor, Tensor]:
+    """Mean and std per channel of every ``window``-px square whose corners lie on a ``cell``-px
+    lattice: ``(3, n, m)`` each, entry ``(j, i)`` for the window with top-left ``(cell·j,
+    cell·i)``. Sums in float64 over cells, so that a slide-sized frame costs one pass.
+
+    >>> m, s = window_statistics(torch.ones(3, 64, 64), 32, 16)
+    >>> tuple(m.shape), float(m.max()), float(s.max())
+    ((3, 3, 3), 1.0, 0.0)
+    """
+    c, h, w = image.shape
+    x = image.double().reshape(c, h // cell, cell, w // cell, cell)
+    k = window // cell
+    area = float(window * window)
+    mean = _box(_integral(x.sum((2, 4))), k) / area
+    var = _box(_integral((x * x).sum((2, 4))), k) / area - mean * mean
+    return mean.float(), var.clamp_min(0).sqrt().float()
+
+
+def pixel_zscore(image: Tensor, window: int, cell: int) -> Tensor:
+    """z-score each pixel by the ``window``-px square centred on it (bilinear between the
+    centres on the ``cell`` lattice): ``(3, H - window, W - window)``, the frame inside a halo
+    of ``window / 2`` px; ``image`` is ``(3, H, W)`` float, H and W multiples of ``cell``."""
+    mean, std = window_statistics(image, window, cell)
+    # window (j, i) is centred on (cell·j + window/2, ...): F.interpolate puts sample j at
+    # cell·j + cell/2, so the pixel of frame row r reads row r + cell/2 of its output
+    both = F.interpolate(torch.stack([mean, std]), scale_factor=cell, mode="bilinear",
+                         align_corners=False)
+    half = cell // 2
+    both = both[..., half:-half, half:-half]
+    h, w = window // 2, window // 2
+    frame = image[:, h:image.shape[1] - h, w:image.shape[2] - w]
+    return (frame - both[0]) / (both[1] + NORM_EPS)
+
+
+def tile_zscore(image: Tensor, tile: int, window: int, cell: int) -> Tensor:
+    """Every ``tile``-px tile of the frame inside a ``(window - tile) / 2`` halo, z-scored by the
+    ``window``-px square centred on it: ``(rows, cols, 3, tile, tile)``."""
+    halo = (window - tile) // 2
+    mean, std = window_statistics(image, window, cell)
+    every = tile // cell
+    mean, std = mean[:, ::every, ::every], std[:, ::every, ::every]
+    frame = image[:, halo:image.shape[1] - halo, halo:image.shape[2] - halo]
+    c, h, w = frame.shape
+    rows, cols = h // tile, w // tile
+    tiles = frame.reshape(c, rows, tile, cols, tile).permute(1, 3, 0, 2, 4)
+    mean = mean[:, :rows, :cols].permute(1, 2, 0)[..., None, None]
+    std = std[:, :rows, :cols].permute(1, 2, 0)[..., None, None]
+    return (tiles - mean) / (std + NORM_EPS)
+
+
+# -- shared maps of a band ------------------------------------------------------------------------
+class SharedMaps:
+    """Level-1 and finest-level feature maps over the lattice rows that the current band needs.
+
+    Cell ``(r, c)`` of both maps is the lattice cell of model px ``[step·r, step·r + step)`` (rows
+    and columns counted from ``first``, the top-left cell any spot needs). :meth:`hold` computes
+    rows as they are first asked for and drops those above, so each cell is encoded once.
+    """
+
+    def __init__(self, model: HiFusion, slide: Any, lattice: Lattice, needed: np.ndarray,
+                 first: tuple[int, int], dev: torch.device, dtype: torch.dtype | None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
+        config = model.config
+        self.model, self.slide, self.lattice, self.needed = model, slide, lattice, needed
+        self.first, self.dev, self.dtype, self.should_stop = first, dev, dtype, should_stop
+        self.levels = (config.levels.index(1), config.levels.index(max(config.levels)))
+        self.normalize = config.input_norm == "image"
+        self.spot_px, self.step = config.spot_px, lattice.step
+        self.cell = math.gcd(self.step // 2, self.spot_px // 2, (self.spot_px - self.step) // 2)
+        self.top = 0
+        empty = torch.zeros(config.feature_dim, 0, needed.shape[1], device=dev)
+        self.maps = [empty, empty.clone()]  #: rows [top, top + held) of level 1, finest level
+
+    @property
+    def bottom(self) -> int:
+        return self.top + self.maps[0].shape[1]
+
+    def hold(self, top: int, bottom: int) -> None:
+        """Keep rows ``[top, bottom)``, computing the new ones; rows above ``top`` go."""
+        bottom = min(bottom, self.needed.shape[0])
+        if top >= self.bottom:  # nothing held is wanted any more
+            self.maps, self.top = self._compute(top, bottom), top
+            return
+        self.maps = [m[:, top - self.top:] for m in self.maps]
+        self.top = top
+        if bottom > self.bottom:
+            new = self._compute(self.bottom, bottom)
+            self.maps = [torch.cat([m, n], dim=1) for m, n in zip(self.maps, new)]
+
+    def windows(self, origins: np.ndarray, size: int) -> tuple[Tensor, Tensor]:
+        """The ``size × size`` windows at ``origins`` (``(n, 2)`` lattice x, y, absolute), each
+        blended bilinearly from the four lattice points around it: ``(n, C, size, size)`` ×2."""
+        corner = np.floor(origins).astype(np.int64)
+        frac = torch.as_tensor(origins - corner, dtype=torch.float32, device=self.dev)
+        cols = corner[:, 0] - self.first[0]
+        rows = corner[:, 1] - self.first[1] - self.top
+        span = np.arange(size + 1)
+        r = torch.as_tensor(np.minimum(rows[:, None] + span, self.maps[0].shape[1] - 1))
+        c = torch.as_tensor(np.minimum(cols[:, None] + span, self.maps[0].shape[2] - 1))
+        fx, fy = (frac[:, i].view(-1, 1, 1, 1) for i in (0, 1))
+        out = []
+        for m in self.maps:
+            w = m[:, r[:, :, None], c[:, None, :]].permute(1, 0, 2, 3)  # (n, C, size+1, size+1)
+            top = (1 - fx) * w[..., :size, :size] + fx * w[..., :size, 1:]
+            low = (1 - fx) * w[..., 1:, :size] + fx * w[..., 1:, 1:]
+            out.append((1 - fy) * top + fy * low)
+        return out[0], out[1]
+
+    # -- computing rows ----------------------------------------------------------------------
+    def _compute(self, r0: int, r1: int) -> list[Tensor]:
+        c = self.model.config.feature_dim
+        maps = [torch.zeros(c, r1 - r0, self.needed.shape[1], device=self.dev) for _ in range(2)]
+        for c0 in range(0, self.needed.shape[1], CHUNK_COLS):
+            c1 = min(c0 + CHUNK_COLS, self.needed.shape[1])
+            need = self.needed[r0:r1, c0:c1]
+            if not need.any():
+                continue
+            if self.should_stop is not None and self.should_stop():
+                raise Cancelled("dense prediction stopped while encoding the slide")
+            image = self._read(r0 - CHUNK_MARGIN, r1 + CHUNK_MARGIN, c0 - CHUNK_MARGIN,
+                               c1 + CHUNK_MARGIN, halo=self.spot_px // 2)
+            with autocast(self.dev, self.dtype):
+                maps[0][:, :, c0:c1] = self._level1(image)
+                maps[1][:, :, c0:c1] = self._tiles(image, need)
+        return maps
+
+    def _read(self, r0: int, r1: int, c0: int, c1: int, halo: int) -> Tensor:
+        """Model-scale pixels of lattice rows/cols ``[r0, r1) × [c0, c1)`` plus ``halo`` px:
+        ``(3, H, W)`` float in [0, 1] on the device (white beyond the slide, as the exact path)."""
+        step, scale = self.step, self.lattice.scale
+        x0 = (self.first[0] + c0) * step - halo
+        y0 = (self.first[1] + r0) * step - halo
+        h, w = (r1 - r0) * step + 2 * halo, (c1 - c0) * step + 2 * halo
+        side = max(h, w)
+        centre = ((x0 + side / 2) / scale, (y0 + side / 2) / scale)
+        pixels = self.slide.read_region_px(centre, side / scale, side)[:h, :w]
+        image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        return as_unit_float(image.to(self.dev))
+
+    def _level1(self, image: Tensor) -> Tensor:
+        half, m = self.spot_px // 2, CHUNK_MARGIN
+        if self.normalize:
+            frame = pixel_zscore(image, self.spot_px, self.cell)
+        else:
+            frame = image[:, half:-half, half:-half]
+        encoder = self.model.spot_encoder
+        with use_level(encoder, self.levels[0]):
+            features = encoder(frame[None].contiguous(memory_format=torch.channels_last))[0]
+        return features[:, m:features.shape[1] - m, m:features.shape[2] - m].float()
+
+    def _tiles(self, image: Tensor, need: np.ndarray) -> Tensor:
+        margin = CHUNK_MARGIN * self.step + self.spot_px // 2 - (self.spot_px - self.step) // 2
+        inner = image[:, margin:image.shape[1] - margin, margin:image.shape[2] - margin]
+        if self.normalize:
+            tiles = tile_zscore(inner, self.step, self.spot_px, self.cell)
+        else:
+            halo = (self.spot_px - self.step) // 2
+            frame = inner[:, halo:inner.shape[1] - halo, halo:inner.shape[2] - halo]
+            rows, cols = need.shape
+            tiles = frame.reshape(3, rows, self.step, cols, self.step).permute(1, 3, 0, 2, 4)
+        picked = tiles[torch.as_tensor(need, device=self.dev)]
+        encoder = self.model.spot_encoder
+        out = torch.zeros(self.model.config.feature_dim, *need.shape, device=self.dev)
+        features = []
+        with use_level(encoder, self.levels[1]):
+            for start in range(0, len(picked), TILE_BATCH):
+                batch = picked[start:start + TILE_BATCH].contiguous(memory_format=torch.channels_last)
+                features.append(encoder(batch).float().flatten(1))
+        if features:
+            out[:, torch.as_tensor(need, device=self.dev)] = torch.cat(features).T
+        return out
+
+
+# -- the tail of the network ----------------------------------------------------------------------
+def fuse_and_attend(model: HiFusion, features: list[Tensor], region_map: Tensor) -> Tensor:
+    """HiFusion's prediction from its level maps (``config.levels`` order, aligned to level 1)
+    and the region encoder's map: what :meth:`HiFusion.forward` does after the encoders."""
+    with full_precision(region_map.device):
+        features = [f.float() for f in features]
+        weights = model.level_logits.softmax(dim=0)
+        fused = sum(w * f for w, f in zip(weights, features))
+        query = region_map.float().mean(dim=(-2, -1)).unsqueeze(1)
+        tokens = F.adaptive_avg_pool2d(fused, model.config.token_grid).flatten(2).transpose(1, 2)
+        attended, _ = model.cross_attention(query, tokens, tokens, need_weights=False)
+        return model.head((attended + query).squeeze(1))
+
+
+def predict_spots(model: HiFusion, shared: tuple[Tensor, Tensor], spot: Tensor,
+                  region: Tensor) -> Tensor:
+    """Predictions ``(n, G)`` from the shared level-1 / finest maps and the spots' own patches
+    (``[0, 1]`` float): the other levels and the region are encoded per spot, as exactly."""
+    config = model.config
+    if config.input_norm == "image":
+        spot, region = zscore_per_channel(spot), zscore_per_channel(region)
+    size = tuple(shared[0].shape[-2:])
+    finest = max(config.levels)
+    features = []
+    for i, k in enumerate(config.levels):
+        if k in (1, finest):
+            features.append(shared[0] if k == 1 else shared[1])
+            continue
+        with use_level(model.spot_encoder, i):
+            features.append(align_to(encode_level(model.spot_encoder, spot, k), size))
+    return fuse_and_attend(model, features, model.region_encoder(region))
+
+
+# -- when to use it -------------------------------------------------------------------------------
+#: The dense path pays when the spots' windows cover at most this many lattice cells per tile of
+#: theirs (each cell is encoded once, each tile once per spot on the exact path). A hex:100 grid
+#: covers ~0.4; HER2ST's own 200 µm spots, which do not overlap, ~1.3, and ran slower dense.
+SHARED_ENOUGH = 0.5
+
+
+def sharing(section: ad.AnnData, config: ModelConfig, mpp: float) -> float:
+    """Lattice cells the section's spots cover per finest-level tile they hold: below 1, spots
+    overlap and share; 1 / 2.7 on a Visium-like hex grid of 100 µm."""
+    lattice = Lattice.of(config, mpp)
+    size = config.spot_px // lattice.step
+    origins = lattice.positions(np.asarray(section.obsm["spatial"]), config.spot_px)
+    mask, _ = needed_cells(origins, size)
+    return float(mask.sum()) / (section.n_obs * size * size)
+
+
+def choose_dense(dense: bool | None, section: ad.AnnData, model: nn.Module, config: ModelConfig,
+                 mpp: float, tta: int = 1) -> bool:
+    """Whether to predict ``section`` on the dense path. ``dense``: True forces it (a
+    ConfigError says why it cannot), False the exact path; None (auto) takes it for a grid
+    (``source`` ``grid:…``) whose spots overlap enough to share (:data:`SHARED_ENOUGH`), and keeps
+    the exact path for a section's own spots, whose predictions are compared with measurements.
+    """
+    if dense is False:
+        return False
+    reason = dense_unsupported(model, config, tta)
+    if dense:
+        if reason:
+            raise ConfigError(f"the dense path cannot predict here: {reason}; "
+                              "use the exact path (dense=False, --dense no)")
+        return True
+    source = str(section.uns.get("hifusion", {}).get("source", ""))
+    return (reason is None and source.startswith("grid:") and section.n_obs > 0
+            and sharing(section, config, mpp) <= SHARED_ENOUGH)
+
+
+# -- driving a section ----------------------------------------------------------------------------
+def needed_cells(origins: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Which lattice cells some spot's window (and its blend neighbours) covers, and the
+    absolute index ``(x, y)`` of the mask's first cell.
+
+    >>> mask, first = needed_cells(np.array([[2.0, 3.0]]), 2)
+    >>> mask.astype(int), first
+    (array([[1, 1],
+           [1, 1]]), (2, 3))
+    """
+    corner = np.floor(origins).astype(np.int64)
+    extra = (origins - corner > 0).astype(np.int64)  # a blended spot reaches one cell further
+    first = corner.min(axis=0)
+    last = (corner + size + extra).max(axis=0)
+    mask = np.zeros((last[1] - first[1], last[0] - first[0]), bool)
+    for (x, y), (ex, ey) in zip(corner - first, extra):
+        mask[y:y + size + ey, x:x + size + ex] = True
+    return mask, (int(first[0]), int(first[1]))
+
+
+def band_order(origins: np.ndarray, first_row: int) -> tuple[np.ndarray, np.ndarray]:
+    """Spots in raster order of their lattice origin, and the band of :data:`BAND_ROWS` rows
+    each (in that order)."""
+    corner = np.floor(origins).astype(np.int64)
+    order = np.lexsort((corner[:, 0], corner[:, 1]))
+    return order, (corner[order, 1] - first_row) // BAND_ROWS
+
+
+@torch.inference_mode()
+def predict_dense(
+    model: nn.Module,
+    config: ModelConfig,
+    section: ad.AnnData,
+    slide: Any,
+    *,
+    batch_size: int = 32,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    workers: int = 2,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    observe: Callable[[int, dict[str, Any]], None] | None = None,
+) -> np.ndarray:
+    """Predicted normalised expression ``(n_spots, G)`` float32, in the section's spot order,
+    with the level-1 and finest-level encoders shared between overlapping spots.
+
+    Arguments as :func:`~.predict.predict_section` (without test-time views); ``progress``
+    counts spots as they are finished, band by band, and ``should_stop`` is asked before every
+    batch and every chunk of slide. ``observe(done, batch)`` sees each batch of uint8 patches;
+    the batch's ``index`` says which spots they are (bands go in raster order).
+    """
+    reason = dense_unsupported(model, config)
+    if reason:
+        raise ConfigError(f"the dense path cannot predict here: {reason}")
+    if section.n_obs == 0:
+        raise SectionError(f"section {section_name(section)!r} has no spots to predict")
+    if batch_size < 1:
+        raise SectionError(f"batch size must be at least 1, got {batch_size}")
+    from .predict import CPU_CHUNK, prefetch_batches
+
+    dev = resolve_device(device)
+    dtype = autocast_dtype(dev, precision)
+    model = model.to(dev, memory_format=torch.channels_last).eval()
+    lattice = Lattice.of(config, slide.require_mpp())
+    size = config.spot_px // lattice.step
+    dataset = SpotDataset(section, slide, config, raw=True)
+    origins = lattice.positions(dataset.centers, config.spot_px)
+    needed, first = needed_cells(origins, size)
+    order, bands = band_order(origins, first[1])
+    maps = SharedMaps(model, slide, lattice, needed, first, dev, dtype, should_stop)
+    out = np.empty((section.n_obs, config.n_genes), np.float32)
+    name, n, done = section_name(section), section.n_obs, 0
+    step = CPU_CHUNK if dev.type == "cpu" else batch_size
+    batches = prefetch_batches(Subset(dataset, order.tolist()), batch_size, workers=workers)
+    try:
+        for batch in batches:
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"prediction of {name!r} stopped after {done} spots")
+            if observe is not None:
+                observe(done, batch)
+            for part in _runs(bands[done:done + len(batch["index"])], step):
+                band = int(bands[done + part.start])
+                maps.hold(band * BAND_ROWS, (band + 1) * BAND_ROWS + size + 1)
+                index = batch["index"][part].numpy()
+                spot, region = (as_unit_float(batch[k][part].to(dev)).contiguous(
+                    memory_format=torch.channels_last) for k in ("spot", "region"))
+                with autocast(dev, dtype):
+                    pred = predict_spots(model, maps.windows(origins[index], size), spot, region)
+                out[index] = pred.float().cpu().numpy()
+            done += len(batch["index"])
+            if progress is not None:
+                progress(done, n, f"{name}: {done}/{n} spots (dense)")
+    finally:
+        batches.close()
+    return out
+
+
+def _runs(bands: np.ndarray, step: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``step`` items that stay within one band."""
+    start = 0
+    while start < len(bands):
+        stop = start + 1
+        while stop < len(bands) and stop - start < step and bands[stop] == bands[start]:
+            stop += 1
+        yield slice(start, stop)
+        start = stop
+
+
+__all__ = [
+    "SHARED_ENOUGH",
+    "Lattice",
+    "SharedMaps",
+    "choose_dense",
+    "dense_step",
+    "dense_unsupported",
+    "fuse_and_attend",
+    "needed_cells",
+    "pixel_zscore",
+    "predict_dense",
+    "predict_spots",
+    "sharing",
+    "tile_zscore",
+    "window_statistics",
+]

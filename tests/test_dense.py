@@ -1,0 +1,228 @@
+"""The dense path (inference/dense.py) on synthetic data: its lattice in µm, its statistics, its
+maps against direct computations, its predictions against the exact path, cancel and dispatch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hifusion_model import api
+from hifusion_model.data.dataset import SpotDataset
+from hifusion_model.data.sections import new_section
+from hifusion_model.data.slide import Slide
+from hifusion_model.errors import Cancelled, ConfigError
+from hifusion_model.inference import dense
+from hifusion_model.inference.predict import grid_section, predict_section
+from hifusion_model.models.backbones import use_level
+from hifusion_model.models.checkpoint import load_model, save_checkpoint
+from hifusion_model.models.config import ModelConfig, tiny_config
+from hifusion_model.models.hifusion import HiFusion, encode_level
+
+MPP = 2.0  # the synthetic slide's µm/px; spot_um = 448 µm makes the model read it at 1:1
+STEP = 32
+
+
+def lattice_config(genes: list[str] | int = 8, **overrides) -> ModelConfig:
+    """A tiny model with the released geometry (224-px spots, 32-px tiles, 448-px regions)."""
+    base = {"spot_px": 224, "region_px": 448, "spot_um": 224 * MPP, "region_um": 448 * MPP,
+            "width": 4}
+    return tiny_config(genes, **(base | overrides))
+
+
+def network(config: ModelConfig, seed: int = 0) -> HiFusion:
+    torch.manual_seed(seed)
+    return HiFusion(config).eval()
+
+
+@pytest.fixture(scope="module")
+def slide(synthetic_slide_path):
+    with Slide.open(synthetic_slide_path) as opened:
+        yield opened
+
+
+def lattice_section(slide: Slide, corners: list[tuple[float, float]], source: str = "grid:hex"):
+    """Spots whose patches start at lattice points ``corners`` (x, y in lattice steps)."""
+    xy = np.array(corners, dtype=float) * STEP + 224 / 2
+    return new_section(xy, slide=slide.path, mpp=MPP, spot_diameter_um=100.0, name="lattice",
+                       source=source)
+
+
+# -- geometry ------------------------------------------------------------------------------------
+def test_the_lattice_is_22_um_for_the_released_model_and_places_spots_in_um():
+    released = ModelConfig(genes=["ERBB2"])
+    her2st = dense.Lattice.of(released, 0.6877761266286357)  # C4's µm/px: read at 1:1
+    assert her2st.scale == 1.0 and her2st.step_um == pytest.approx(22.0, abs=0.01)
+
+    lattice = dense.Lattice.of(released, 0.5)  # a 0.5 µm/px scan: 308 px read per 224-px spot
+    assert lattice.scale == pytest.approx(224 / 308) and lattice.step_um == pytest.approx(22.0)
+    spot_um, step_um = released.spot_um, lattice.step_um
+    on_lattice = np.array([[3, 5], [10, 2]]) * step_um + spot_um / 2  # µm centres
+    half_off = on_lattice + step_um / 2
+    to_px = 1 / 0.5
+    np.testing.assert_allclose(lattice.positions(on_lattice * to_px, 224), [[3, 5], [10, 2]])
+    np.testing.assert_allclose(lattice.positions(half_off * to_px, 224), [[3.5, 5.5], [10.5, 2.5]])
+
+
+def test_geometries_that_cannot_share_are_refused_with_the_way_out():
+    assert dense.dense_step(lattice_config()) == STEP
+    with pytest.raises(ConfigError, match="dense=False"):
+        dense.dense_step(tiny_config(4))  # 56-px spots: 8-px tiles are not the 32-px cells
+    assert "test-time" in dense.dense_unsupported(network(lattice_config()), lattice_config(), 2)
+
+
+def test_needed_cells_cover_each_window_and_its_blend_neighbours():
+    mask, first = dense.needed_cells(np.array([[2.0, 3.0], [4.5, 3.0]]), 7)
+    assert first == (2, 3)
+    assert mask.shape == (7, 10) and mask.all()  # the blended spot reaches column 4 + 7
+    mask, _ = dense.needed_cells(np.array([[0.0, 0.0], [20.0, 0.0]]), 7)
+    assert mask.sum() == 2 * 49 and not mask[:, 7:20].any()
+
+
+# -- statistics ----------------------------------------------------------------------------------
+def test_window_statistics_are_those_of_each_window():
+    image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0))
+    mean, std = dense.window_statistics(image, 32, 16)
+    assert mean.shape == (3, 5, 7)
+    window = image[:, 16:48, 48:80]
+    torch.testing.assert_close(mean[:, 1, 3], window.mean((1, 2)))
+    torch.testing.assert_close(std[:, 1, 3], window.std((1, 2), correction=0))
+
+
+def test_each_tile_is_z_scored_by_the_window_centred_on_it():
+    image = torch.rand(3, 32 * 3 + 192, 32 * 4 + 192, generator=torch.Generator().manual_seed(1))
+    tiles = dense.tile_zscore(image, 32, 224, 16)
+    assert tiles.shape == (3, 4, 3, 32, 32)
+    row, col = 2, 1
+    window = image[:, 32 * row:32 * row + 224, 32 * col:32 * col + 224]
+    tile = window[:, 96:128, 96:128]
+    var, mean = torch.var_mean(window, dim=(1, 2), keepdim=True, correction=0)
+    torch.testing.assert_close(tiles[row, col], (tile - mean) / (var.sqrt() + 1e-4))
+
+
+def test_pixel_statistics_are_centred_on_each_pixel():
+    """On a ramp, the window centred on a pixel has that pixel's value as its mean, so the
+    z-score vanishes; a window off by a pixel would leave ±slope/std everywhere."""
+    ramp = torch.arange(512, dtype=torch.float32).div(512).expand(3, 256, 512).contiguous()
+    z = dense.pixel_zscore(ramp, 64, 16)
+    assert z.shape == (3, 192, 448)
+    assert float(z.abs().max()) < 1e-3
+
+
+# -- maps against direct computation ------------------------------------------------------------
+def test_level1_chunks_and_bands_stitch_into_the_whole_frame_map(slide, monkeypatch):
+    """With a margin as wide as ResNet-18's receptive field, chunks and bands add nothing:
+    the stitched map is the encoder's map of the whole frame."""
+    monkeypatch.setattr(dense, "CHUNK_MARGIN", 7)
+    monkeypatch.setattr(dense, "CHUNK_COLS", 3)
+    config = lattice_config()
+    model = network(config)
+    lattice = dense.Lattice.of(config, MPP)
+    needed, first = np.ones((6, 7), bool), (4, 3)
+    with torch.inference_mode():
+        maps = dense.SharedMaps(model, slide, lattice, needed, first, torch.device("cpu"), None)
+        frame = dense.pixel_zscore(maps._read(-7, 6 + 7, -7, 7 + 7, halo=112), 224, 16)
+        with use_level(model.spot_encoder, 0):
+            whole = model.spot_encoder(frame[None])[0][:, 7:-7, 7:-7]
+        assert whole.shape == (config.feature_dim, 6, 7)
+        for top, bottom in ((0, 3), (2, 5), (5, 6)):  # overlapping bands, then an adjacent one
+            maps.hold(top, bottom)
+            torch.testing.assert_close(maps.maps[0], whole[:, top:bottom], rtol=1e-4, atol=1e-5)
+
+
+def test_finest_tiles_on_the_lattice_are_the_spots_own_and_blend_between(slide):
+    """Without z-scoring, a tile's features depend on the tile alone: a spot on the lattice gets
+    exactly its own 7×7 tile map, one half a step off the mean of its two neighbours'."""
+    config = lattice_config(input_norm="none")
+    model = network(config)
+    section = lattice_section(slide, [(4, 3), (5, 3), (9, 6)])
+    spots = torch.stack([SpotDataset(section, slide, config)[i]["spot"] for i in range(3)])
+    with torch.inference_mode(), use_level(model.spot_encoder, 2):
+        own = encode_level(model.spot_encoder, spots, 7)
+    lattice = dense.Lattice.of(config, MPP)
+    origins = np.array([[4.0, 3.0], [5.0, 3.0], [9.0, 6.0], [4.5, 3.0]])
+    needed, first = dense.needed_cells(origins, 7)
+    with torch.inference_mode():
+        maps = dense.SharedMaps(model, slide, lattice, needed, first, torch.device("cpu"), None)
+        maps.hold(0, needed.shape[0])
+        _, tiles = maps.windows(origins, 7)
+    torch.testing.assert_close(tiles[:3], own, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tiles[3], (own[0] + own[1]) / 2, rtol=1e-4, atol=1e-5)
+
+
+def test_the_tail_is_the_forward_pass_after_the_encoders():
+    config = lattice_config()
+    model = network(config)
+    spot, region = torch.rand(2, 3, 224, 224), torch.rand(2, 3, 448, 448)
+    with torch.inference_mode():
+        expected = model(spot, region).prediction
+        z_spot, z_region = model._normalize(spot), model._normalize(region)
+        got = dense.fuse_and_attend(model, model.encode_spot(z_spot),
+                                    model.region_encoder(z_region))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# -- predictions ---------------------------------------------------------------------------------
+def test_dense_predictions_are_the_exact_ones_where_sharing_is_exact(slide, monkeypatch):
+    """Spots on the lattice, no z-scoring and level 1 weighted out: nothing is approximated, so
+    any slip in bands, spot order, windows or the per-spot levels shows as a difference."""
+    monkeypatch.setattr(dense, "BAND_ROWS", 2)  # several bands, each carrying rows over
+    config = lattice_config(input_norm="none")
+    model = network(config)
+    with torch.no_grad():
+        model.level_logits.copy_(torch.tensor([-40.0, 0.0, 0.0]))  # level 1's weight ~ 1e-18
+    corners = [(9, 7), (4, 3), (13, 3), (6, 5), (4, 9), (10, 3), (7, 3)]  # not in raster order
+    section = lattice_section(slide, corners)
+    seen = []
+    exact = predict_section(model, config, section, slide, precision="fp32", workers=0)
+    got = dense.predict_dense(model, config, section, slide, precision="fp32", workers=0,
+                              batch_size=3, progress=lambda d, n, m: seen.append((d, n)))
+    assert float(exact.std(axis=0).mean()) > 1e-3  # the spots differ, so order matters
+    np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-5)
+    assert seen == [(3, 7), (6, 7), (7, 7)]
+
+
+def test_a_stop_request_ends_the_dense_path_with_cancelled(slide):
+    config = lattice_config()
+    section = lattice_section(slide, [(4, 3), (8, 3), (12, 3), (4, 8)])
+    asked, seen = [], []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 2  # let the first batch through, then stop
+
+    with pytest.raises(Cancelled, match="stopped"):
+        dense.predict_dense(network(config), config, section, slide, workers=0, batch_size=2,
+                            should_stop=stop, progress=lambda d, n, m: seen.append(d))
+    assert seen == [2]
+
+
+# -- which path --------------------------------------------------------------------------------
+def test_grids_go_dense_and_a_sections_own_spots_stay_exact(slide):
+    config = lattice_config()
+    model = network(config)
+    grid = grid_section(slide, kind="hex", pitch_um=200)  # as hex:70 for 154 µm spots
+    assert dense.sharing(grid, config, MPP) < dense.SHARED_ENOUGH
+    assert dense.choose_dense(None, grid, model, config, MPP)
+    assert not dense.choose_dense(False, grid, model, config, MPP)
+    assert not dense.choose_dense(None, grid, model, config, MPP, tta=2)
+    own = grid.copy()
+    own.uns["hifusion"] = {**own.uns["hifusion"], "source": "visium"}
+    assert not dense.choose_dense(None, own, model, config, MPP)
+    assert dense.choose_dense(True, own, model, config, MPP)
+    sparse = grid_section(slide, kind="square", pitch_um=600)  # patches do not overlap
+    assert not dense.choose_dense(None, sparse, model, config, MPP)
+    with pytest.raises(ConfigError, match="test-time"):
+        dense.choose_dense(True, grid, model, config, MPP, tta=2)
+
+
+def test_predict_on_a_grid_says_which_path_ran(synthetic_slide_path, tmp_path):
+    config = lattice_config(genes=["ERBB2", "KRT19"])
+    path = save_checkpoint(tmp_path / "lattice.pt", network(config), train_mean=torch.zeros(2))
+    pair = load_model(path)
+    shared = api.predict(synthetic_slide_path, pair, grid="hex:200", device="cpu", workers=0)
+    exact = api.predict(synthetic_slide_path, pair, grid="hex:200", device="cpu", workers=0,
+                        dense=False)
+    assert shared.uns["hifusion_model"]["inference"] == "dense"
+    assert exact.uns["hifusion_model"]["inference"] == "exact"
+    np.testing.assert_array_equal(shared.obsm["spatial"], exact.obsm["spatial"])  # none moved
