@@ -43,13 +43,11 @@ from ..inference.uncertainty import (
     section_stain_features,
 )
 from ..io_utils import atomic_path
-from ..models.checkpoint import load_model
 from ..models.config import ModelConfig
 from ..models.spot_only import spot_only_config
 from .baselines import fit_constant, fit_ridge, section_targets
 from .protocols import (
     Fold,
-    NetworkPredictor,
     Plan,
     Predictor,
     fit_network,
@@ -252,60 +250,17 @@ def run_cells(
         for variant in variants:
             for seed in seeds:
                 folder = Path(work) / plan.protocol / slug(fold.name) / f"{variant}-seed{seed}"
-                cell = _cell(results, variant, fold.name, seed)
-                if cell is None:
-                    results["runs"].append(run_cell(
-                        variant, fold, seed, train_sections, test, genes, folder,
-                        recipe=variant_recipe(variant, recipe, seed), model_config=model_config,
-                        normalization=normalization, stain=stain, device=device,
-                        workers=workers, log=log, on_epoch=on_epoch,
-                    ))
-                elif not cell.get("uncertainty"):  # a cell from before the uncertainty
-                    rescore_uncertainty(cell, train_sections, test, genes, folder,
-                                        recipe=variant_recipe(variant, recipe, seed),
-                                        model_config=model_config, stain=stain, device=device,
-                                        log=log)
-                else:
+                if _cell(results, variant, fold.name, seed) is not None:
                     continue
+                results["runs"].append(run_cell(
+                    variant, fold, seed, train_sections, test, genes, folder,
+                    recipe=variant_recipe(variant, recipe, seed), model_config=model_config,
+                    normalization=normalization, stain=stain, device=device,
+                    workers=workers, log=log, on_epoch=on_epoch,
+                ))
                 if save:
                     save(results)
     return results
-
-
-def rescore_uncertainty(
-    cell: dict[str, Any],
-    train_sections: Sequence[ad.AnnData],
-    test: Mapping[str, ad.AnnData],
-    genes: Sequence[str],
-    folder: Path,
-    *,
-    recipe: TrainConfig,
-    model_config: ModelConfig | None,
-    stain: StainCache,
-    device: str,
-    log: Log | None,
-) -> None:
-    """Add the uncertainty's scores to a cell made before it existed: a network is loaded from
-    its folder (no retraining), a closed-form variant is fitted again (seconds)."""
-    variant = cell["variant"]
-    if VARIANTS[variant].network:
-        path = folder / "model.pt"
-        if not path.is_file():
-            if log:
-                log(f"{cell['fold']} / {variant} / seed {cell['seed']}: no {path} to score the "
-                    "uncertainty with; skipped")
-            return
-        model, ckpt = load_model(path)
-        predictor: Predictor = NetworkPredictor(model, ckpt, device, recipe.precision)
-    else:
-        predictor = fit_variant(variant, train_sections, genes, folder / "model.pt",
-                                recipe=recipe, model_config=model_config, device=device)
-    preds = {n: predictor.predict(s) for n, s in test.items()}
-    template = (model_config or ModelConfig(genes=["-"])).replace(genes=list(predictor.genes))
-    cell["uncertainty"] = uncertainty_scores(
-        dict(zip(cell["train"], train_sections, strict=True)), test, preds, template, stain)
-    if log:
-        log(f"{cell['fold']} / {variant} / seed {cell['seed']}: uncertainty scored")
 
 
 def run_cell(
