@@ -12,7 +12,7 @@ from hifusion_model.data.dataset import SpotDataset
 from hifusion_model.data.sections import new_section
 from hifusion_model.data.slide import Slide
 from hifusion_model.errors import Cancelled, ConfigError
-from hifusion_model.inference import dense
+from hifusion_model.inference import dense, lattice
 from hifusion_model.inference.predict import grid_section, predict_section
 from hifusion_model.models.backbones import use_level
 from hifusion_model.models.checkpoint import load_model, save_checkpoint
@@ -51,38 +51,38 @@ def lattice_section(slide: Slide, corners: list[tuple[float, float]], source: st
 # -- geometry ------------------------------------------------------------------------------------
 def test_the_lattice_is_22_um_for_the_released_model_and_places_spots_in_um():
     released = ModelConfig(genes=["ERBB2"])
-    her2st = dense.Lattice.of(released, 0.6877761266286357)  # C4's µm/px: read at 1:1
+    her2st = lattice.Lattice.of(released, 0.6877761266286357)  # C4's µm/px: read at 1:1
     assert her2st.scale == 1.0 and her2st.step_um == pytest.approx(22.0, abs=0.01)
 
-    lattice = dense.Lattice.of(released, 0.5)  # a 0.5 µm/px scan: 308 px read per 224-px spot
-    assert lattice.scale == pytest.approx(224 / 308) and lattice.step_um == pytest.approx(22.0)
-    spot_um, step_um = released.spot_um, lattice.step_um
+    scan = lattice.Lattice.of(released, 0.5)  # a 0.5 µm/px scan: 308 px read per 224-px spot
+    assert scan.scale == pytest.approx(224 / 308) and scan.step_um == pytest.approx(22.0)
+    spot_um, step_um = released.spot_um, scan.step_um
     on_lattice = np.array([[3, 5], [10, 2]]) * step_um + spot_um / 2  # µm centres
     half_off = on_lattice + step_um / 2
     to_px = 1 / 0.5
-    np.testing.assert_allclose(lattice.positions(on_lattice * to_px, 224), [[3, 5], [10, 2]])
-    np.testing.assert_allclose(lattice.positions(half_off * to_px, 224), [[3.5, 5.5], [10.5, 2.5]])
+    np.testing.assert_allclose(scan.positions(on_lattice * to_px, 224), [[3, 5], [10, 2]])
+    np.testing.assert_allclose(scan.positions(half_off * to_px, 224), [[3.5, 5.5], [10.5, 2.5]])
 
 
 def test_geometries_that_cannot_share_are_refused_with_the_way_out():
-    assert dense.dense_step(lattice_config()) == STEP
+    assert lattice.dense_step(lattice_config()) == STEP
     with pytest.raises(ConfigError, match="dense=False"):
-        dense.dense_step(tiny_config(4))  # 56-px spots: 8-px tiles are not the 32-px cells
+        lattice.dense_step(tiny_config(4))  # 56-px spots: 8-px tiles are not the 32-px cells
     assert "test-time" in dense.dense_unsupported(network(lattice_config()), lattice_config(), 2)
 
 
 def test_needed_cells_cover_each_window_and_its_blend_neighbours():
-    mask, first = dense.needed_cells(np.array([[2.0, 3.0], [4.5, 3.0]]), 7)
+    mask, first = lattice.needed_cells(np.array([[2.0, 3.0], [4.5, 3.0]]), 7)
     assert first == (2, 3)
     assert mask.shape == (7, 10) and mask.all()  # the blended spot reaches column 4 + 7
-    mask, _ = dense.needed_cells(np.array([[0.0, 0.0], [20.0, 0.0]]), 7)
+    mask, _ = lattice.needed_cells(np.array([[0.0, 0.0], [20.0, 0.0]]), 7)
     assert mask.sum() == 2 * 49 and not mask[:, 7:20].any()
 
 
 # -- statistics ----------------------------------------------------------------------------------
 def test_window_statistics_are_those_of_each_window():
     image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0))
-    mean, std = dense.window_statistics(image, 32, 16)
+    mean, std = lattice.window_statistics(image, 32, 16)
     assert mean.shape == (3, 5, 7)
     window = image[:, 16:48, 48:80]
     torch.testing.assert_close(mean[:, 1, 3], window.mean((1, 2)))
@@ -91,7 +91,7 @@ def test_window_statistics_are_those_of_each_window():
 
 def test_each_tile_is_z_scored_by_the_window_centred_on_it():
     image = torch.rand(3, 32 * 3 + 192, 32 * 4 + 192, generator=torch.Generator().manual_seed(1))
-    tiles = dense.tile_zscore(image, 32, 224, 16)
+    tiles = lattice.tile_zscore(image, 32, 224, 16)
     assert tiles.shape == (3, 4, 3, 32, 32)
     row, col = 2, 1
     window = image[:, 32 * row:32 * row + 224, 32 * col:32 * col + 224]
@@ -104,7 +104,7 @@ def test_pixel_statistics_are_centred_on_each_pixel():
     """On a ramp, the window centred on a pixel has that pixel's value as its mean, so the
     z-score vanishes; a window off by a pixel would leave ±slope/std everywhere."""
     ramp = torch.arange(512, dtype=torch.float32).div(512).expand(3, 256, 512).contiguous()
-    z = dense.pixel_zscore(ramp, 64, 16)
+    z = lattice.pixel_zscore(ramp, 64, 16)
     assert z.shape == (3, 192, 448)
     assert float(z.abs().max()) < 1e-3
 
@@ -117,11 +117,11 @@ def test_level1_chunks_and_bands_stitch_into_the_whole_frame_map(slide, monkeypa
     monkeypatch.setattr(dense, "CHUNK_COLS", 3)
     config = lattice_config()
     model = network(config)
-    lattice = dense.Lattice.of(config, MPP)
+    grid = lattice.Lattice.of(config, MPP)
     needed, first = np.ones((6, 7), bool), (4, 3)
     with torch.inference_mode():
-        maps = dense.SharedMaps(model, slide, lattice, needed, first, torch.device("cpu"), None)
-        frame = dense.pixel_zscore(maps._read(-7, 6 + 7, -7, 7 + 7, halo=112), 224, 16)
+        maps = dense.SharedMaps(model, slide, grid, needed, first, torch.device("cpu"), None)
+        frame = lattice.pixel_zscore(maps._read(-7, 6 + 7, -7, 7 + 7, halo=112), 224, 16)
         with use_level(model.spot_encoder, 0):
             whole = model.spot_encoder(frame[None])[0][:, 7:-7, 7:-7]
         assert whole.shape == (config.feature_dim, 6, 7)
@@ -139,11 +139,11 @@ def test_finest_tiles_on_the_lattice_are_the_spots_own_and_blend_between(slide):
     spots = torch.stack([SpotDataset(section, slide, config)[i]["spot"] for i in range(3)])
     with torch.inference_mode(), use_level(model.spot_encoder, 2):
         own = encode_level(model.spot_encoder, spots, 7)
-    lattice = dense.Lattice.of(config, MPP)
+    grid = lattice.Lattice.of(config, MPP)
     origins = np.array([[4.0, 3.0], [5.0, 3.0], [9.0, 6.0], [4.5, 3.0]])
-    needed, first = dense.needed_cells(origins, 7)
+    needed, first = lattice.needed_cells(origins, 7)
     with torch.inference_mode():
-        maps = dense.SharedMaps(model, slide, lattice, needed, first, torch.device("cpu"), None)
+        maps = dense.SharedMaps(model, slide, grid, needed, first, torch.device("cpu"), None)
         maps.hold(0, needed.shape[0])
         _, tiles = maps.windows(origins, 7)
     torch.testing.assert_close(tiles[:3], own, rtol=1e-4, atol=1e-5)

@@ -19,7 +19,8 @@ off drop the per-gene agreement with the exact path to 0.988 on HER2ST C4, and a
 convolutional region to 0.973 (docs/experiments.md, 2026-12-03); the two spot-encoder levels
 keep 0.997 and 0.999 each.
 
-The slide is processed in bands of lattice rows, top to bottom; the shared maps of a band are
+The lattice and the windows' statistics are :mod:`.lattice`'s. The slide is processed in bands
+of lattice rows, top to bottom; the shared maps of a band are
 kept only until its spots are predicted (the last rows carry over to the next band), so memory
 stays bounded by the slide's width, not its area.
 """
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import anndata as ad
@@ -45,17 +45,15 @@ from ..errors import Cancelled, ConfigError, SectionError
 from ..models.backbones import use_level
 from ..models.config import ModelConfig
 from ..models.hifusion import (
-    NORM_EPS,
     HiFusion,
     align_to,
     encode_level,
     full_precision,
     zscore_per_channel,
 )
+from .lattice import Lattice, dense_step, needed_cells, pixel_zscore, tile_zscore
 
 Progress = Callable[[int, int, str], None]
-#: Output stride of the ResNet trunks (conv1, max pool and three stride-2 stages).
-ENCODER_STRIDE = 32
 #: Lattice rows of spot origins per band. A band computes ``BAND_ROWS`` new rows of shared maps
 #: and keeps the spot extent's rows from the band above; larger bands hold more memory.
 BAND_ROWS = 32
@@ -66,145 +64,6 @@ CHUNK_COLS = 32
 CHUNK_MARGIN = 2
 #: Tiles per encoder call of the finest level.
 TILE_BATCH = 512
-
-
-# -- geometry -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Lattice:
-    """The shared lattice of a model on a slide: model px per slide px, and the step in px.
-
-    ``scale`` is the scale at which the exact path reads a spot (``spot_px`` output px for the
-    ``round(spot_um / mpp)`` slide px it crops), so both paths see the same pixels.
-
-    >>> lattice = Lattice(scale=1.0, step=32, mpp=0.6875)
-    >>> lattice.step_um
-    22.0
-    """
-
-    scale: float  #: model px per slide px
-    step: int  #: lattice step, model px
-    mpp: float  #: µm per model px
-
-    @classmethod
-    def of(cls, config: ModelConfig, slide_mpp: float) -> Lattice:
-        slide_px = max(1, round(config.spot_um / slide_mpp))
-        scale = config.spot_px / slide_px
-        return cls(scale=scale, step=dense_step(config), mpp=slide_mpp / scale)
-
-    @property
-    def step_um(self) -> float:
-        return self.step * self.mpp
-
-    def positions(self, xy: np.ndarray, spot_px: int) -> np.ndarray:
-        """Spot origins (top-left of the spot patch) in lattice units, ``(n, 2)`` as ``(x, y)``.
-
-        ``xy`` are spot centres in slide px. A spot on the lattice has integer coordinates.
-
-        >>> Lattice(1.0, 32, 0.6875).positions(np.array([[112.0, 144.0]]), 224)
-        array([[0., 1.]])
-        """
-        origin = np.asarray(xy, dtype=np.float64) * self.scale - spot_px / 2
-        if self.scale == 1.0:  # the exact path's integer crop (Slide.read_region_px)
-            origin = np.floor(origin + 0.5)
-        return origin / self.step
-
-
-def dense_step(config: ModelConfig) -> int:
-    """The lattice step (px) on which a model's spots can share work, or a ConfigError why not.
-
-    Level 1's map has one cell per :data:`ENCODER_STRIDE` px, and the finest level's tiles must
-    be those cells, so ``spot_px / max(levels)`` must equal the stride.
-
-    >>> from hifusion_model.models.config import ModelConfig
-    >>> dense_step(ModelConfig(genes=["ERBB2"]))
-    32
-    """
-    finest = max(config.levels)
-    problems = []
-    if config.arch != "hifusion":
-        problems.append(f"the {config.arch} network has no HISM levels to share")
-    elif finest == 1 or config.spot_px != finest * ENCODER_STRIDE:
-        problems.append(f"its finest tiles are {config.spot_px}/{finest} px, not the encoder's "
-                        f"{ENCODER_STRIDE}-px cells")
-    if problems:
-        raise ConfigError(f"this model cannot share work between spots ({problems[0]}); "
-                          "predict with the exact path (dense=False, --dense no)")
-    return ENCODER_STRIDE
-
-
-def dense_unsupported(model: nn.Module, config: ModelConfig, tta: int = 1) -> str | None:
-    """Why the dense path cannot run this model (None when it can)."""
-    if tta != 1:
-        return "test-time views flip and rotate each spot, and the shared maps hold one view"
-    if not isinstance(model, HiFusion):
-        return f"{type(model).__name__} is not a HiFusion network"
-    try:
-        dense_step(config)
-    except ConfigError as e:
-        return str(e)
-    return None
-
-
-# -- local statistics -----------------------------------------------------------------------------
-def _integral(a: Tensor) -> Tensor:
-    """2-D inclusive prefix sums of ``(C, h, w)`` with a zero row and column in front."""
-    return F.pad(a.cumsum(1).cumsum(2), (1, 0, 1, 0))
-
-
-def _box(integral: Tensor, k: int) -> Tensor:
-    """Sums over every ``k × k`` window of the table behind ``integral``: ``(C, h-k+1, w-k+1)``."""
-    i = integral
-    return i[:, k:, k:] - i[:, :-k, k:] - i[:, k:, :-k] + i[:, :-k, :-k]
-
-
-def window_statistics(image: Tensor, window: int, cell: int) -> tuple[Tensor, Tensor]:
-    """Mean and std per channel of every ``window``-px square whose corners lie on a ``cell``-px
-    lattice: ``(3, n, m)`` each, entry ``(j, i)`` for the window with top-left ``(cell·j,
-    cell·i)``. Sums in float64 over cells, so that a slide-sized frame costs one pass.
-
-    >>> m, s = window_statistics(torch.ones(3, 64, 64), 32, 16)
-    >>> tuple(m.shape), float(m.max()), float(s.max())
-    ((3, 3, 3), 1.0, 0.0)
-    """
-    c, h, w = image.shape
-    x = image.double().reshape(c, h // cell, cell, w // cell, cell)
-    k = window // cell
-    area = float(window * window)
-    mean = _box(_integral(x.sum((2, 4))), k) / area
-    var = _box(_integral((x * x).sum((2, 4))), k) / area - mean * mean
-    return mean.float(), var.clamp_min(0).sqrt().float()
-
-
-def pixel_zscore(image: Tensor, window: int, cell: int) -> Tensor:
-    """z-score each pixel by the ``window``-px square centred on it (bilinear between the
-    centres on the ``cell`` lattice): ``(3, H - window, W - window)``, the frame inside a halo
-    of ``window / 2`` px; ``image`` is ``(3, H, W)`` float, H and W multiples of ``cell``."""
-    mean, std = window_statistics(image, window, cell)
-    # window (j, i) is centred on (cell·j + window/2, ...): F.interpolate puts sample j at
-    # cell·j + cell/2, so the pixel of frame row r reads row r + cell/2 of its output
-    both = F.interpolate(torch.stack([mean, std]), scale_factor=cell, mode="bilinear",
-                         align_corners=False)
-    half = cell // 2
-    both = both[..., half:-half, half:-half]
-    h, w = window // 2, window // 2
-    frame = image[:, h:image.shape[1] - h, w:image.shape[2] - w]
-    return (frame - both[0]) / (both[1] + NORM_EPS)
-
-
-def tile_zscore(image: Tensor, tile: int, window: int, cell: int) -> Tensor:
-    """Every ``tile``-px tile of the frame inside a ``(window - tile) / 2`` halo, z-scored by the
-    ``window``-px square centred on it: ``(rows, cols, 3, tile, tile)``."""
-    halo = (window - tile) // 2
-    mean, std = window_statistics(image, window, cell)
-    every = tile // cell
-    mean, std = mean[:, ::every, ::every], std[:, ::every, ::every]
-    frame = image[:, halo:image.shape[1] - halo, halo:image.shape[2] - halo]
-    c, h, w = frame.shape
-    rows, cols = h // tile, w // tile
-    tiles = frame.reshape(c, rows, tile, cols, tile).permute(1, 3, 0, 2, 4)
-    mean = mean[:, :rows, :cols].permute(1, 2, 0)[..., None, None]
-    std = std[:, :rows, :cols].permute(1, 2, 0)[..., None, None]
-    return (tiles - mean) / (std + NORM_EPS)
 
 
 # -- shared maps of a band ------------------------------------------------------------------------
@@ -370,6 +229,19 @@ def predict_spots(model: HiFusion, shared: tuple[Tensor, Tensor], spot: Tensor,
 SHARED_ENOUGH = 0.5
 
 
+def dense_unsupported(model: nn.Module, config: ModelConfig, tta: int = 1) -> str | None:
+    """Why the dense path cannot run this model (None when it can)."""
+    if tta != 1:
+        return "test-time views flip and rotate each spot, and the shared maps hold one view"
+    if not isinstance(model, HiFusion):
+        return f"{type(model).__name__} is not a HiFusion network"
+    try:
+        dense_step(config)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def sharing(section: ad.AnnData, config: ModelConfig, mpp: float) -> float:
     """Lattice cells the section's spots cover per finest-level tile they hold: below 1, spots
     overlap and share; 1 / 2.7 on a Visium-like hex grid of 100 µm."""
@@ -401,25 +273,6 @@ def choose_dense(dense: bool | None, section: ad.AnnData, model: nn.Module, conf
 
 
 # -- driving a section ----------------------------------------------------------------------------
-def needed_cells(origins: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Which lattice cells some spot's window (and its blend neighbours) covers, and the
-    absolute index ``(x, y)`` of the mask's first cell.
-
-    >>> mask, first = needed_cells(np.array([[2.0, 3.0]]), 2)
-    >>> mask.astype(int), first
-    (array([[1, 1],
-           [1, 1]]), (2, 3))
-    """
-    corner = np.floor(origins).astype(np.int64)
-    extra = (origins - corner > 0).astype(np.int64)  # a blended spot reaches one cell further
-    first = corner.min(axis=0)
-    last = (corner + size + extra).max(axis=0)
-    mask = np.zeros((last[1] - first[1], last[0] - first[0]), bool)
-    for (x, y), (ex, ey) in zip(corner - first, extra):
-        mask[y:y + size + ey, x:x + size + ex] = True
-    return mask, (int(first[0]), int(first[1]))
-
-
 def band_order(origins: np.ndarray, first_row: int) -> tuple[np.ndarray, np.ndarray]:
     """Spots in raster order of their lattice origin, and the band of :data:`BAND_ROWS` rows
     each (in that order)."""
@@ -510,17 +363,11 @@ def _runs(bands: np.ndarray, step: int) -> Iterator[slice]:
 
 __all__ = [
     "SHARED_ENOUGH",
-    "Lattice",
     "SharedMaps",
     "choose_dense",
-    "dense_step",
     "dense_unsupported",
     "fuse_and_attend",
-    "needed_cells",
-    "pixel_zscore",
     "predict_dense",
     "predict_spots",
     "sharing",
-    "tile_zscore",
-    "window_statistics",
 ]
