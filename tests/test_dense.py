@@ -3,11 +3,13 @@ maps against direct computations, its predictions against the exact path, cancel
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
 
 from hifusion_model import api
+from hifusion_model.cli import main
 from hifusion_model.data.dataset import SpotDataset
 from hifusion_model.data.sections import new_section
 from hifusion_model.data.slide import Slide
@@ -216,7 +218,7 @@ def test_grids_go_dense_and_a_sections_own_spots_stay_exact(slide):
         dense.choose_dense(True, grid, model, config, MPP, tta=2)
 
 
-def test_predict_on_a_grid_says_which_path_ran(synthetic_slide_path, tmp_path):
+def test_predict_on_a_grid_says_which_path_ran(synthetic_slide_path, tmp_path, capsys):
     config = lattice_config(genes=["ERBB2", "KRT19"])
     path = save_checkpoint(tmp_path / "lattice.pt", network(config), train_mean=torch.zeros(2))
     pair = load_model(path)
@@ -226,3 +228,11 @@ def test_predict_on_a_grid_says_which_path_ran(synthetic_slide_path, tmp_path):
     assert shared.uns["hifusion_model"]["inference"] == "dense"
     assert exact.uns["hifusion_model"]["inference"] == "exact"
     np.testing.assert_array_equal(shared.obsm["spatial"], exact.obsm["spatial"])  # none moved
+
+    out = tmp_path / "grid.h5ad"
+    args = ["predict", str(synthetic_slide_path), "--grid", "hex:200", "--model", str(path),
+            "--out", str(out), "--device", "cpu", "--workers", "0"]
+    assert main(args) == 0 and "dense path" in capsys.readouterr().out
+    assert main([*args, "--dense", "no", "--overwrite"]) == 0
+    assert "dense path" not in capsys.readouterr().out
+    assert ad.read_h5ad(out).uns["hifusion_model"]["inference"] == "exact"
