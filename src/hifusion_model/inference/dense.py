@@ -59,9 +59,11 @@ Progress = Callable[[int, int, str], None]
 BAND_ROWS = 32
 #: Lattice columns per fully convolutional chunk (with ``BAND_ROWS``: ~1024² model px a call).
 CHUNK_COLS = 32
-#: Lattice cells of context around a fully convolutional chunk: features near a chunk's edge see
-#: the neighbouring tissue as a whole-slide pass would, up to this far.
-CHUNK_MARGIN = 2
+#: Lattice cells of context around a fully convolutional chunk, so that features near its edge
+#: see the neighbouring tissue. On HER2ST C4, margins of 0, 1, 2 and 7 cells (7 covers
+#: ResNet-18's receptive field: chunking then changes nothing) kept a mean per-gene PCC with
+#: the exact path of 0.9915, 0.9919, 0.9919 and 0.9919.
+CHUNK_MARGIN = 1
 #: Tiles per encoder call of the finest level.
 TILE_BATCH = 512
 
@@ -126,20 +128,22 @@ class SharedMaps:
 
     # -- computing rows ----------------------------------------------------------------------
     def _compute(self, r0: int, r1: int) -> list[Tensor]:
+        """Rows ``[r0, r1)`` of both maps, chunk by chunk of :data:`CHUNK_COLS` columns; each
+        chunk is encoded over the box of its needed cells only (zeros elsewhere)."""
         c = self.model.config.feature_dim
         maps = [torch.zeros(c, r1 - r0, self.needed.shape[1], device=self.dev) for _ in range(2)]
-        for c0 in range(0, self.needed.shape[1], CHUNK_COLS):
-            c1 = min(c0 + CHUNK_COLS, self.needed.shape[1])
-            need = self.needed[r0:r1, c0:c1]
-            if not need.any():
+        for start in range(0, self.needed.shape[1], CHUNK_COLS):
+            box = _bounding_box(self.needed[r0:r1, start:start + CHUNK_COLS])
+            if box is None:
                 continue
             if self.should_stop is not None and self.should_stop():
                 raise Cancelled("dense prediction stopped while encoding the slide")
-            image = self._read(r0 - CHUNK_MARGIN, r1 + CHUNK_MARGIN, c0 - CHUNK_MARGIN,
-                               c1 + CHUNK_MARGIN, halo=self.spot_px // 2)
+            (a, b), (x, y) = (r0 + box[0], r0 + box[1]), (start + box[2], start + box[3])
+            image = self._read(a - CHUNK_MARGIN, b + CHUNK_MARGIN, x - CHUNK_MARGIN,
+                               y + CHUNK_MARGIN, halo=self.spot_px // 2)
             with autocast(self.dev, self.dtype):
-                maps[0][:, :, c0:c1] = self._level1(image)
-                maps[1][:, :, c0:c1] = self._tiles(image, need)
+                maps[0][:, a - r0:b - r0, x:y] = self._level1(image)
+                maps[1][:, a - r0:b - r0, x:y] = self._tiles(image, self.needed[a:b, x:y])
         return maps
 
     def _read(self, r0: int, r1: int, c0: int, c1: int, halo: int) -> Tensor:
@@ -187,6 +191,14 @@ class SharedMaps:
         if features:
             out[:, torch.as_tensor(need, device=self.dev)] = torch.cat(features).T
         return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(row0, row1, col0, col1)`` of the True cells of ``mask`` (None when there are none)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 # -- the tail of the network ----------------------------------------------------------------------
