@@ -42,6 +42,7 @@ from ..io_utils import atomic_path
 from ..models.checkpoint import Checkpoint
 from ..models.config import ModelConfig
 from ..progress import Progress, ShouldStop
+from .fast_cpu import cpu_runner
 from .views import check_tta, dihedral
 
 #: Spots per model call on the CPU. Whole batches of 32 hold four times the activations
@@ -110,7 +111,8 @@ def predict_section(
 
     ``model`` is moved to ``device`` (``auto``: CUDA, MPS, then CPU) and put in eval mode.
     ``precision``: ``auto`` (bf16 where native), ``fp32``, ``bf16`` or ``fp16`` (GPU).
-    ``batch_size`` spots are read together; the CPU runs them :data:`CPU_CHUNK` at a time.
+    ``batch_size`` spots are read together; the CPU runs them :data:`CPU_CHUNK` at a time (in
+    fp32 through ONNX Runtime where that is faster: :mod:`.fast_cpu`).
     ``tta``: views averaged per spot (1 to :data:`MAX_TTA`; the time grows in proportion).
     ``observe(first_index, batch)`` sees every batch of uint8 patches as read, so that other
     per-spot measures (the uncertainty's stain features) need no second read of the slide.
@@ -124,6 +126,7 @@ def predict_section(
     dev = resolve_device(device)
     dtype = autocast_dtype(dev, precision)
     model = model.to(dev, memory_format=torch.channels_last).eval()
+    runner = cpu_runner(model, dev, dtype, section.n_obs * tta, CPU_CHUNK)
     dataset = SpotDataset(section, slide, config, raw=True)  # uint8 while queued
     out = np.empty((section.n_obs, config.n_genes), np.float32)
     done = 0
@@ -137,7 +140,7 @@ def predict_section(
             n = len(batch["spot"])
             if observe is not None:
                 observe(done, batch)
-            out[done : done + n] = predict_batch(model, batch, dev, dtype, tta=tta)
+            out[done : done + n] = predict_batch(runner, batch, dev, dtype, tta=tta)
             done += n
             if progress is not None:
                 progress(

@@ -1,0 +1,253 @@
+"""The fast fp32 path on the CPU: the model exported to ONNX and run by ONNX Runtime.
+
+A CPU without native bf16 (an AVX2 laptop or VM) runs the model in fp32. Of the fp32 ways of
+running it that were measured (``benchmarks/cpu_paths.py``; docs/experiments.md, 2026-12-03),
+ONNX Runtime's CPU provider was the fastest, with the same predictions as eager fp32 (per-gene
+PCC 1.0000 on HER2ST C4), and it takes seconds to set up where ``torch.compile`` took one to
+one and a half minutes for less speed. The export (~10 s) is done once per set of weights and
+kept on disk (:func:`cache_dir`), so that only a first job on new weights pays for it, and that
+job only when it is large enough to repay it (:data:`MIN_SPOTS` spot views); within a process
+the session is kept with the network too, for as long as its weights do not change.
+
+Where native bf16 exists, bf16 autocast stays faster still (see :mod:`~hifusion_model.devices`).
+Everything here is optional: without ``onnxruntime`` (and ``onnx`` and ``onnxscript`` for the
+export), or if the export fails, prediction warns once and runs eager, with the same numbers.
+``HIFUSION_CPU_PATH=eager`` or ``onnx`` forces a path (tests, comparisons); ``auto`` chooses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import io
+import os
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..io_utils import atomic_path
+
+#: Environment variable that forces a CPU path: ``auto`` (the default), ``eager`` or ``onnx``.
+PATH_ENV = "HIFUSION_CPU_PATH"
+CPU_PATHS = ("auto", "eager", "onnx")
+#: Spot views (spots × test-time views) from which ``auto`` exports weights not yet exported:
+#: the export takes ~10 s and saves ~0.03 s a spot view (BENCHMARKS.md), so smaller jobs finish
+#: sooner eager. Weights already exported run through ONNX Runtime whatever the job's size.
+MIN_SPOTS = 300
+#: Environment variable naming the folder of exported models (default ~/.cache/hifusion).
+CACHE_ENV = "HIFUSION_CACHE_DIR"
+
+_SESSIONS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, OnnxModel]] = weakref.WeakKeyDictionary()
+_WARNED: set[str] = set()
+
+
+@dataclass
+class Prediction:
+    """What :func:`~.predict.predict_batch` reads of a model's output: the final prediction."""
+
+    prediction: Tensor
+
+
+def requested_path() -> str:
+    """The path ``HIFUSION_CPU_PATH`` asks for (``auto`` when unset)."""
+    path = os.environ.get(PATH_ENV, "auto").strip().lower() or "auto"
+    if path not in CPU_PATHS:
+        raise ConfigError(f"{PATH_ENV}={path!r} is not a CPU path; use {', '.join(CPU_PATHS)}")
+    return path
+
+
+def onnx_available() -> bool:
+    """ONNX Runtime and the exporter's packages are importable."""
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx",
+                                                                  "onnxscript"))
+
+
+def choose_path(device: torch.device, dtype: torch.dtype | None, spot_views: int,
+                exported: bool = False) -> str:
+    """``onnx`` for fp32 CPU jobs where ONNX Runtime is installed and the weights are
+    ``exported`` already or the job has at least :data:`MIN_SPOTS` spot views (or whenever
+    ``HIFUSION_CPU_PATH=onnx``), else ``eager``.
+
+    Reduced precision (bf16 autocast) and other devices always run eager."""
+    path = requested_path()
+    if device.type != "cpu" or dtype is not None or path == "eager":
+        return "eager"
+    if path == "onnx":
+        return "onnx"
+    worth_it = exported or spot_views >= MIN_SPOTS
+    return "onnx" if worth_it and onnx_available() else "eager"
+
+
+def cache_dir() -> Path:
+    """Where exported models are kept: ``$HIFUSION_CACHE_DIR``, else ``~/.cache/hifusion``
+    (``$XDG_CACHE_HOME/hifusion`` where that is set), folder ``onnx``."""
+    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME")
+                                             or Path.home() / ".cache") / "hifusion"
+    return Path(root) / "onnx"
+
+
+def export_path(model: nn.Module, chunk: int) -> Path:
+    """The cache file of ``model``'s export for ``chunk`` spots: named by a hash of everything
+    the graph depends on (architecture, every weight and statistic, chunk, torch version)."""
+    h = hashlib.sha256(repr((type(model).__qualname__, getattr(model, "config", None), chunk,
+                             torch.__version__)).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return cache_dir() / f"{h.hexdigest()[:32]}.onnx"
+
+
+def cpu_runner(model: nn.Module, device: torch.device, dtype: torch.dtype | None,
+               spot_views: int, chunk: int) -> Callable[[Tensor, Tensor], Any]:
+    """``model`` itself, or its ONNX Runtime twin for ``chunk``-spot calls where that is faster.
+
+    Either returns an object whose ``.prediction`` is ``(n, G)``; ``model`` must be in eval mode.
+    A failed export warns once per reason and falls back to ``model``.
+    """
+    if choose_path(device, dtype, spot_views, exported=True) == "eager":
+        return model  # decided without hashing the weights
+    weights = _fingerprint(model)
+    cached = _SESSIONS.get(model)
+    if cached is not None and cached[0] == weights and cached[1].chunk == chunk:
+        return cached[1]
+    try:
+        path = export_path(model, chunk)
+        if choose_path(device, dtype, spot_views, exported=path.is_file()) == "eager":
+            return model
+        runner = OnnxModel(model, chunk, path)
+    except Exception as e:  # noqa: BLE001 (any exporter or runtime failure: eager still works)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        if reason not in _WARNED:
+            _WARNED.add(reason)
+            warnings.warn(f"the ONNX Runtime path could not be set up ({reason}); predicting "
+                          "with eager PyTorch instead (same predictions, slower)", stacklevel=2)
+        return model
+    _SESSIONS[model] = (weights, runner)
+    return runner
+
+
+class OnnxModel:
+    """``model``'s prediction as an ONNX Runtime CPU session with inputs of ``chunk`` spots.
+
+    Calls with fewer spots are padded with blank patches (one graph, nothing recompiled);
+    more spots are run ``chunk`` at a time. Threads: torch's intra-op count, idle when done.
+    With a ``cache`` path the graph is read from it, or exported and written there (a cache
+    that cannot be read or written is passed over).
+    """
+
+    def __init__(self, model: nn.Module, chunk: int, cache: Path | None = None) -> None:
+        import onnxruntime as ort
+
+        self.chunk = chunk
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+        def session(graph: bytes) -> Any:
+            return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+        if cache is not None and cache.is_file():
+            with contextlib.suppress(Exception):  # unreadable or from elsewhere: export anew
+                self.session = session(cache.read_bytes())
+                return
+        graph = export_onnx(model, chunk)
+        self.session = session(graph)
+        if cache is not None:
+            with contextlib.suppress(OSError), atomic_path(cache) as tmp:
+                tmp.write_bytes(graph)
+
+    def __call__(self, spot: Tensor, region: Tensor) -> Prediction:
+        parts = []
+        for start in range(0, len(spot), self.chunk):
+            s, r = spot[start:start + self.chunk], region[start:start + self.chunk]
+            n = len(s)
+            if n < self.chunk:
+                s, r = (torch.cat([x, x.new_zeros((self.chunk - n, *x.shape[1:]))])
+                        for x in (s, r))
+            feed = {"spot": s.float().contiguous().numpy(),
+                    "region": r.float().contiguous().numpy()}
+            parts.append(torch.from_numpy(self.session.run(None, feed)[0][:n]))
+        return Prediction(torch.cat(parts))
+
+
+class _PredictionOnly(nn.Module):
+    """The final prediction alone: an exported graph returns tensors, not HiFusionOutput."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.train(model.training)
+
+    def forward(self, spot: Tensor, region: Tensor) -> Tensor:
+        return self.model(spot, region).prediction
+
+
+def export_onnx(model: nn.Module, chunk: int) -> bytes:
+    """``model``'s prediction as a serialised ONNX graph for ``chunk`` spots a call.
+
+    ``adaptive_max_pool2d`` (level maps larger than level 1's) has no ONNX operator, so it is
+    decomposed first into maxima over its windows, which ONNX has."""
+    quiet = contextlib.redirect_stdout(io.StringIO())  # the exporter reports each step
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), quiet:
+        warnings.simplefilter("ignore")  # and warns of what it decomposes
+        c = model.config
+        example = (torch.zeros(chunk, 3, c.spot_px, c.spot_px),
+                   torch.zeros(chunk, 3, c.region_px, c.region_px))
+        # a copy: weights moved under inference mode (as predict_section moves them) are
+        # inference tensors, which the exporter cannot trace
+        twin = copy.deepcopy(model).requires_grad_(False)
+        program = torch.export.export(_PredictionOnly(twin), example)
+        program = program.run_decompositions(
+            {torch.ops.aten.adaptive_max_pool2d.default: adaptive_max_pool2d_by_windows})
+        onnx_program = torch.onnx.export(program, input_names=["spot", "region"],
+                                         output_names=["prediction"], verbose=False)
+    return onnx_program.model_proto.SerializeToString()
+
+
+def adaptive_max_pool2d_by_windows(x: Tensor, size: list[int]) -> tuple[Tensor, Tensor]:
+    """``adaptive_max_pool2d`` as maxima over its windows, rows then columns (exact).
+
+    Window ``i`` of ``n`` inputs pooled to ``out`` spans ``[⌊i·n/out⌋, ⌈(i+1)·n/out⌉)``, as in
+    PyTorch. The indices (unused by the model) are zeros."""
+    def along(t: Tensor, dim: int, out: int) -> Tensor:
+        n = t.shape[dim]
+        starts = [i * n // out for i in range(out)]
+        ends = [-(-(i + 1) * n // out) for i in range(out)]
+        return torch.cat([t.narrow(dim, a, b - a).amax(dim=dim, keepdim=True)
+                          for a, b in zip(starts, ends)], dim=dim)
+
+    pooled = along(along(x, -2, size[0]), -1, size[1])
+    return pooled, torch.zeros(pooled.shape, dtype=torch.int64, device=x.device)
+
+
+def _fingerprint(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Changes whenever a weight or statistic is replaced or modified in place (inference
+    tensors keep no version counter: only their replacement shows)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+
+
+__all__ = [
+    "CACHE_ENV",
+    "MIN_SPOTS",
+    "PATH_ENV",
+    "OnnxModel",
+    "Prediction",
+    "adaptive_max_pool2d_by_windows",
+    "cache_dir",
+    "choose_path",
+    "cpu_runner",
+    "export_onnx",
+    "export_path",
+    "onnx_available",
+]

@@ -1,0 +1,145 @@
+"""The fast fp32 CPU path (ONNX Runtime): when it is chosen, that it predicts as eager does,
+and that any failure to set it up falls back to eager."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from synthetic import spot_array_section
+
+from hifusion_model.data.sections import read_section, section_slide
+from hifusion_model.errors import ConfigError
+from hifusion_model.inference import fast_cpu
+from hifusion_model.inference.predict import CPU_CHUNK, predict_section
+from hifusion_model.models.registry import create_model
+
+CPU = torch.device("cpu")
+needs_onnx = pytest.mark.skipif(not fast_cpu.onnx_available(),
+                                reason="onnxruntime, onnx and onnxscript are not installed")
+
+
+@pytest.fixture(autouse=True)
+def own_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Exports go to this test's folder, never to the user's cache or another test's."""
+    monkeypatch.setenv(fast_cpu.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(fast_cpu, "_SESSIONS", type(fast_cpu._SESSIONS)())
+    return tmp_path / "cache" / "onnx"
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("hifusion_tiny", genes=["ERBB2", "KRT19", "CD74"]).eval()
+
+
+def test_choose_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(fast_cpu.PATH_ENV, raising=False)
+    monkeypatch.setattr(fast_cpu, "onnx_available", lambda: True)
+    big, small = fast_cpu.MIN_SPOTS, fast_cpu.MIN_SPOTS - 1
+    assert fast_cpu.choose_path(CPU, None, big) == "onnx"
+    assert fast_cpu.choose_path(CPU, None, small) == "eager"  # the export would not pay
+    assert fast_cpu.choose_path(CPU, torch.bfloat16, big) == "eager"  # native bf16 is faster
+    assert fast_cpu.choose_path(torch.device("cuda"), None, big) == "eager"
+    monkeypatch.setattr(fast_cpu, "onnx_available", lambda: False)
+    assert fast_cpu.choose_path(CPU, None, big) == "eager"
+    monkeypatch.setenv(fast_cpu.PATH_ENV, "onnx")
+    assert fast_cpu.choose_path(CPU, None, 1) == "onnx"  # forced: a failure then falls back
+    monkeypatch.setenv(fast_cpu.PATH_ENV, "eager")
+    monkeypatch.setattr(fast_cpu, "onnx_available", lambda: True)
+    assert fast_cpu.choose_path(CPU, None, big) == "eager"
+    monkeypatch.setenv(fast_cpu.PATH_ENV, "fast")
+    with pytest.raises(ConfigError, match="HIFUSION_CPU_PATH"):
+        fast_cpu.choose_path(CPU, None, big)
+
+
+@pytest.mark.parametrize(("size", "out"), [(8, 7), (14, 7), (10, 7), (7, 2), (7, 7), (5, 3)])
+def test_adaptive_max_pool_by_windows(size: int, out: int) -> None:
+    x = torch.randn(2, 4, size, size + 1)
+    pooled, _ = fast_cpu.adaptive_max_pool2d_by_windows(x, [out, out + 1])
+    assert torch.equal(pooled, F.adaptive_max_pool2d(x, (out, out + 1)))
+
+
+def test_failed_export_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch,
+                                           tiny_model: torch.nn.Module) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("no exporter here")
+
+    monkeypatch.setenv(fast_cpu.PATH_ENV, "onnx")
+    monkeypatch.setattr(fast_cpu, "export_onnx", broken)
+    monkeypatch.setattr(fast_cpu, "_WARNED", set())
+    with pytest.warns(UserWarning, match="eager PyTorch instead"):
+        assert fast_cpu.cpu_runner(tiny_model, CPU, None, 1, CPU_CHUNK) is tiny_model
+
+
+def test_runner_is_kept_while_the_weights_are(monkeypatch: pytest.MonkeyPatch,
+                                              tiny_model: torch.nn.Module) -> None:
+    built = []
+
+    class Recorder:
+        def __init__(self, model: torch.nn.Module, chunk: int, cache: Path) -> None:
+            self.chunk = chunk
+            built.append(chunk)
+
+    monkeypatch.setenv(fast_cpu.PATH_ENV, "onnx")
+    monkeypatch.setattr(fast_cpu, "OnnxModel", Recorder)
+    first = fast_cpu.cpu_runner(tiny_model, CPU, None, 1, 8)
+    assert fast_cpu.cpu_runner(tiny_model, CPU, None, 1, 8) is first
+    with torch.no_grad():
+        next(tiny_model.parameters()).add_(0.1)  # trained further: export again
+    assert fast_cpu.cpu_runner(tiny_model, CPU, None, 1, 8) is not first
+    assert built == [8, 8]
+
+
+@needs_onnx
+def test_onnx_model_predicts_as_eager(tiny_model: torch.nn.Module) -> None:
+    """Padded (5 spots) and multi-chunk (11) calls of a 4-spot graph give eager's predictions."""
+    runner = fast_cpu.OnnxModel(tiny_model, chunk=4)
+    g = torch.Generator().manual_seed(1)
+    c = tiny_model.config
+    for n in (5, 11):
+        spot = torch.rand(n, 3, c.spot_px, c.spot_px, generator=g)
+        region = torch.rand(n, 3, c.region_px, c.region_px, generator=g)
+        with torch.inference_mode():
+            expected = tiny_model(spot, region).prediction
+            got = runner(spot.contiguous(memory_format=torch.channels_last), region).prediction
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_onnx
+def test_predict_section_through_onnx(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                      tiny_model: torch.nn.Module) -> None:
+    """The section's predictions through ONNX Runtime are eager's, and that path did run."""
+    section = read_section(spot_array_section(tmp_path, n_spots=12))
+    slide = section_slide(section)
+    config = tiny_model.config
+    monkeypatch.setenv(fast_cpu.PATH_ENV, "eager")
+    eager = predict_section(tiny_model, config, section, slide, device="cpu", batch_size=5,
+                            workers=0, precision="fp32")
+    monkeypatch.setenv(fast_cpu.PATH_ENV, "onnx")
+    fast = predict_section(tiny_model, config, section, slide, device="cpu", batch_size=5,
+                           workers=0, precision="fp32")
+    assert isinstance(fast_cpu._SESSIONS[tiny_model][1], fast_cpu.OnnxModel)
+    np.testing.assert_allclose(fast, eager, atol=1e-4, rtol=1e-4)
+
+
+@needs_onnx
+def test_export_is_kept_on_disk(monkeypatch: pytest.MonkeyPatch, own_cache: Path,
+                                tiny_model: torch.nn.Module) -> None:
+    """A large job exports and keeps the graph; later jobs of any size (in a new process: no
+    session in memory) read it instead of exporting again."""
+    exports = []
+    real_export = fast_cpu.export_onnx
+    monkeypatch.setattr(fast_cpu, "export_onnx", lambda *a: exports.append(a) or real_export(*a))
+    monkeypatch.delenv(fast_cpu.PATH_ENV, raising=False)
+    assert fast_cpu.cpu_runner(tiny_model, CPU, None, 1, 4) is tiny_model  # small, new: eager
+    first = fast_cpu.cpu_runner(tiny_model, CPU, None, fast_cpu.MIN_SPOTS, 4)
+    assert isinstance(first, fast_cpu.OnnxModel) and len(exports) == 1
+    assert [p.name for p in own_cache.iterdir()] == [fast_cpu.export_path(tiny_model, 4).name]
+    monkeypatch.setattr(fast_cpu, "_SESSIONS", type(fast_cpu._SESSIONS)())
+    again = fast_cpu.cpu_runner(tiny_model, CPU, None, 1, 4)
+    assert isinstance(again, fast_cpu.OnnxModel) and again is not first and len(exports) == 1
