@@ -17,6 +17,10 @@ from synthetic import spot_array_section, synthetic_section, tiny_checkpoint
 # Tests use tiny models: one thread is fastest, and OpenMP spinning on a busy 2-core machine
 # made two threads ~100x slower than one (measured: 8.8 s vs 0.04 s for one training step).
 torch.set_num_threads(1)
+# The same model path on every CPU kind: where the CPU lacks native bf16, prediction would
+# otherwise go through ONNX Runtime (and export each tiny model first). test_fast_cpu.py
+# exercises that path on purpose.
+os.environ.setdefault("HIFUSION_CPU_PATH", "eager")
 
 HER2ST_DIR = Path(
     os.environ.get("HIFUSION_HER2ST", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st")
