@@ -200,20 +200,25 @@ def test_a_stop_request_ends_the_dense_path_with_cancelled(slide):
 
 
 # -- which path --------------------------------------------------------------------------------
-def test_grids_go_dense_and_a_sections_own_spots_stay_exact(slide):
+def test_auto_takes_the_dense_path_for_grids_on_a_cpu_in_bf16_only(slide):
     config = lattice_config()
     model = network(config)
+    cpu = {"device": torch.device("cpu"), "dtype": torch.bfloat16}
     grid = grid_section(slide, kind="hex", pitch_um=200)  # as hex:70 for 154 µm spots
     assert dense.sharing(grid, config, MPP) < dense.SHARED_ENOUGH
-    assert dense.choose_dense(None, grid, model, config, MPP)
-    assert not dense.choose_dense(False, grid, model, config, MPP)
-    assert not dense.choose_dense(None, grid, model, config, MPP, tta=2)
+    assert dense.choose_dense(None, grid, model, config, MPP, **cpu)
+    assert not dense.choose_dense(None, grid, model, config, MPP, **(cpu | {"dtype": None}))
+    assert not dense.choose_dense(None, grid, model, config, MPP, device=torch.device("cuda"),
+                                  dtype=torch.bfloat16)  # not measured there
+    assert not dense.choose_dense(False, grid, model, config, MPP, **cpu)
+    assert not dense.choose_dense(None, grid, model, config, MPP, tta=2, **cpu)
+    assert dense.choose_dense(True, grid, model, config, MPP)  # forced: any precision
     own = grid.copy()
     own.uns["hifusion"] = {**own.uns["hifusion"], "source": "visium"}
-    assert not dense.choose_dense(None, own, model, config, MPP)
-    assert dense.choose_dense(True, own, model, config, MPP)
+    assert not dense.choose_dense(None, own, model, config, MPP, **cpu)
+    assert dense.choose_dense(True, own, model, config, MPP, **cpu)
     sparse = grid_section(slide, kind="square", pitch_um=600)  # patches do not overlap
-    assert not dense.choose_dense(None, sparse, model, config, MPP)
+    assert not dense.choose_dense(None, sparse, model, config, MPP, **cpu)
     with pytest.raises(ConfigError, match="test-time"):
         dense.choose_dense(True, grid, model, config, MPP, tta=2)
 
@@ -222,7 +227,8 @@ def test_predict_on_a_grid_says_which_path_ran(synthetic_slide_path, tmp_path, c
     config = lattice_config(genes=["ERBB2", "KRT19"])
     path = save_checkpoint(tmp_path / "lattice.pt", network(config), train_mean=torch.zeros(2))
     pair = load_model(path)
-    shared = api.predict(synthetic_slide_path, pair, grid="hex:200", device="cpu", workers=0)
+    shared = api.predict(synthetic_slide_path, pair, grid="hex:200", device="cpu", workers=0,
+                         precision="bf16")
     exact = api.predict(synthetic_slide_path, pair, grid="hex:200", device="cpu", workers=0,
                         dense=False)
     assert shared.uns["hifusion_model"]["inference"] == "dense"
@@ -231,7 +237,7 @@ def test_predict_on_a_grid_says_which_path_ran(synthetic_slide_path, tmp_path, c
 
     out = tmp_path / "grid.h5ad"
     args = ["predict", str(synthetic_slide_path), "--grid", "hex:200", "--model", str(path),
-            "--out", str(out), "--device", "cpu", "--workers", "0"]
+            "--out", str(out), "--device", "cpu", "--workers", "0", "--bf16"]
     assert main(args) == 0 and "dense path" in capsys.readouterr().out
     assert main([*args, "--dense", "no", "--overwrite"]) == 0
     assert "dense path" not in capsys.readouterr().out

@@ -177,16 +177,18 @@ def predict(
     ``uns['hifusion_model']`` the model's card summary (``source`` names the model there;
     default: its path). A NaN or infinite prediction is an error, never a result.
 
-    ``dense``: None (default) predicts a grid on the dense path, where overlapping spots share
-    the spot encoder's level-1 and 7×7-tile work (:mod:`~.inference.dense`; within 0.01 of the
-    exact path's per-gene PCC on HER2ST C4), and a section's own spots on the exact path, one
-    model call per spot; True or False forces one path (``uns['hifusion_model']['inference']``
-    says which ran).
+    ``dense``: True predicts on the dense path, where overlapping spots share the spot encoder's
+    level-1 and 7×7-tile work (:mod:`~.inference.dense`: per-gene PCC 0.99 with the exact path
+    on HER2ST C4, 1.2–1.3× its spots/s in bf16 on a CPU, no faster in fp32); False on the exact
+    path, one model call per spot; None (default) takes the dense path for a grid on a CPU in
+    bf16, where it was measured faster, and the exact one otherwise
+    (:func:`~.inference.dense.choose_dense`; ``uns['hifusion_model']['inference']`` says which
+    ran).
 
     >>> pred = predict("C4.h5ad")                                  # doctest: +SKIP
     >>> pred[:, "ERBB2"].X.mean()                                  # doctest: +SKIP
     """
-    from .devices import resolve_device
+    from .devices import autocast_dtype, resolve_device
     from .inference.dense import choose_dense, predict_dense
     from .inference.predict import check_section_genes, predict_section, predictions_to_anndata
 
@@ -201,7 +203,8 @@ def predict(
 
     try:
         check_section_genes(section, ckpt.genes, None if isinstance(data, ad.AnnData) else data)
-        shared = choose_dense(dense, section, network, ckpt.config, slide.require_mpp(), tta)
+        shared = choose_dense(dense, section, network, ckpt.config, slide.require_mpp(), tta,
+                              device=dev, dtype=autocast_dtype(dev, precision))
         run = {"batch_size": batch_size, "device": dev, "precision": precision,
                "workers": workers, "progress": progress, "should_stop": should_stop,
                "observe": observe if noise else None}

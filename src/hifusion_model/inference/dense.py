@@ -15,14 +15,16 @@ A spot between lattice points takes the bilinear blend of the windows at the fou
 ones, so no spot moves. The other levels (2×2 tiles of 112 px) and the region encoder run per
 spot, exactly as the exact path runs them. Not sharing the region is measured, not assumed: its
 query follows the region's own z-score statistics so closely that statistics from a window 64 px
-off drop the per-gene agreement with the exact path to 0.988 on HER2ST C4, and a fully
-convolutional region to 0.973 (docs/experiments.md, 2026-12-03); the two spot-encoder levels
-keep 0.997 and 0.999 each.
+off drop the mean per-gene PCC with the exact path to 0.988 on HER2ST C4, and a fully
+convolutional region to 0.973; the two shared levels keep 0.997 each, 0.992 together
+(docs/experiments.md, 2026-12-03). The region and the 2×2 tiles take ~58 % of the exact path's
+time (fp32, a 120-spot patch of C4's hex:100 grid), so sharing the rest could make it 1.7× faster
+at the very best.
 
 The lattice and the windows' statistics are :mod:`.lattice`'s. The slide is processed in bands
-of lattice rows, top to bottom; the shared maps of a band are
-kept only until its spots are predicted (the last rows carry over to the next band), so memory
-stays bounded by the slide's width, not its area.
+of lattice rows, top to bottom; the shared maps of a band are kept only until its spots are
+predicted (the last rows carry over to the next band), so memory stays bounded by the slide's
+width, not its area.
 """
 
 from __future__ import annotations
@@ -236,8 +238,9 @@ def predict_spots(model: HiFusion, shared: tuple[Tensor, Tensor], spot: Tensor,
 
 # -- when to use it -------------------------------------------------------------------------------
 #: The dense path pays when the spots' windows cover at most this many lattice cells per tile of
-#: theirs (each cell is encoded once, each tile once per spot on the exact path). A hex:100 grid
-#: covers ~0.4; HER2ST's own 200 µm spots, which do not overlap, ~1.3, and ran slower dense.
+#: theirs (each cell is encoded once, each tile once per spot on the exact path). C4's hex:100
+#: grid covers 0.40 and ran 1.2-1.3× faster dense in bf16; its own 200 µm spots, which do not
+#: overlap, cover 1.28 and took 48 s dense against 36 s exact (fp32).
 SHARED_ENOUGH = 0.5
 
 
@@ -265,11 +268,16 @@ def sharing(section: ad.AnnData, config: ModelConfig, mpp: float) -> float:
 
 
 def choose_dense(dense: bool | None, section: ad.AnnData, model: nn.Module, config: ModelConfig,
-                 mpp: float, tta: int = 1) -> bool:
+                 mpp: float, tta: int = 1, *, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> bool:
     """Whether to predict ``section`` on the dense path. ``dense``: True forces it (a
-    ConfigError says why it cannot), False the exact path; None (auto) takes it for a grid
-    (``source`` ``grid:…``) whose spots overlap enough to share (:data:`SHARED_ENOUGH`), and keeps
-    the exact path for a section's own spots, whose predictions are compared with measurements.
+    ConfigError says why it cannot), False the exact path; None (auto) takes it where it was
+    measured faster: a grid (``source`` ``grid:…``) whose spots overlap enough to share
+    (:data:`SHARED_ENOUGH`), on a CPU computing in bf16 (``device``, ``dtype``: the autocast
+    of the run). In fp32 the shared encoders' big frames cost per pixel what they save in
+    pixels (0.7–1.1× the exact path's spots/s on C4's hex:100 grid), so auto keeps the exact
+    path there, and on GPUs, where it was not measured. A section's own spots stay exact too:
+    their predictions are the ones compared with measurements.
     """
     if dense is False:
         return False
@@ -280,8 +288,9 @@ def choose_dense(dense: bool | None, section: ad.AnnData, model: nn.Module, conf
                               "use the exact path (dense=False, --dense no)")
         return True
     source = str(section.uns.get("hifusion", {}).get("source", ""))
-    return (reason is None and source.startswith("grid:") and section.n_obs > 0
-            and sharing(section, config, mpp) <= SHARED_ENOUGH)
+    measured_faster = device is not None and device.type == "cpu" and dtype == torch.bfloat16
+    return (reason is None and measured_faster and source.startswith("grid:")
+            and section.n_obs > 0 and sharing(section, config, mpp) <= SHARED_ENOUGH)
 
 
 # -- driving a section ----------------------------------------------------------------------------
