@@ -16,7 +16,7 @@ centre, a contiguous patch), in fp32 and in bf16 (where the CPU has it natively)
 interleaved (exact, dense, exact, dense …) and medians reported, so that a busy machine slows
 both alike. Patches are read as ``predict`` reads them (``--workers`` threads).
 
-    python benchmarks/dense.py --json dense.json          # ~15 min on 2 cores
+    python benchmarks/dense.py --json dense.json          # 10-20 min on 2 shared cores
     python benchmarks/dense.py --max-spots 120 --skip-grid-fidelity   # speed only, shorter
 """
 
