@@ -53,9 +53,9 @@ from ..models.hifusion import (
     full_precision,
     zscore_per_channel,
 )
+from ..progress import Progress, ShouldStop
 from .lattice import Lattice, dense_step, needed_cells, pixel_zscore, tile_zscore
 
-Progress = Callable[[int, int, str], None]
 #: Lattice rows of spot origins per band. A band computes ``BAND_ROWS`` new rows of shared maps
 #: and keeps the spot extent's rows from the band above; larger bands hold more memory.
 BAND_ROWS = 32
@@ -81,7 +81,7 @@ class SharedMaps:
 
     def __init__(self, model: HiFusion, slide: Any, lattice: Lattice, needed: np.ndarray,
                  first: tuple[int, int], dev: torch.device, dtype: torch.dtype | None,
-                 should_stop: Callable[[], bool] | None = None) -> None:
+                 should_stop: ShouldStop | None = None) -> None:
         config = model.config
         self.model, self.slide, self.lattice, self.needed = model, slide, lattice, needed
         self.first, self.dev, self.dtype, self.should_stop = first, dev, dtype, should_stop
@@ -314,7 +314,7 @@ def predict_dense(
     precision: str = "auto",
     workers: int = 2,
     progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: ShouldStop | None = None,
     observe: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> np.ndarray:
     """Predicted normalised expression ``(n_spots, G)`` float32, in the section's spot order,
