@@ -3,16 +3,16 @@
 A CPU without native bf16 (an AVX2 laptop or VM) runs the model in fp32. Of the fp32 ways of
 running it that were measured (``benchmarks/cpu_paths.py``; docs/experiments.md, 2026-12-03),
 ONNX Runtime's CPU provider was the fastest, with the same predictions as eager fp32 (per-gene
-PCC 1.0000 on HER2ST C4), and it takes seconds to set up where ``torch.compile`` took one to
-one and a half minutes for less speed. The export (~10 s) is done once per set of weights and
-kept on disk (:func:`cache_dir`), so that only a first job on new weights pays for it, and that
-job only when it is large enough to repay it (:data:`MIN_SPOTS` spot views); within a process
-the session is kept with the network too, for as long as its weights do not change.
+PCC ≥ 0.99999 on HER2ST C4), and it takes seconds to set up where ``torch.compile`` took
+45–90 s for less speed. The export (~10 s) is done once per set of weights and kept on disk
+(:func:`cache_dir`, ~70 MB for the bundled model), so that only a first job on new weights
+pays for it, and that job only when it is large enough to repay it (:data:`MIN_SPOTS` spot
+views); within a process the session is kept with the network too, while its weights last.
 
 Where native bf16 exists, bf16 autocast stays faster still (see :mod:`~hifusion_model.devices`).
-Everything here is optional: without ``onnxruntime`` (and ``onnx`` and ``onnxscript`` for the
-export), or if the export fails, prediction warns once and runs eager, with the same numbers.
-``HIFUSION_CPU_PATH=eager`` or ``onnx`` forces a path (tests, comparisons); ``auto`` chooses.
+Nothing here is required: without ``onnxruntime`` (and ``onnx`` and ``onnxscript`` for the
+export) prediction runs eager, and if the export fails it warns once and runs eager, with the
+same numbers. ``HIFUSION_CPU_PATH=eager`` or ``onnx`` forces a path (tests, comparisons).
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ from ..io_utils import atomic_path
 PATH_ENV = "HIFUSION_CPU_PATH"
 CPU_PATHS = ("auto", "eager", "onnx")
 #: Spot views (spots × test-time views) from which ``auto`` exports weights not yet exported:
-#: the export takes ~10 s and saves ~0.03 s a spot view (BENCHMARKS.md), so smaller jobs finish
-#: sooner eager. Weights already exported run through ONNX Runtime whatever the job's size.
-MIN_SPOTS = 300
+#: the export takes ~10 s and then saves 0.035 s a spot view with oneDNN on AVX-512, 0.065 s
+#: capped at AVX2 (docs/experiments.md, 2026-12-03), repaid from ~270 and ~150 spot views. Weights
+#: already exported run through ONNX Runtime whatever the job's size.
+MIN_SPOTS = 200
 #: Environment variable naming the folder of exported models (default ~/.cache/hifusion).
 CACHE_ENV = "HIFUSION_CACHE_DIR"
 
