@@ -40,15 +40,17 @@ from ..io_utils import atomic_path
 PATH_ENV = "HIFUSION_CPU_PATH"
 CPU_PATHS = ("auto", "eager", "onnx")
 #: Spot views (spots × test-time views) from which ``auto`` exports weights not yet exported:
-#: the export takes ~10 s and then saves 0.035 s a spot view with oneDNN on AVX-512, 0.065 s
-#: capped at AVX2 (docs/experiments.md, 2026-12-03), repaid from ~270 and ~150 spot views. Weights
-#: already exported run through ONNX Runtime whatever the job's size.
+#: the export takes ~10 s and then saves 0.035 s a spot view against oneDNN on AVX-512, 0.065 s
+#: against oneDNN capped at AVX2 (docs/experiments.md, 2026-12-03), so it is repaid from ~270
+#: and ~150 spot views. Weights already exported run through ONNX Runtime at any job size.
 MIN_SPOTS = 200
 #: Environment variable naming the folder of exported models (default ~/.cache/hifusion).
 CACHE_ENV = "HIFUSION_CACHE_DIR"
 
+#: Per network: the fingerprint of its weights and its session, so that the next section
+#: predicted in this process starts at once (and a network trained further exports anew).
 _SESSIONS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, OnnxModel]] = weakref.WeakKeyDictionary()
-_WARNED: set[str] = set()
+_WARNED: set[str] = set()  #: failure reasons already warned of
 
 
 @dataclass
