@@ -15,6 +15,9 @@ Speed: spots/s of both paths on the grid (its first ``--max-spots`` spots neares
 centre, a contiguous patch), in fp32 and in bf16 (where the CPU has it natively), repetitions
 interleaved (exact, dense, exact, dense …) and medians reported, so that a busy machine slows
 both alike. Patches are read as ``predict`` reads them (``--workers`` threads).
+``--cpu-path compile`` times the bf16 runs with the network compiled (``HIFUSION_CPU_PATH``;
+on its own, ``auto`` compiles only jobs of 2,000 spots or more), after one untimed run of each
+path that compiles it (its seconds are reported as ``setup_s``).
 
     python benchmarks/dense.py --json dense.json          # 10-20 min on 2 shared cores
     python benchmarks/dense.py --max-spots 120 --skip-grid-fidelity   # speed only, shorter
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -40,6 +44,7 @@ from hifusion_model.data.slide import Slide
 from hifusion_model.devices import cpu_has_native_bf16
 from hifusion_model.evaluation.metrics import gene_pcc, mse
 from hifusion_model.inference.dense import Lattice, predict_dense, sharing
+from hifusion_model.inference.fast_cpu import PATH_ENV
 from hifusion_model.inference.predict import grid_section, predict_section, predictions_to_anndata
 from hifusion_model.models.checkpoint import load_model
 
@@ -132,6 +137,9 @@ def speed(model: Any, ckpt: Any, section: Any, slide: Slide,
         runs = paths(model, ckpt, section, slide, precision, args.workers)
         rates: dict[str, list[float]] = {k: [] for k in runs}
         last: dict[str, np.ndarray] = {}
+        if precision == "bf16" and args.cpu_path != "auto":
+            os.environ[PATH_ENV] = args.cpu_path
+            out["bf16_setup_s"] = {name: timed(run)[1] for name, run in runs.items()}
         for _ in range(args.repeats):
             for name, run in runs.items():
                 last[name], seconds = timed(run)
@@ -142,6 +150,7 @@ def speed(model: Any, ckpt: Any, section: Any, slide: Slide,
                           "dense_over_exact": median["dense"] / median["exact"],
                           "dense_vs_exact_same_precision": agreement(last["dense"], last["exact"]),
                           "dense_vs_exact_fp32": agreement(last["dense"], reference)}
+    os.environ.pop(PATH_ENV, None)
     return out
 
 
@@ -198,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--skip-own-spots", action="store_true")
     p.add_argument("--skip-grid-fidelity", action="store_true")
+    p.add_argument("--cpu-path", choices=["auto", "eager", "compile"], default="auto",
+                   help="HIFUSION_CPU_PATH for the bf16 runs (default auto)")
     p.add_argument("--json", type=Path, help="write the results here")
     return p.parse_args(argv)
 

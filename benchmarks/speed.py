@@ -518,7 +518,7 @@ def bench_memory(setup: Setup) -> dict[str, Any]:
     spread = peak_rss([*base, "--spots", str(csv), "--out", str(folder / "spots.h5ad")], None,
                       folder / "spots.log")
     full_grid = peak_rss([*base, "--grid", "hex:100", "--out", str(folder / "grid.h5ad")],
-                         a.grid_seconds, folder / "grid.log")
+                         a.grid_seconds or None, folder / "grid.log")
     return {"slide_px": size, "slide_mb": written["mb"], "write_s": written["seconds"],
             "grid_spots": n_grid, "spread_spots": len(xy), "spread_run": spread,
             "full_grid_run": full_grid}
@@ -718,7 +718,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-spots", type=int, help="section 4: grid spots spread over the slide "
                    "(default 2000; quick 96)")
     p.add_argument("--grid-seconds", type=float, help="section 4: stop the full --grid run after "
-                   "this long (default 300; quick: run to the end)")
+                   "this long (default 300; 0 or quick: run to the end)")
     p.add_argument("--workdir", type=Path,
                    help="scratch folder (default: a temporary one, deleted)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write all results as JSON")

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(xvfb xauth libgl1 libegl1 libglib2.0-0 libxkbcommon-x11-0 libxcb-icccm4
   libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0
-  libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1)
+  libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
+  g++ python3-dev)  # the C++ compiler and headers TorchInductor builds its CPU kernels with
 
 missing_debian_packages() {
   command -v dpkg-query >/dev/null || return 0

@@ -26,7 +26,7 @@ needs_onnx = pytest.mark.skipif(not fast_cpu.onnx_available(),
 def own_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Exports go to this test's folder, never to the user's cache or another test's."""
     monkeypatch.setenv(fast_cpu.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setattr(fast_cpu, "_SESSIONS", type(fast_cpu._SESSIONS)())
+    monkeypatch.setattr(fast_cpu, "_RUNNERS", type(fast_cpu._RUNNERS)())
     return tmp_path / "cache" / "onnx"
 
 
@@ -43,11 +43,22 @@ def test_choose_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fast_cpu.choose_path(CPU, None, big) == "onnx"
     assert fast_cpu.choose_path(CPU, None, small) == "eager"  # the export would not pay
     assert fast_cpu.choose_path(CPU, torch.bfloat16, big) == "eager"  # native bf16 is faster
+    monkeypatch.setattr(fast_cpu, "compiler_available", lambda: True)
+    huge = fast_cpu.COMPILE_MIN_SPOTS
+    assert fast_cpu.choose_path(CPU, torch.bfloat16, huge - 1) == "eager"  # would not repay
+    assert fast_cpu.choose_path(CPU, torch.bfloat16, huge) == "compile"
+    assert fast_cpu.choose_path(CPU, None, huge) == "onnx"  # fp32: ONNX Runtime is faster
+    monkeypatch.setattr(fast_cpu, "compiler_available", lambda: False)
+    assert fast_cpu.choose_path(CPU, torch.bfloat16, huge) == "eager"
     assert fast_cpu.choose_path(torch.device("cuda"), None, big) == "eager"
     monkeypatch.setattr(fast_cpu, "onnx_available", lambda: False)
     assert fast_cpu.choose_path(CPU, None, big) == "eager"
     monkeypatch.setenv(fast_cpu.PATH_ENV, "onnx")
     assert fast_cpu.choose_path(CPU, None, 1) == "onnx"  # forced: a failure then falls back
+    assert fast_cpu.choose_path(CPU, torch.bfloat16, big) == "eager"  # no bf16 ONNX path
+    monkeypatch.setenv(fast_cpu.PATH_ENV, "compile")
+    assert fast_cpu.choose_path(CPU, None, 1) == "compile"
+    assert fast_cpu.choose_path(torch.device("cuda"), None, big) == "eager"
     monkeypatch.setenv(fast_cpu.PATH_ENV, "eager")
     monkeypatch.setattr(fast_cpu, "onnx_available", lambda: True)
     assert fast_cpu.choose_path(CPU, None, big) == "eager"
@@ -123,7 +134,7 @@ def test_predict_section_through_onnx(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv(fast_cpu.PATH_ENV, "onnx")
     fast = predict_section(tiny_model, config, section, slide, device="cpu", batch_size=5,
                            workers=0, precision="fp32")
-    assert isinstance(fast_cpu._SESSIONS[tiny_model][1], fast_cpu.OnnxModel)
+    assert [type(r) for _, r in fast_cpu._RUNNERS[tiny_model].values()] == [fast_cpu.OnnxModel]
     np.testing.assert_allclose(fast, eager, atol=1e-4, rtol=1e-4)
 
 
@@ -140,6 +151,6 @@ def test_export_is_kept_on_disk(monkeypatch: pytest.MonkeyPatch, own_cache: Path
     first = fast_cpu.cpu_runner(tiny_model, CPU, None, fast_cpu.MIN_SPOTS, 4)
     assert isinstance(first, fast_cpu.OnnxModel) and len(exports) == 1
     assert [p.name for p in own_cache.iterdir()] == [fast_cpu.export_path(tiny_model, 4).name]
-    monkeypatch.setattr(fast_cpu, "_SESSIONS", type(fast_cpu._SESSIONS)())
+    monkeypatch.setattr(fast_cpu, "_RUNNERS", type(fast_cpu._RUNNERS)())
     again = fast_cpu.cpu_runner(tiny_model, CPU, None, 1, 4)
     assert isinstance(again, fast_cpu.OnnxModel) and again is not first and len(exports) == 1

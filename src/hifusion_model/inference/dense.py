@@ -54,6 +54,8 @@ from ..models.hifusion import (
     zscore_per_channel,
 )
 from ..progress import Progress, ShouldStop
+from .compiled_cpu import CompiledChunks
+from .fast_cpu import COMPILING, choose_path, held_runner
 from .lattice import Lattice, dense_step, needed_cells, pixel_zscore, tile_zscore
 
 #: Lattice rows of spot origins per band. A band computes ``BAND_ROWS`` new rows of shared maps
@@ -236,6 +238,47 @@ def predict_spots(model: HiFusion, shared: tuple[Tensor, Tensor], spot: Tensor,
     return fuse_and_attend(model, features, model.region_encoder(region))
 
 
+class _OwnLevels(nn.Module):
+    """:func:`predict_spots` as a module of four tensors, for :class:`CompiledChunks`."""
+
+    def __init__(self, model: HiFusion) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, level1: Tensor, finest: Tensor, spot: Tensor, region: Tensor) -> Tensor:
+        return predict_spots(self.model, (level1, finest), spot, region)
+
+
+SpotRunner = Callable[[tuple[Tensor, Tensor], Tensor, Tensor], Tensor]
+
+
+def spot_runner(model: HiFusion, dev: torch.device, dtype: torch.dtype | None,
+                n_spots: int, chunk: int,
+                announce: Callable[[str], None] | None = None) -> SpotRunner:
+    """:func:`predict_spots` for ``chunk``-spot calls, compiled where the exact path's network
+    would be (:func:`~.fast_cpu.choose_path`: bf16 jobs of many spots on a CPU), else eager;
+    ``announce(message)`` hears of a compilation before it starts."""
+    def eager(shared: tuple[Tensor, Tensor], spot: Tensor, region: Tensor) -> Tensor:
+        with autocast(dev, dtype):
+            return predict_spots(model, shared, spot, region)
+
+    if choose_path(dev, dtype, n_spots) != "compile":
+        return eager
+    c, side = model.config, model.config.spot_px // dense_step(model.config)
+    shapes = [(c.feature_dim, side, side)] * 2 + [(3, c.spot_px, c.spot_px),
+                                                  (3, c.region_px, c.region_px)]
+
+    def build() -> CompiledChunks:
+        if announce is not None:
+            announce(COMPILING)
+        return CompiledChunks(_OwnLevels(model), chunk, shapes, dtype)
+
+    compiled = held_runner(model, ("dense", chunk, dtype), build)
+    if compiled is None:
+        return eager
+    return lambda shared, spot, region: compiled(*shared, spot, region)
+
+
 # -- when to use it -------------------------------------------------------------------------------
 #: The dense path pays when the spots' windows cover at most this many lattice cells per tile of
 #: theirs (each cell is encoded once, each tile once per spot on the exact path). C4's hex:100
@@ -347,6 +390,8 @@ def predict_dense(
     out = np.empty((section.n_obs, config.n_genes), np.float32)
     name, n, done = section_name(section), section.n_obs, 0
     step = CPU_CHUNK if dev.type == "cpu" else batch_size
+    own_levels = spot_runner(model, dev, dtype, n, step, announce=None
+                             if progress is None else lambda m: progress(0, n, f"{name}: {m}"))
     batches = prefetch_batches(Subset(dataset, order.tolist()), batch_size, workers=workers)
     try:
         for batch in batches:
@@ -360,8 +405,7 @@ def predict_dense(
                 index = batch["index"][part].numpy()
                 spot, region = (as_unit_float(batch[k][part].to(dev)).contiguous(
                     memory_format=torch.channels_last) for k in ("spot", "region"))
-                with autocast(dev, dtype):
-                    pred = predict_spots(model, maps.windows(origins[index], size), spot, region)
+                pred = own_levels(maps.windows(origins[index], size), spot, region)
                 out[index] = pred.float().cpu().numpy()
             done += len(batch["index"])
             if progress is not None:
@@ -391,4 +435,5 @@ __all__ = [
     "predict_dense",
     "predict_spots",
     "sharing",
+    "spot_runner",
 ]

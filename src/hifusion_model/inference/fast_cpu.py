@@ -1,4 +1,4 @@
-"""The fast fp32 path on the CPU: the model exported to ONNX and run by ONNX Runtime.
+"""The fast CPU paths: fp32 through ONNX Runtime, bf16 through TorchInductor for large jobs.
 
 A CPU without native bf16 (an AVX2 laptop or VM) runs the model in fp32. Of the fp32 ways of
 running it that were measured (``benchmarks/cpu_paths.py``; docs/experiments.md, 2026-12-03),
@@ -9,10 +9,13 @@ PCC ≥ 0.99999 on HER2ST C4), and it takes seconds to set up where ``torch.comp
 pays for it, and that job only when it is large enough to repay it (:data:`MIN_SPOTS` spot
 views); within a process the session is kept with the network too, while its weights last.
 
-Where native bf16 exists, bf16 autocast stays faster still (see :mod:`~hifusion_model.devices`).
-Nothing here is required: without ``onnxruntime`` (and ``onnx`` and ``onnxscript`` for the
-export) prediction runs eager, and if the export fails it warns once and runs eager, with the
-same numbers. ``HIFUSION_CPU_PATH=eager`` or ``onnx`` forces a path (tests, comparisons).
+Where native bf16 exists, bf16 autocast is faster still, and for jobs of
+:data:`~.compiled_cpu.COMPILE_MIN_SPOTS` spot views or more the network is compiled by
+TorchInductor (:mod:`.compiled_cpu`, 1.67× eager bf16 there). Nothing here is required: without
+``onnxruntime`` (and ``onnx`` and ``onnxscript`` for the export) or a C++ compiler prediction
+runs eager, and if a path fails to set up it warns once and runs eager, with the same numbers
+(bf16's own rounding aside). ``HIFUSION_CPU_PATH=eager``, ``onnx`` or ``compile`` forces a
+path (tests, comparisons).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import io
 import os
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,21 +38,27 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..io_utils import atomic_path
+from .compiled_cpu import COMPILE_MIN_SPOTS, CompiledChunks, compiler_available
 
-#: Environment variable that forces a CPU path: ``auto`` (the default), ``eager`` or ``onnx``.
+#: Environment variable that forces a CPU path: ``auto`` (the default), ``eager``, ``onnx``
+#: (fp32 only) or ``compile``.
 PATH_ENV = "HIFUSION_CPU_PATH"
-CPU_PATHS = ("auto", "eager", "onnx")
+CPU_PATHS = ("auto", "eager", "onnx", "compile")
 #: Spot views (spots × test-time views) from which ``auto`` exports weights not yet exported:
 #: the export takes ~10 s and then saves 0.035 s a spot view against oneDNN on AVX-512, 0.065 s
 #: against oneDNN capped at AVX2 (docs/experiments.md, 2026-12-03), so it is repaid from ~270
 #: and ~150 spot views. Weights already exported run through ONNX Runtime at any job size.
 MIN_SPOTS = 200
+#: What a job says while the network is compiled.
+COMPILING = "compiling the network for this CPU (about a minute, once per process)"
 #: Environment variable naming the folder of exported models (default ~/.cache/hifusion).
 CACHE_ENV = "HIFUSION_CACHE_DIR"
 
-#: Per network: the fingerprint of its weights and its session, so that the next section
-#: predicted in this process starts at once (and a network trained further exports anew).
-_SESSIONS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, OnnxModel]] = weakref.WeakKeyDictionary()
+#: Per network and kind of runner: the fingerprint of its weights and the runner, so that the
+#: next section predicted in this process starts at once (and a network trained further is
+#: exported or compiled anew).
+_RUNNERS: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[Any, Any]]] = (
+    weakref.WeakKeyDictionary())
 _WARNED: set[str] = set()  #: failure reasons already warned of
 
 
@@ -76,14 +85,26 @@ def onnx_available() -> bool:
 
 def choose_path(device: torch.device, dtype: torch.dtype | None, spot_views: int,
                 exported: bool = False) -> str:
-    """``onnx`` for fp32 CPU jobs where ONNX Runtime is installed and the weights are
-    ``exported`` already or the job has at least :data:`MIN_SPOTS` spot views (or whenever
-    ``HIFUSION_CPU_PATH=onnx``), else ``eager``.
+    """The way to run a job of ``spot_views`` spot views on ``device`` under ``dtype``.
 
-    Reduced precision (bf16 autocast) and other devices always run eager."""
+    fp32 on the CPU: ``onnx`` where ONNX Runtime is installed and the weights are ``exported``
+    already or the job has at least :data:`MIN_SPOTS` spot views. bf16 on the CPU: ``compile``
+    for jobs of :data:`COMPILE_MIN_SPOTS` spot views where a C++ compiler exists. Otherwise, and
+    on other devices, ``eager``. ``HIFUSION_CPU_PATH`` forces ``eager``, ``compile``, or ``onnx``
+    for fp32 (bf16 has no ONNX Runtime path: it runs eager).
+
+    >>> import torch
+    >>> choose_path(torch.device("cuda"), None, 10_000)
+    'eager'
+    """
     path = requested_path()
-    if device.type != "cpu" or dtype is not None or path == "eager":
+    if device.type != "cpu" or path == "eager":
         return "eager"
+    if path == "compile":
+        return "compile"
+    if dtype is not None:
+        worth_it = path == "auto" and spot_views >= COMPILE_MIN_SPOTS
+        return "compile" if worth_it and compiler_available() else "eager"
     if path == "onnx":
         return "onnx"
     worth_it = exported or spot_views >= MIN_SPOTS
@@ -110,32 +131,68 @@ def export_path(model: nn.Module, chunk: int) -> Path:
 
 
 def cpu_runner(model: nn.Module, device: torch.device, dtype: torch.dtype | None,
-               spot_views: int, chunk: int) -> Callable[[Tensor, Tensor], Any]:
-    """``model`` itself, or its ONNX Runtime twin for ``chunk``-spot calls where that is faster.
+               spot_views: int, chunk: int,
+               announce: Callable[[str], None] | None = None) -> Callable[[Tensor, Tensor], Any]:
+    """``model`` itself, or its ONNX Runtime or compiled twin for ``chunk``-spot calls where
+    that is faster (:func:`choose_path`).
 
     Either returns an object whose ``.prediction`` is ``(n, G)``; ``model`` must be in eval mode.
-    A failed export warns once per reason and falls back to ``model``.
+    A path that fails to set up warns once per reason and falls back to ``model``.
+    ``announce(message)`` hears of a compilation before it starts (it takes a minute).
     """
-    if choose_path(device, dtype, spot_views, exported=True) == "eager":
+    path = choose_path(device, dtype, spot_views, exported=True)
+    if path == "eager":
         return model  # decided without hashing the weights
+
+    def build() -> OnnxModel | CompiledModel | None:
+        if path == "compile":
+            if announce is not None:
+                announce(COMPILING)
+            return CompiledModel(model, chunk, dtype)
+        cache = export_path(model, chunk)
+        if choose_path(device, dtype, spot_views, exported=cache.is_file()) == "eager":
+            return None
+        return OnnxModel(model, chunk, cache)
+
+    runner = held_runner(model, (path, chunk, dtype), build)
+    return model if runner is None else runner
+
+
+def held_runner(model: nn.Module, key: Hashable, build: Callable[[], Any]) -> Any:
+    """The runner ``build()`` makes for ``model`` and ``key``, kept while ``model``'s weights
+    last (so that the next section predicted in this process starts at once); None when
+    ``build`` returns None or fails (a failure warns once per reason: the caller runs eager)."""
     weights = _fingerprint(model)
-    cached = _SESSIONS.get(model)
-    if cached is not None and cached[0] == weights and cached[1].chunk == chunk:
-        return cached[1]
+    held = _RUNNERS.setdefault(model, {})
+    if key in held and held[key][0] == weights:
+        return held[key][1]
     try:
-        path = export_path(model, chunk)
-        if choose_path(device, dtype, spot_views, exported=path.is_file()) == "eager":
-            return model
-        runner = OnnxModel(model, chunk, path)
-    except Exception as e:  # noqa: BLE001 (any exporter or runtime failure: eager still works)
+        runner = build()
+    except Exception as e:  # noqa: BLE001 (any exporter, compiler or runtime failure)
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         if reason not in _WARNED:
             _WARNED.add(reason)
-            warnings.warn(f"the ONNX Runtime path could not be set up ({reason}); predicting "
-                          "with eager PyTorch instead (same predictions, slower)", stacklevel=2)
-        return model
-    _SESSIONS[model] = (weights, runner)
+            warnings.warn(f"the fast CPU path could not be set up ({reason}); predicting "
+                          "with eager PyTorch instead (same predictions, slower)", stacklevel=3)
+        return None
+    if runner is not None:
+        held[key] = (weights, runner)
     return runner
+
+
+class CompiledModel:
+    """``model``'s prediction compiled by TorchInductor for ``chunk``-spot calls under
+    ``dtype`` autocast (:class:`~.compiled_cpu.CompiledChunks`; compiles on construction)."""
+
+    def __init__(self, model: nn.Module, chunk: int, dtype: torch.dtype | None) -> None:
+        c = model.config
+        self.chunk = chunk
+        self._compiled = CompiledChunks(_PredictionOnly(model), chunk,
+                                        [(3, c.spot_px, c.spot_px),
+                                         (3, c.region_px, c.region_px)], dtype)
+
+    def __call__(self, spot: Tensor, region: Tensor) -> Prediction:
+        return Prediction(self._compiled(spot, region))
 
 
 class OnnxModel:
@@ -242,8 +299,10 @@ def _fingerprint(model: nn.Module) -> tuple[tuple[int, int], ...]:
 
 __all__ = [
     "CACHE_ENV",
+    "COMPILING",
     "MIN_SPOTS",
     "PATH_ENV",
+    "CompiledModel",
     "OnnxModel",
     "Prediction",
     "adaptive_max_pool2d_by_windows",
@@ -252,5 +311,6 @@ __all__ = [
     "cpu_runner",
     "export_onnx",
     "export_path",
+    "held_runner",
     "onnx_available",
 ]

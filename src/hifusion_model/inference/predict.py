@@ -126,7 +126,9 @@ def predict_section(
     dev = resolve_device(device)
     dtype = autocast_dtype(dev, precision)
     model = model.to(dev, memory_format=torch.channels_last).eval()
-    runner = cpu_runner(model, dev, dtype, section.n_obs * tta, CPU_CHUNK)
+    name = section_name(section)
+    runner = cpu_runner(model, dev, dtype, section.n_obs * tta, CPU_CHUNK, announce=None
+                        if progress is None else lambda m: progress(0, section.n_obs, f"{name}: {m}"))
     dataset = SpotDataset(section, slide, config, raw=True)  # uint8 while queued
     out = np.empty((section.n_obs, config.n_genes), np.float32)
     done = 0
@@ -135,7 +137,7 @@ def predict_section(
         for batch in batches:
             if should_stop is not None and should_stop():
                 raise Cancelled(
-                    f"prediction of {section_name(section)!r} stopped after {done} spots"
+                    f"prediction of {name!r} stopped after {done} spots"
                 )
             n = len(batch["spot"])
             if observe is not None:
@@ -144,7 +146,7 @@ def predict_section(
             done += n
             if progress is not None:
                 progress(
-                    done, section.n_obs, f"{section_name(section)}: {done}/{section.n_obs} spots"
+                    done, section.n_obs, f"{name}: {done}/{section.n_obs} spots"
                 )
     finally:
         batches.close()
