@@ -544,7 +544,7 @@ def bench_memory(setup: Setup) -> dict[str, Any]:
     base = [sys.executable, "-m", "hifusion_model", "predict", str(slide_path),
             "--model", str(ckpt),
             "--device", str(setup.device), "--batch-size", str(setup.batch_size),
-            "--workers", str(setup.workers)]
+            "--workers", str(setup.workers), "--overwrite"]  # a kept --workdir reruns
     spread = peak_rss([*base, "--spots", str(csv), "--out", str(folder / "spots.h5ad")], None,
                       folder / "spots.log")
     full_grid = peak_rss([*base, "--grid", "hex:100", "--out", str(folder / "grid.h5ad")],

@@ -24,7 +24,8 @@ at the very best.
 The lattice and the windows' statistics are :mod:`.lattice`'s. The slide is processed in bands
 of lattice rows, top to bottom; the shared maps of a band are kept only until its spots are
 predicted (the last rows carry over to the next band), so memory stays bounded by the slide's
-width, not its area.
+width, not its area; freed heap memory is handed back after every band. The per-spot part runs
+compiled where the exact path's network would (:mod:`.compiled_cpu`: bf16 on a CPU, large jobs).
 """
 
 from __future__ import annotations
@@ -107,14 +108,14 @@ class SharedMaps:
             return
         if top >= self.bottom:  # nothing held is wanted any more
             self.maps, self.top = self._compute(top, bottom), top
-            return_freed_memory()
+            _return_freed_memory()
             return
         self.maps = [m[:, top - self.top:] for m in self.maps]
         self.top = top
         if bottom > self.bottom:
             new = self._compute(self.bottom, bottom)
             self.maps = [torch.cat([m, n], dim=1) for m, n in zip(self.maps, new)]
-        return_freed_memory()
+        _return_freed_memory()
 
     def windows(self, origins: np.ndarray, size: int) -> tuple[Tensor, Tensor]:
         """The ``size × size`` windows at ``origins`` (``(n, 2)`` lattice x, y, absolute), each
@@ -202,7 +203,7 @@ class SharedMaps:
         return out
 
 
-def return_freed_memory() -> None:
+def _return_freed_memory() -> None:
     """Hand the heap memory freed by a band back to the system (glibc's ``malloc_trim``).
 
     A band's slide pixels, statistics and activations are hundreds of MB in pieces of a few MB,
