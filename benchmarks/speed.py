@@ -49,6 +49,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from released_port import ReleasedHiFusion
 
+from hifusion_model.cli._options import reading_threads
 from hifusion_model.data.dataset import SpotDataset
 from hifusion_model.data.expression import section_targets, select_top_genes
 from hifusion_model.data.sections import new_section, section_slide, write_section
@@ -754,7 +755,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-batches", type=int, help="section 2: optimiser steps per timed "
                    "repetition (default 4; quick 1; at most --batches)")
     p.add_argument("--repeats", type=int, help="interleaved repetitions (default 3; quick 2)")
-    p.add_argument("--workers", type=int, default=4, help="patch-reading threads (default 4)")
+    p.add_argument("--workers", type=int, default=reading_threads(),
+                   help="patch-reading threads (default: the CLI's, one per usable core up to 4)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--slide-px", type=int, default=50_000, help="side of the section-4 slide")
     p.add_argument("--max-spots", type=int, help="section 4: grid spots spread over the slide "

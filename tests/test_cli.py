@@ -230,6 +230,20 @@ def test_train_help_documents_the_model_config(capsys: pytest.CaptureFixture) ->
     assert "--model-config FILE.json" in text and "released" in text and "--resume" in text
 
 
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 2), (16, 4)])
+def test_patch_readers_default_to_the_usable_cores_up_to_four(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, cores: int,
+        threads: int) -> None:
+    """More readers than cores take CPU from the network (cli/_options.reading_threads)."""
+    from hifusion_model.cli import _options
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)), raising=False)
+    assert _options.reading_threads() == threads
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert f"at most 4: {threads} here" in " ".join(capsys.readouterr().out.split())
+
+
 def test_level_heads_script_reports_every_head(
     work: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

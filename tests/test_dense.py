@@ -13,6 +13,7 @@ from hifusion_model.cli import main
 from hifusion_model.data.dataset import SpotDataset
 from hifusion_model.data.sections import new_section
 from hifusion_model.data.slide import Slide
+from hifusion_model.devices import autocast
 from hifusion_model.errors import Cancelled, ConfigError
 from hifusion_model.inference import dense, lattice
 from hifusion_model.inference.predict import grid_section, predict_section
@@ -130,6 +131,51 @@ def test_level1_chunks_and_bands_stitch_into_the_whole_frame_map(slide, monkeypa
         for top, bottom in ((0, 3), (2, 5), (5, 6)):  # overlapping bands, then an adjacent one
             maps.hold(top, bottom)
             torch.testing.assert_close(maps.maps[0], whole[:, top:bottom], rtol=1e-4, atol=1e-5)
+
+
+def test_the_encoders_see_few_shapes_and_bf16_maps_lose_nothing(slide, monkeypatch):
+    """Boxes of needed cells are rounded up to BOX_ROUND cells and tile batches to TILE_ROUND
+    (oneDNN keeps kernels per input shape, so every new shape costs memory for good); with a
+    margin as wide as the receptive field the rounding changes no value, and maps held in the
+    encoders' bf16 are what they computed."""
+    monkeypatch.setattr(dense, "CHUNK_MARGIN", 7)
+    monkeypatch.setattr(dense, "CHUNK_COLS", 11)
+    config = lattice_config()
+    model = network(config)
+    grid = lattice.Lattice.of(config, MPP)
+    needed = np.zeros((9, 30), bool)
+    needed[1:4, 2:5] = needed[5:9, 13:20] = needed[0:7, 25:27] = True  # boxes of odd sizes
+    shapes: list[tuple[int, ...]] = []
+    hook = model.spot_encoder.register_forward_pre_hook(
+        lambda _, args: shapes.append(tuple(args[0].shape)))
+    with torch.inference_mode():
+        maps = dense.SharedMaps(model, slide, grid, needed, (3, 2), torch.device("cpu"), None)
+        maps.hold(0, needed.shape[0])
+        frame = lattice.pixel_zscore(maps._read(-7, 9 + 7, -7, 30 + 7, halo=112), 224, 16)
+        hook.remove()
+        with use_level(model.spot_encoder, 0):
+            whole = model.spot_encoder(frame[None])[0][:, 7:-7, 7:-7]
+        torch.testing.assert_close(maps.maps[0][:, needed], whole[:, needed],
+                                   rtol=1e-4, atol=1e-5)
+        assert not maps.maps[0][:, ~needed].any(), "a cell no spot needs was filled"
+        frames = [s for s in shapes if s[0] == 1]
+        cells = [(h // STEP - 2 * 7, w // STEP - 2 * 7) for *_, h, w in frames]  # margin 7
+        assert cells and all(r % dense.BOX_ROUND == 0 and c % dense.BOX_ROUND == 0
+                             for r, c in cells), cells
+        assert all(s[0] % dense.TILE_ROUND == 0 for s in shapes if s[0] != 1)
+
+        bf16 = dense.SharedMaps(model, slide, grid, needed, (3, 2), torch.device("cpu"),
+                                torch.bfloat16)
+        bf16.hold(0, needed.shape[0])
+        assert bf16.maps[0].dtype == torch.bfloat16
+        level1, _ = bf16.windows(np.array([[5.5, 3.0]]), 2)  # cell (2, 1) of the maps, half right
+        assert level1.dtype == torch.float32
+        held = bf16.maps[0].float()
+        blend = (held[:, 1:3, 2:4] + held[:, 1:3, 3:5]) / 2
+        torch.testing.assert_close(level1[0], blend)
+        with autocast(torch.device("cpu"), torch.bfloat16), use_level(model.spot_encoder, 0):
+            own = model.spot_encoder(frame[None])[0][:, 7:-7, 7:-7]
+        assert own.dtype == torch.bfloat16  # so holding the maps in bf16 rounds nothing
 
 
 def test_finest_tiles_on_the_lattice_are_the_spots_own_and_blend_between(slide):

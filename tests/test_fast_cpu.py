@@ -154,3 +154,15 @@ def test_export_is_kept_on_disk(monkeypatch: pytest.MonkeyPatch, own_cache: Path
     monkeypatch.setattr(fast_cpu, "_RUNNERS", type(fast_cpu._RUNNERS)())
     again = fast_cpu.cpu_runner(tiny_model, CPU, None, 1, 4)
     assert isinstance(again, fast_cpu.OnnxModel) and again is not first and len(exports) == 1
+
+
+def test_an_export_made_by_other_model_code_is_not_reused(monkeypatch: pytest.MonkeyPatch,
+                                                          tiny_model: torch.nn.Module) -> None:
+    """The cache outlives an installation: the same weights under changed model code (or
+    export code) name another file, so a stale graph never runs in place of the current one."""
+    before = fast_cpu.export_path(tiny_model, 4)
+    assert fast_cpu.export_path(tiny_model, 4) == before  # stable while nothing changes
+    assert b"class HiFusion" in fast_cpu.graph_code(tiny_model)
+    real = fast_cpu.graph_code
+    monkeypatch.setattr(fast_cpu, "graph_code", lambda m: real(m) + b"# an edit")
+    assert fast_cpu.export_path(tiny_model, 4) != before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -149,11 +150,31 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
     """Device, precision, batch size, reading threads and test-time views of a prediction."""
     add_device_options(p, "auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (default)",
                        precision_default="auto")
-    p.add_argument("--batch-size", type=int, default=32, help="spots per batch (default: 32)")
-    p.add_argument("--workers", type=int, default=4, help="patch-reading threads (default: 4)")
+    add_reading_options(p)
     p.add_argument("--tta", type=int, default=1, metavar="N",
                    help=f"average N test-time views per spot (flips and quarter turns, 1 to "
                    f"{MAX_TTA}; N times the time; default: 1)")
+
+
+def reading_threads() -> int:
+    """Patch-reading threads by default: one per core this process may use, at most 4.
+
+    More readers than cores take CPU from the network: on 2 cores, the dense path over a strip
+    of the 50k slide ran at 37.4 spots/s with 2 readers and 36.1 with 4, and peaked at 1,885
+    against 2,108 MB (the queued batches and each thread's heap)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def add_reading_options(p: argparse.ArgumentParser) -> None:
+    """Batch size and patch-reading threads of a prediction."""
+    p.add_argument("--batch-size", type=int, default=32, help="spots per batch (default: 32)")
+    p.add_argument("--workers", type=int, default=reading_threads(),
+                   help="patch-reading threads (default: one per usable core, at most 4: "
+                   f"{reading_threads()} here)")
 
 
 def check_inference_options(args: argparse.Namespace, what: str,

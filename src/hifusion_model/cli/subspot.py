@@ -21,6 +21,7 @@ from ._options import (
     add_any_mpp_option,
     add_device_options,
     add_overwrite_option,
+    add_reading_options,
     check_mpp,
     check_out,
 )
@@ -64,8 +65,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
     add_any_mpp_option(p)
     add_device_options(p, "auto: bf16 on GPUs and on CPUs with native bf16, else fp32 (default)",
                        precision_default="auto")
-    p.add_argument("--batch-size", type=int, default=32, help="spots per batch (default: 32)")
-    p.add_argument("--workers", type=int, default=4, help="patch-reading threads (default: 4)")
+    add_reading_options(p)
     add_overwrite_option(p)
     return p
 

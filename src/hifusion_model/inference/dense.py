@@ -24,7 +24,9 @@ at the very best.
 The lattice and the windows' statistics are :mod:`.lattice`'s. The slide is processed in bands
 of lattice rows, top to bottom; the shared maps of a band are kept only until its spots are
 predicted (the last rows carry over to the next band), so memory stays bounded by the slide's
-width, not its area; freed heap memory is handed back after every band. The per-spot part runs
+width, not its area. The maps are held in the encoders' own output dtype (bf16 under bf16
+autocast, so nothing is rounded), the encoders see a few input shapes only (:data:`BOX_ROUND`),
+and freed heap memory is handed back after every band. The per-spot part runs
 compiled where the exact path's network would (:mod:`.compiled_cpu`: bf16 on a CPU, large jobs).
 """
 
@@ -72,6 +74,13 @@ CHUNK_COLS = 32
 CHUNK_MARGIN = 1
 #: Tiles per encoder call of the finest level.
 TILE_BATCH = 512
+#: A chunk's box of needed cells is encoded rounded up to multiples of ``BOX_ROUND`` cells, and
+#: a chunk's last batch of tiles padded to a multiple of ``TILE_ROUND`` tiles, so that the
+#: encoders see a few input shapes. oneDNN keeps its kernels per shape (~6 MB each for the
+#: level-1 frames): with every box its own shape, the 50,000-px slide's resident size grew by
+#: hundreds of MB.
+BOX_ROUND = 8
+TILE_ROUND = 64
 
 
 # -- shared maps of a band ------------------------------------------------------------------------
@@ -93,28 +102,31 @@ class SharedMaps:
         self.normalize = config.input_norm == "image"
         self.spot_px, self.step = config.spot_px, lattice.step
         self.cell = math.gcd(self.step // 2, self.spot_px // 2, (self.spot_px - self.step) // 2)
+        #: the encoders' own output dtype (bf16 under bf16 autocast), so holding it loses nothing
+        self.store = dtype or torch.float32
         self.top = 0
-        empty = torch.zeros(config.feature_dim, 0, needed.shape[1], device=dev)
-        self.maps = [empty, empty.clone()]  #: rows [top, top + held) of level 1, finest level
+        self.maps = self._blank(0)  #: rows [top, top + held) of level 1, finest level
 
     @property
     def bottom(self) -> int:
         return self.top + self.maps[0].shape[1]
 
     def hold(self, top: int, bottom: int) -> None:
-        """Keep rows ``[top, bottom)``, computing the new ones; rows above ``top`` go."""
+        """Keep rows ``[top, bottom)``, computing the new ones; rows above ``top`` go.
+
+        The rows kept are copied into the new maps, which are then filled in place: no
+        concatenation, so at most the old and the new maps are alive at once."""
         bottom = min(bottom, self.needed.shape[0])
         if bottom <= self.bottom and top == self.top:
             return
-        if top >= self.bottom:  # nothing held is wanted any more
-            self.maps, self.top = self._compute(top, bottom), top
-            _return_freed_memory()
-            return
-        self.maps = [m[:, top - self.top:] for m in self.maps]
-        self.top = top
-        if bottom > self.bottom:
-            new = self._compute(self.bottom, bottom)
-            self.maps = [torch.cat([m, n], dim=1) for m, n in zip(self.maps, new)]
+        maps = self._blank(bottom - top)
+        kept = max(0, min(self.bottom, bottom) - top)
+        if kept:
+            for new, old in zip(maps, self.maps):
+                new[:, :kept] = old[:, top - self.top:top - self.top + kept]
+        self.maps = []  # the old maps go before the new rows' activations arrive
+        self._compute(maps, top, top + kept, bottom)
+        self.maps, self.top = maps, top
         _return_freed_memory()
 
     def windows(self, origins: np.ndarray, size: int) -> tuple[Tensor, Tensor]:
@@ -130,18 +142,21 @@ class SharedMaps:
         fx, fy = (frac[:, i].view(-1, 1, 1, 1) for i in (0, 1))
         out = []
         for m in self.maps:
-            w = m[:, r[:, :, None], c[:, None, :]].permute(1, 0, 2, 3)  # (n, C, size+1, size+1)
+            w = m[:, r[:, :, None], c[:, None, :]].permute(1, 0, 2, 3).float()  # (n, C, s+1, s+1)
             top = (1 - fx) * w[..., :size, :size] + fx * w[..., :size, 1:]
             low = (1 - fx) * w[..., 1:, :size] + fx * w[..., 1:, 1:]
             out.append((1 - fy) * top + fy * low)
         return out[0], out[1]
 
     # -- computing rows ----------------------------------------------------------------------
-    def _compute(self, r0: int, r1: int) -> list[Tensor]:
-        """Rows ``[r0, r1)`` of both maps, chunk by chunk of :data:`CHUNK_COLS` columns; each
-        chunk is encoded over the box of its needed cells only (zeros elsewhere)."""
-        c = self.model.config.feature_dim
-        maps = [torch.zeros(c, r1 - r0, self.needed.shape[1], device=self.dev) for _ in range(2)]
+    def _blank(self, rows: int) -> list[Tensor]:
+        """Zeroed level-1 and finest maps of ``rows`` rows (zero where no spot needs a cell)."""
+        shape = (self.model.config.feature_dim, rows, self.needed.shape[1])
+        return [torch.zeros(shape, dtype=self.store, device=self.dev) for _ in range(2)]
+
+    def _compute(self, maps: list[Tensor], top: int, r0: int, r1: int) -> None:
+        """Fill rows ``[r0, r1)`` of ``maps`` (whose row 0 is row ``top``), chunk by chunk of
+        :data:`CHUNK_COLS` columns; each chunk is encoded over the box of its needed cells only."""
         for start in range(0, self.needed.shape[1], CHUNK_COLS):
             box = _bounding_box(self.needed[r0:r1, start:start + CHUNK_COLS])
             if box is None:
@@ -149,12 +164,14 @@ class SharedMaps:
             if self.should_stop is not None and self.should_stop():
                 raise Cancelled("dense prediction stopped while encoding the slide")
             (a, b), (x, y) = (r0 + box[0], r0 + box[1]), (start + box[2], start + box[3])
-            image = self._read(a - CHUNK_MARGIN, b + CHUNK_MARGIN, x - CHUNK_MARGIN,
-                               y + CHUNK_MARGIN, halo=self.spot_px // 2)
+            rows, cols = _rounded(b - a), _rounded(y - x)
+            need = np.zeros((rows, cols), bool)
+            need[:b - a, :y - x] = self.needed[a:b, x:y]
+            image = self._read(a - CHUNK_MARGIN, a + rows + CHUNK_MARGIN, x - CHUNK_MARGIN,
+                               x + cols + CHUNK_MARGIN, halo=self.spot_px // 2)
             with autocast(self.dev, self.dtype):
-                maps[0][:, a - r0:b - r0, x:y] = self._level1(image)
-                maps[1][:, a - r0:b - r0, x:y] = self._tiles(image, self.needed[a:b, x:y])
-        return maps
+                maps[0][:, a - top:b - top, x:y] = self._level1(image)[:, :b - a, :y - x]
+                maps[1][:, a - top:b - top, x:y] = self._tiles(image, need)[:, :b - a, :y - x]
 
     def _read(self, r0: int, r1: int, c0: int, c1: int, halo: int) -> Tensor:
         """Model-scale pixels of lattice rows/cols ``[r0, r1) × [c0, c1)`` plus ``halo`` px:
@@ -178,7 +195,7 @@ class SharedMaps:
         encoder = self.model.spot_encoder
         with use_level(encoder, self.levels[0]):
             features = encoder(frame[None].contiguous(memory_format=torch.channels_last))[0]
-        return features[:, m:features.shape[1] - m, m:features.shape[2] - m].float()
+        return features[:, m:features.shape[1] - m, m:features.shape[2] - m].to(self.store)
 
     def _tiles(self, image: Tensor, need: np.ndarray) -> Tensor:
         margin = CHUNK_MARGIN * self.step + self.spot_px // 2 - (self.spot_px - self.step) // 2
@@ -191,15 +208,18 @@ class SharedMaps:
             rows, cols = need.shape
             tiles = frame.reshape(3, rows, self.step, cols, self.step).permute(1, 3, 0, 2, 4)
         picked = tiles[torch.as_tensor(need, device=self.dev)]
+        n = len(picked)
+        picked = F.pad(picked, (0, 0, 0, 0, 0, 0, 0, _rounded(n, TILE_ROUND) - n))
         encoder = self.model.spot_encoder
-        out = torch.zeros(self.model.config.feature_dim, *need.shape, device=self.dev)
+        out = torch.zeros(self.model.config.feature_dim, *need.shape, dtype=self.store,
+                          device=self.dev)
         features = []
         with use_level(encoder, self.levels[1]):
             for start in range(0, len(picked), TILE_BATCH):
                 batch = picked[start:start + TILE_BATCH].contiguous(memory_format=torch.channels_last)
-                features.append(encoder(batch).float().flatten(1))
+                features.append(encoder(batch).to(self.store).flatten(1))
         if features:
-            out[:, torch.as_tensor(need, device=self.dev)] = torch.cat(features).T
+            out[:, torch.as_tensor(need, device=self.dev)] = torch.cat(features)[:n].T
         return out
 
 
@@ -221,6 +241,12 @@ def _return_freed_memory() -> None:
 
 
 _TRIM: Any = None  #: glibc's malloc_trim once looked up (False where there is none)
+
+
+def _rounded(n: int, multiple: int | None = None) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (default :data:`BOX_ROUND`)."""
+    multiple = multiple or BOX_ROUND
+    return -(-n // multiple) * multiple
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Hashable
@@ -121,13 +122,31 @@ def cache_dir() -> Path:
 
 def export_path(model: nn.Module, chunk: int) -> Path:
     """The cache file of ``model``'s export for ``chunk`` spots: named by a hash of everything
-    the graph depends on (architecture, every weight and statistic, chunk, torch version)."""
+    the graph depends on (architecture, every weight and statistic, chunk, torch version, and
+    the code that builds and exports the graph: :func:`graph_code`).
+
+    The code is part of the name because the cache outlives an installation: an export made
+    by an earlier version of the model's code, under the same weights, once ran here instead
+    of the current one (per-gene PCC 0.974 against eager on C4, where a fresh export gives
+    0.999995)."""
     h = hashlib.sha256(repr((type(model).__qualname__, getattr(model, "config", None), chunk,
                              torch.__version__)).encode())
+    h.update(graph_code(model))
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return cache_dir() / f"{h.hexdigest()[:32]}.onnx"
+
+
+def graph_code(model: nn.Module) -> bytes:
+    """The source of the modules an export of ``model`` is made of: its own module, the
+    package's ``models`` (its layers, heads and configuration) and this one (the export)."""
+    here = Path(__file__).resolve()
+    files = {here, *sorted((here.parents[1] / "models").glob("*.py"))}
+    own = getattr(sys.modules.get(type(model).__module__), "__file__", None)
+    if own:
+        files.add(Path(own).resolve())
+    return b"".join(f.read_bytes() for f in sorted(files))
 
 
 def cpu_runner(model: nn.Module, device: torch.device, dtype: torch.dtype | None,
