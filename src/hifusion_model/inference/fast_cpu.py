@@ -125,10 +125,10 @@ def export_path(model: nn.Module, chunk: int) -> Path:
     the graph depends on (architecture, every weight and statistic, chunk, torch version, and
     the code that builds and exports the graph: :func:`graph_code`).
 
-    The code is part of the name because the cache outlives an installation: an export made
-    by an earlier version of the model's code, under the same weights, once ran here instead
-    of the current one (per-gene PCC 0.974 against eager on C4, where a fresh export gives
-    0.999995)."""
+    The code is part of the name because the cache outlives any one version of it: an export
+    from an experimental variant of the exporter, under the same weights, once ran here
+    instead of the current one (per-gene PCC 0.974 against eager on C4, where a fresh export
+    gives 0.999995)."""
     h = hashlib.sha256(repr((type(model).__qualname__, getattr(model, "config", None), chunk,
                              torch.__version__)).encode())
     h.update(graph_code(model))
