@@ -172,9 +172,10 @@ def reading_threads() -> int:
 def add_reading_options(p: argparse.ArgumentParser) -> None:
     """Batch size and patch-reading threads of a prediction."""
     p.add_argument("--batch-size", type=int, default=32, help="spots per batch (default: 32)")
-    p.add_argument("--workers", type=int, default=reading_threads(),
-                   help="patch-reading threads (default: one per usable core, at most 4: "
-                   f"{reading_threads()} here)")
+    threads = reading_threads()
+    p.add_argument("--workers", type=int, default=threads,
+                   help=f"patch-reading threads (default: one per usable core, at most 4: "
+                   f"{threads} here)")
 
 
 def check_inference_options(args: argparse.Namespace, what: str,

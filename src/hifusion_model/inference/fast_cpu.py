@@ -142,7 +142,7 @@ def graph_code(model: nn.Module) -> bytes:
     """The source of the modules an export of ``model`` is made of: its own module, the
     package's ``models`` (its layers, heads and configuration) and this one (the export)."""
     here = Path(__file__).resolve()
-    files = {here, *sorted((here.parents[1] / "models").glob("*.py"))}
+    files = {here, *(here.parents[1] / "models").glob("*.py")}
     own = getattr(sys.modules.get(type(model).__module__), "__file__", None)
     if own:
         files.add(Path(own).resolve())
