@@ -286,7 +286,7 @@ def test_a_signal_mid_training_leaves_files_that_resume(
     (tmp_path / "tiny.json").write_text(json.dumps(config))
     out = tmp_path / "m.pt"
     argv = ["train", str(section), "--out", str(out), "--model-config", str(tmp_path / "tiny.json"),
-            "--epochs", "2", "--batch-size", "16", "--genes", "4", "--set", "refit=false",
+            "--epochs", "3", "--batch-size", "16", "--genes", "4", "--set", "refit=false",
             "--workers", "0", "--device", "cpu"]
     proc = subprocess.Popen([sys.executable, "-m", "hifusion_model", *argv],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -296,7 +296,7 @@ def test_a_signal_mid_training_leaves_files_that_resume(
     while not resume.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # the state appears once epoch 1 is done
     assert proc.poll() is None, proc.stderr.read()
-    time.sleep(0.2)  # inside epoch 2
+    time.sleep(0.2)  # inside epoch 2 (a third follows: a fast epoch 2 cannot end the run)
     proc.send_signal(signum)
     err = proc.communicate(timeout=120)[1]
     if signum == signal.SIGKILL:  # no chance to clean up: the atomic writes are all there is
