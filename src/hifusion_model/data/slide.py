@@ -193,8 +193,8 @@ class Slide:
     def _read_window(self, level: int, cy: float, cx: float, height: float,
                      width: float) -> np.ndarray:
         """The RGB window of about ``height × width`` level px centred there, white outside."""
-        ny, nx = max(1, round(height)), max(1, round(width))
-        y0, x0 = math.floor(cy - ny / 2 + 0.5), math.floor(cx - nx / 2 + 0.5)
+        ny, nx = window_size(height), window_size(width)
+        y0, x0 = window_start(cy, ny), window_start(cx, nx)
         h, w = self.levels[level].shape[:2]
         r0, r1, c0, c1 = max(y0, 0), min(y0 + ny, h), max(x0, 0), min(x0 + nx, w)
         check_window(self.path, ny, nx, self.levels[level],
@@ -261,6 +261,17 @@ class Slide:
         mpp = "unknown" if self.mpp is None else f"{self.mpp:.4g}"
         return (f"Slide({str(self.path)!r}, shape={self.shape}, levels={len(self.levels)}, "
                 f"mpp={mpp})")
+
+
+def window_size(size_px: float) -> int:
+    """The whole px a window of ``size_px`` px spans when read (at least one)."""
+    return max(1, round(size_px))
+
+
+def window_start(center_px: float, n: int) -> int:
+    """The first px of the ``n``-px window read around ``center_px`` (px ``i`` covers
+    ``[i, i + 1)``; a half-px centre tie goes to the later start)."""
+    return math.floor(center_px - n / 2 + 0.5)
 
 
 class TileCache:

@@ -32,7 +32,6 @@ compiled where the exact path's network would (:mod:`.compiled_cpu`: bf16 on a C
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -42,7 +41,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Subset
 
 from ..data.dataset import SpotDataset, as_unit_float
 from ..data.sections import section_name
@@ -58,8 +56,10 @@ from ..models.hifusion import (
     zscore_per_channel,
 )
 from ..progress import Progress, ShouldStop
+from .blocks import block_batches, read_model_px
 from .compiled_cpu import CompiledChunks
 from .fast_cpu import COMPILING, choose_path, held_runner
+from .heap import return_freed_memory, reused_heap
 from .lattice import Lattice, dense_step, needed_cells, pixel_zscore, tile_zscore
 
 #: Lattice rows of spot origins per band. A band computes ``BAND_ROWS`` new rows of shared maps
@@ -89,7 +89,9 @@ class SharedMaps:
 
     Cell ``(r, c)`` of both maps is the lattice cell of model px ``[step·r, step·r + step)`` (rows
     and columns counted from ``first``, the top-left cell any spot needs). :meth:`hold` computes
-    rows as they are first asked for and drops those above, so each cell is encoded once.
+    rows as they are first asked for and drops those above, so each cell is encoded once. Maps
+    are ``(rows, cols, C)``, channels last: a spot's window gathers whole feature vectors
+    (channels first, gathering the windows took 0.7 ms a spot on the 50,000-px slide).
     """
 
     def __init__(self, model: HiFusion, slide: Any, lattice: Lattice, needed: np.ndarray,
@@ -109,7 +111,7 @@ class SharedMaps:
 
     @property
     def bottom(self) -> int:
-        return self.top + self.maps[0].shape[1]
+        return self.top + self.maps[0].shape[0]
 
     def hold(self, top: int, bottom: int) -> None:
         """Keep rows ``[top, bottom)``, computing the new ones; rows above ``top`` go.
@@ -123,11 +125,11 @@ class SharedMaps:
         kept = max(0, min(self.bottom, bottom) - top)
         if kept:
             for new, old in zip(maps, self.maps):
-                new[:, :kept] = old[:, top - self.top:top - self.top + kept]
+                new[:kept] = old[top - self.top:top - self.top + kept]
         self.maps = []  # the old maps go before the new rows' activations arrive
         self._compute(maps, top, top + kept, bottom)
         self.maps, self.top = maps, top
-        _return_freed_memory()
+        return_freed_memory()
 
     def windows(self, origins: np.ndarray, size: int) -> tuple[Tensor, Tensor]:
         """The ``size × size`` windows at ``origins`` (``(n, 2)`` lattice x, y, absolute), each
@@ -137,21 +139,21 @@ class SharedMaps:
         cols = corner[:, 0] - self.first[0]
         rows = corner[:, 1] - self.first[1] - self.top
         span = np.arange(size + 1)
-        r = torch.as_tensor(np.minimum(rows[:, None] + span, self.maps[0].shape[1] - 1))
-        c = torch.as_tensor(np.minimum(cols[:, None] + span, self.maps[0].shape[2] - 1))
+        r = torch.as_tensor(np.minimum(rows[:, None] + span, self.maps[0].shape[0] - 1))
+        c = torch.as_tensor(np.minimum(cols[:, None] + span, self.maps[0].shape[1] - 1))
         fx, fy = (frac[:, i].view(-1, 1, 1, 1) for i in (0, 1))
         out = []
-        for m in self.maps:
-            w = m[:, r[:, :, None], c[:, None, :]].permute(1, 0, 2, 3).float()  # (n, C, s+1, s+1)
-            top = (1 - fx) * w[..., :size, :size] + fx * w[..., :size, 1:]
-            low = (1 - fx) * w[..., 1:, :size] + fx * w[..., 1:, 1:]
-            out.append((1 - fy) * top + fy * low)
+        for m in self.maps:  # channels last, so each gathered cell is one contiguous vector
+            w = m[r[:, :, None], c[:, None, :]].float()  # (n, s+1, s+1, C)
+            top = (1 - fx) * w[:, :size, :size] + fx * w[:, :size, 1:]
+            low = (1 - fx) * w[:, 1:, :size] + fx * w[:, 1:, 1:]
+            out.append(((1 - fy) * top + fy * low).permute(0, 3, 1, 2))
         return out[0], out[1]
 
     # -- computing rows ----------------------------------------------------------------------
     def _blank(self, rows: int) -> list[Tensor]:
         """Zeroed level-1 and finest maps of ``rows`` rows (zero where no spot needs a cell)."""
-        shape = (self.model.config.feature_dim, rows, self.needed.shape[1])
+        shape = (rows, self.needed.shape[1], self.model.config.feature_dim)
         return [torch.zeros(shape, dtype=self.store, device=self.dev) for _ in range(2)]
 
     def _compute(self, maps: list[Tensor], top: int, r0: int, r1: int) -> None:
@@ -170,19 +172,17 @@ class SharedMaps:
             image = self._read(a - CHUNK_MARGIN, a + rows + CHUNK_MARGIN, x - CHUNK_MARGIN,
                                x + cols + CHUNK_MARGIN, halo=self.spot_px // 2)
             with autocast(self.dev, self.dtype):
-                maps[0][:, a - top:b - top, x:y] = self._level1(image)[:, :b - a, :y - x]
-                maps[1][:, a - top:b - top, x:y] = self._tiles(image, need)[:, :b - a, :y - x]
+                maps[0][a - top:b - top, x:y] = self._level1(image)[:b - a, :y - x]
+                maps[1][a - top:b - top, x:y] = self._tiles(image, need)[:b - a, :y - x]
 
     def _read(self, r0: int, r1: int, c0: int, c1: int, halo: int) -> Tensor:
         """Model-scale pixels of lattice rows/cols ``[r0, r1) × [c0, c1)`` plus ``halo`` px:
         ``(3, H, W)`` float in [0, 1] on the device (white beyond the slide, as the exact path)."""
-        step, scale = self.step, self.lattice.scale
+        step = self.step
         x0 = (self.first[0] + c0) * step - halo
         y0 = (self.first[1] + r0) * step - halo
         h, w = (r1 - r0) * step + 2 * halo, (c1 - c0) * step + 2 * halo
-        side = max(h, w)
-        centre = ((x0 + side / 2) / scale, (y0 + side / 2) / scale)
-        pixels = self.slide.read_region_px(centre, side / scale, side)[:h, :w]
+        pixels = read_model_px(self.slide, self.lattice.scale, x0, y0, h, w)
         image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         return as_unit_float(image.to(self.dev))
 
@@ -195,7 +195,7 @@ class SharedMaps:
         encoder = self.model.spot_encoder
         with use_level(encoder, self.levels[0]):
             features = encoder(frame[None].contiguous(memory_format=torch.channels_last))[0]
-        return features[:, m:features.shape[1] - m, m:features.shape[2] - m].to(self.store)
+        return features[:, m:features.shape[1] - m, m:features.shape[2] - m].permute(1, 2, 0)
 
     def _tiles(self, image: Tensor, need: np.ndarray) -> Tensor:
         margin = CHUNK_MARGIN * self.step + self.spot_px // 2 - (self.spot_px - self.step) // 2
@@ -211,7 +211,7 @@ class SharedMaps:
         n = len(picked)
         picked = F.pad(picked, (0, 0, 0, 0, 0, 0, 0, _rounded(n, TILE_ROUND) - n))
         encoder = self.model.spot_encoder
-        out = torch.zeros(self.model.config.feature_dim, *need.shape, dtype=self.store,
+        out = torch.zeros(*need.shape, self.model.config.feature_dim, dtype=self.store,
                           device=self.dev)
         features = []
         with use_level(encoder, self.levels[1]):
@@ -219,28 +219,8 @@ class SharedMaps:
                 batch = picked[start:start + TILE_BATCH].contiguous(memory_format=torch.channels_last)
                 features.append(encoder(batch).to(self.store).flatten(1))
         if features:
-            out[:, torch.as_tensor(need, device=self.dev)] = torch.cat(features)[:n].T
+            out[torch.as_tensor(need, device=self.dev)] = torch.cat(features)[:n]
         return out
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap memory freed by a band back to the system (glibc's ``malloc_trim``).
-
-    A band's slide pixels, statistics and activations are hundreds of MB in pieces of a few MB,
-    which glibc keeps for reuse; over a 50,000-px slide the resident size kept growing (2.1 to
-    2.9 GB). Trimming after each band brought a 12,000-px slide's resident size between bands
-    from 1.57 to 0.98 GB. Elsewhere than glibc, nothing is done."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM: Any = None  #: glibc's malloc_trim once looked up (False where there is none)
 
 
 def _rounded(n: int, multiple: int | None = None) -> int:
@@ -389,15 +369,20 @@ def choose_dense(dense: bool | None, section: ad.AnnData, model: nn.Module, conf
 
 
 # -- driving a section ----------------------------------------------------------------------------
-def band_order(origins: np.ndarray, first_row: int) -> tuple[np.ndarray, np.ndarray]:
-    """Spots in raster order of their lattice origin, and the band of :data:`BAND_ROWS` rows
-    each (in that order)."""
-    corner = np.floor(origins).astype(np.int64)
-    order = np.lexsort((corner[:, 0], corner[:, 1]))
-    return order, (corner[order, 1] - first_row) // BAND_ROWS
+def band_order(origins: np.ndarray,
+               first: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spots by block (:data:`BAND_ROWS` lattice rows × :data:`CHUNK_COLS` columns, blocks in
+    raster order) and in raster order of their lattice origin within a block; the band and the
+    block of each (in that order)."""
+    corner = np.floor(origins).astype(np.int64) - first
+    band, column = corner[:, 1] // BAND_ROWS, corner[:, 0] // CHUNK_COLS
+    order = np.lexsort((corner[:, 0], corner[:, 1], column, band))
+    block = band * (int(column.max(initial=0)) + 1) + column
+    return order, band[order], block[order]
 
 
 @torch.inference_mode()
+@reused_heap()
 def predict_dense(
     model: nn.Module,
     config: ModelConfig,
@@ -415,10 +400,11 @@ def predict_dense(
     """Predicted normalised expression ``(n_spots, G)`` float32, in the section's spot order,
     with the level-1 and finest-level encoders shared between overlapping spots.
 
-    Arguments as :func:`~.predict.predict_section` (without test-time views); ``progress``
-    counts spots as they are finished, band by band, and ``should_stop`` is asked before every
-    batch and every chunk of slide. ``observe(done, batch)`` sees each batch of uint8 patches;
-    the batch's ``index`` says which spots they are (bands go in raster order).
+    Arguments as :func:`~.predict.predict_section` (without test-time views; ``workers`` > 0
+    reads the next block of slide in a thread, :mod:`.blocks`); ``progress`` counts spots as
+    they are finished, block by block, and ``should_stop`` is asked before every batch and
+    every chunk of slide. ``observe(done, batch)`` sees each batch of uint8 patches; the
+    batch's ``index`` says which spots they are (blocks go in raster order).
     """
     reason = dense_unsupported(model, config)
     if reason:
@@ -427,7 +413,7 @@ def predict_dense(
         raise SectionError(f"section {section_name(section)!r} has no spots to predict")
     if batch_size < 1:
         raise SectionError(f"batch size must be at least 1, got {batch_size}")
-    from .predict import CPU_CHUNK, prefetch_batches
+    from .predict import CPU_CHUNK
 
     dev = resolve_device(device)
     dtype = autocast_dtype(dev, precision)
@@ -437,14 +423,16 @@ def predict_dense(
     dataset = SpotDataset(section, slide, config, raw=True)
     origins = lattice.positions(dataset.centers, config.spot_px)
     needed, first = needed_cells(origins, size)
-    order, bands = band_order(origins, first[1])
+    order, bands, blocks = band_order(origins, first)
     maps = SharedMaps(model, slide, lattice, needed, first, dev, dtype, should_stop)
     out = np.empty((section.n_obs, config.n_genes), np.float32)
     name, n, done = section_name(section), section.n_obs, 0
     step = CPU_CHUNK if dev.type == "cpu" else batch_size
     own_levels = spot_runner(model, dev, dtype, n, step, announce=None
                              if progress is None else lambda m: progress(0, n, f"{name}: {m}"))
-    batches = prefetch_batches(Subset(dataset, order.tolist()), batch_size, workers=workers)
+    sizes = ((dataset.spot_size_px, config.spot_px), (dataset.region_size_px, config.region_px))
+    batches = block_batches(slide, dataset.centers, order, blocks, sizes,
+                            batch_size, prefetch=workers > 0)
     try:
         for batch in batches:
             if should_stop is not None and should_stop():

@@ -43,6 +43,7 @@ from ..models.checkpoint import Checkpoint
 from ..models.config import ModelConfig
 from ..progress import Progress, ShouldStop
 from .fast_cpu import cpu_runner
+from .heap import reused_heap
 from .views import check_tta, dihedral
 
 #: Spots per model call on the CPU. Whole batches of 32 hold four times the activations
@@ -92,6 +93,7 @@ def _config_of(ckpt_or_config: Checkpoint | ModelConfig) -> ModelConfig:
 
 
 @torch.inference_mode()
+@reused_heap()
 def predict_section(
     model: nn.Module,
     ckpt_or_config: Checkpoint | ModelConfig,
