@@ -53,6 +53,8 @@ def test_at_the_models_scale_the_cuts_are_the_exact_paths_pixels(slide, monkeypa
     assert torch.cat([b["index"] for b in batches]).tolist() == order.tolist()
     assert [len(b["index"]) for b in batches] == [7] * 5 + [5]
     for batch in batches:
+        for key in ("spot", "region"):  # the network's memory format, with no copy to make
+            assert batch[key].is_contiguous(memory_format=torch.channels_last), key
         for k, i in enumerate(batch["index"].tolist()):
             exact = dataset[i]
             assert torch.equal(batch["spot"][k], exact["spot"]), i

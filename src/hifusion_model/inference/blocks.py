@@ -44,7 +44,8 @@ def crop_starts(centers: np.ndarray, size_px: float) -> np.ndarray:
 def block_batches(slide: Any, centers: np.ndarray, order: np.ndarray, blocks: np.ndarray,
                   sizes: Sequence[tuple[float, int]], batch_size: int, *,
                   prefetch: bool = True) -> Iterator[dict[str, Any]]:
-    """Batches ``{"spot", "region", "index"}`` (uint8 ``(n, 3, s, s)`` and the spots' indices)
+    """Batches ``{"spot", "region", "index"}`` (uint8 ``(n, 3, s, s)``, channels-last, and the
+    spots' indices)
     of the spots in ``order``, as the exact path's reader yields them.
 
     ``blocks[k]`` names the block of spot ``order[k]``; a block's spots are consecutive in
@@ -70,7 +71,7 @@ def block_batches(slide: Any, centers: np.ndarray, order: np.ndarray, blocks: np
         pixels = slide.read_region_px(tuple(first + side / 2), side, out)
         ratio = model_unit / slide_unit
         cuts = [np.floor((s[index] - first) * ratio + 0.5).astype(np.int64) for s in starts]
-        return index, torch.from_numpy(np.array(pixels)).permute(2, 0, 1), cuts
+        return index, torch.from_numpy(np.array(pixels)), cuts
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hifusion-read") \
         if prefetch else None
@@ -85,7 +86,7 @@ def block_batches(slide: Any, centers: np.ndarray, order: np.ndarray, blocks: np
                 index, image, cuts = pending.result()
                 pending = pool.submit(read, runs[k + 1]) if k + 1 < len(runs) else None
             for j, i in enumerate(index.tolist()):
-                patches = [image[:, y:y + px, x:x + px]
+                patches = [image[y:y + px, x:x + px]
                            for (x, y), (_, px) in zip((c[j] for c in cuts), sizes)]
                 batch.append((i, *patches))
                 if len(batch) == batch_size:
@@ -99,9 +100,15 @@ def block_batches(slide: Any, centers: np.ndarray, order: np.ndarray, blocks: np
 
 
 def _collated(batch: list[tuple[int, torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """The batch's ``(h, w, 3)`` cuts as ``(n, 3, h, w)`` in channels-last memory: stacked as
+    they lie in the slide (whole rows copied) and ready for the network without another copy."""
     index, spot, region = zip(*batch)
-    return {"spot": torch.stack(spot), "region": torch.stack(region),
+    return {"spot": _channels_last(spot), "region": _channels_last(region),
             "index": torch.as_tensor(index, dtype=torch.int64)}
+
+
+def _channels_last(patches: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(patches).permute(0, 3, 1, 2)
 
 
 __all__ = ["block_batches", "crop_starts", "read_model_px"]
