@@ -1,5 +1,5 @@
 """The dense path (inference/dense.py) on synthetic data: its lattice in µm, its statistics, its
-maps against direct computations, its predictions against the exact path, cancel and dispatch."""
+shared tiles against direct computations, its predictions against the exact path, cancel and dispatch."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from hifusion_model.data.slide import Slide
 from hifusion_model.devices import autocast
 from hifusion_model.errors import Cancelled, ConfigError
 from hifusion_model.inference import dense, lattice
+from hifusion_model.inference.blocks import read_model_px
 from hifusion_model.inference.predict import grid_section, predict_section
 from hifusion_model.models.backbones import use_level
 from hifusion_model.models.checkpoint import load_model, save_checkpoint
@@ -103,79 +104,63 @@ def test_each_tile_is_z_scored_by_the_window_centred_on_it():
     torch.testing.assert_close(tiles[row, col], (tile - mean) / (var.sqrt() + 1e-4))
 
 
-def test_pixel_statistics_are_centred_on_each_pixel():
-    """On a ramp, the window centred on a pixel has that pixel's value as its mean, so the
-    z-score vanishes; a window off by a pixel would leave ±slope/std everywhere."""
-    ramp = torch.arange(512, dtype=torch.float32).div(512).expand(3, 256, 512).contiguous()
-    z = lattice.pixel_zscore(ramp, 64, 16)
-    assert z.shape == (3, 192, 448)
-    assert float(z.abs().max()) < 1e-3
+# -- shared tiles against direct computation ----------------------------------------------------
+def encoded_tiles(model: HiFusion, slide: Slide, config: ModelConfig, first: tuple[int, int],
+                  cells: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Each lattice cell ``(row, col)`` (relative to ``first``) encoded on its own, z-scored by
+    the spot-sized window centred on it, as the exact path z-scores a spot: ``(n, C)``."""
+    half = (224 - STEP) // 2
+    tiles = []
+    for r, c in cells:
+        x0, y0 = (first[0] + c) * STEP - half, (first[1] + r) * STEP - half
+        pixels = read_model_px(slide, 1.0, x0, y0, 224, 224)  # the slide is read at 1:1
+        window = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float() / 255
+        var, mean = torch.var_mean(window, dim=(1, 2), keepdim=True, correction=0)
+        tile = (window - mean) / (var.sqrt() + 1e-4)
+        tiles.append(tile[:, half:half + STEP, half:half + STEP])
+    with autocast(torch.device("cpu"), dtype), use_level(model.spot_encoder, 2):
+        return model.spot_encoder(torch.stack(tiles)).flatten(1)
 
 
-# -- maps against direct computation ------------------------------------------------------------
-def test_level1_chunks_and_bands_stitch_into_the_whole_frame_map(slide, monkeypatch):
-    """With a margin as wide as ResNet-18's receptive field, chunks and bands add nothing:
-    the stitched map is the encoder's map of the whole frame."""
-    monkeypatch.setattr(dense, "CHUNK_MARGIN", 7)
-    monkeypatch.setattr(dense, "CHUNK_COLS", 3)
-    config = lattice_config()
-    model = network(config)
-    grid = lattice.Lattice.of(config, MPP)
-    needed, first = np.ones((6, 7), bool), (4, 3)
-    with torch.inference_mode():
-        maps = dense.SharedMaps(model, slide, grid, needed, first, torch.device("cpu"), None)
-        frame = lattice.pixel_zscore(maps._read(-7, 6 + 7, -7, 7 + 7, halo=112), 224, 16)
-        with use_level(model.spot_encoder, 0):
-            whole = model.spot_encoder(frame[None])[0][:, 7:-7, 7:-7]
-        assert whole.shape == (config.feature_dim, 6, 7)
-        for top, bottom in ((0, 3), (2, 5), (5, 6)):  # overlapping bands, then an adjacent one
-            maps.hold(top, bottom)
-            torch.testing.assert_close(maps.maps[0].permute(2, 0, 1), whole[:, top:bottom], rtol=1e-4, atol=1e-5)
-
-
-def test_the_encoders_see_few_shapes_and_bf16_maps_lose_nothing(slide, monkeypatch):
-    """Boxes of needed cells are rounded up to BOX_ROUND cells and tile batches to TILE_ROUND
-    (oneDNN keeps kernels per input shape, so every new shape costs memory for good); with a
-    margin as wide as the receptive field the rounding changes no value, and maps held in the
-    encoders' bf16 are what they computed."""
-    monkeypatch.setattr(dense, "CHUNK_MARGIN", 7)
+def test_shared_tiles_are_each_tile_encoded_alone_across_chunks_and_bands(slide, monkeypatch):
+    """Chunks, bands carrying rows over and padded batches add nothing: every needed cell holds
+    its tile's own features, and no other cell is filled. The encoder sees batches of
+    TILE_ROUND multiples only (oneDNN keeps kernels per input shape, so every new shape costs
+    memory for good), and tiles held in the encoder's bf16 are what it computed."""
     monkeypatch.setattr(dense, "CHUNK_COLS", 11)
     config = lattice_config()
     model = network(config)
     grid = lattice.Lattice.of(config, MPP)
     needed = np.zeros((9, 30), bool)
     needed[1:4, 2:5] = needed[5:9, 13:20] = needed[0:7, 25:27] = True  # boxes of odd sizes
+    first = (3, 2)
     shapes: list[tuple[int, ...]] = []
     hook = model.spot_encoder.register_forward_pre_hook(
         lambda _, args: shapes.append(tuple(args[0].shape)))
     with torch.inference_mode():
-        maps = dense.SharedMaps(model, slide, grid, needed, (3, 2), torch.device("cpu"), None)
-        maps.hold(0, needed.shape[0])
-        frame = lattice.pixel_zscore(maps._read(-7, 9 + 7, -7, 30 + 7, halo=112), 224, 16)
+        tiles = dense.SharedTiles(model, slide, grid, needed, first, torch.device("cpu"), None)
+        held = []
+        for top, bottom in ((0, 4), (2, 7), (7, 9)):  # overlapping bands, then an adjacent one
+            tiles.hold(top, bottom)
+            held.append((top, tiles.map.clone()))
         hook.remove()
-        with use_level(model.spot_encoder, 0):
-            whole = model.spot_encoder(frame[None])[0][:, 7:-7, 7:-7]
-        torch.testing.assert_close(maps.maps[0][needed].T, whole[:, needed],
-                                   rtol=1e-4, atol=1e-5)
-        assert not maps.maps[0][~needed].any(), "a cell no spot needs was filled"
-        frames = [s for s in shapes if s[0] == 1]
-        cells = [(h // STEP - 2 * 7, w // STEP - 2 * 7) for *_, h, w in frames]  # margin 7
-        assert cells and all(r % dense.BOX_ROUND == 0 and c % dense.BOX_ROUND == 0
-                             for r, c in cells), cells
-        assert all(s[0] % dense.TILE_ROUND == 0 for s in shapes if s[0] != 1)
+        expected = encoded_tiles(model, slide, config, first, np.argwhere(needed))
+        whole = torch.zeros(*needed.shape, config.feature_dim)
+        whole[torch.as_tensor(needed)] = expected
+        for top, got in held:
+            torch.testing.assert_close(got, whole[top:top + len(got)], rtol=1e-4, atol=1e-5)
+        assert shapes and all(s[0] % dense.TILE_ROUND == 0 for s in shapes), shapes
 
-        bf16 = dense.SharedMaps(model, slide, grid, needed, (3, 2), torch.device("cpu"),
-                                torch.bfloat16)
+        bf16 = dense.SharedTiles(model, slide, grid, needed, first, torch.device("cpu"),
+                                 torch.bfloat16)
         bf16.hold(0, needed.shape[0])
-        assert bf16.maps[0].dtype == torch.bfloat16
-        level1, _ = bf16.windows(np.array([[5.5, 3.0]]), 2)  # cell (2, 1) of the maps, half right
-        assert level1.dtype == torch.float32
-        held = bf16.maps[0].float().permute(2, 0, 1)
-        blend = (held[:, 1:3, 2:4] + held[:, 1:3, 3:5]) / 2
-        torch.testing.assert_close(level1[0], blend)
-        with autocast(torch.device("cpu"), torch.bfloat16), use_level(model.spot_encoder, 0):
-            own = model.spot_encoder(frame[None])[0][:, 7:-7, 7:-7]
-        assert own.dtype == torch.bfloat16  # so holding the maps in bf16 rounds nothing
+        assert bf16.map.dtype == torch.bfloat16
+        window = bf16.windows(np.array([[5.5, 3.0]]), 2)  # cell (1, 2) of the map, half right
+        assert window.dtype == torch.float32
+        cells = bf16.map.float().permute(2, 0, 1)
+        torch.testing.assert_close(window[0], (cells[:, 1:3, 2:4] + cells[:, 1:3, 3:5]) / 2)
+        own = encoded_tiles(model, slide, config, first, np.array([[1, 2]]), torch.bfloat16)
+        assert own.dtype == torch.bfloat16  # so holding the tiles in bf16 rounds nothing
 
 
 def test_finest_tiles_on_the_lattice_are_the_spots_own_and_blend_between(slide):
@@ -191,9 +176,9 @@ def test_finest_tiles_on_the_lattice_are_the_spots_own_and_blend_between(slide):
     origins = np.array([[4.0, 3.0], [5.0, 3.0], [9.0, 6.0], [4.5, 3.0]])
     needed, first = lattice.needed_cells(origins, 7)
     with torch.inference_mode():
-        maps = dense.SharedMaps(model, slide, grid, needed, first, torch.device("cpu"), None)
-        maps.hold(0, needed.shape[0])
-        _, tiles = maps.windows(origins, 7)
+        shared = dense.SharedTiles(model, slide, grid, needed, first, torch.device("cpu"), None)
+        shared.hold(0, needed.shape[0])
+        tiles = shared.windows(origins, 7)
     torch.testing.assert_close(tiles[:3], own, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(tiles[3], (own[0] + own[1]) / 2, rtol=1e-4, atol=1e-5)
 
@@ -212,13 +197,11 @@ def test_the_tail_is_the_forward_pass_after_the_encoders():
 
 # -- predictions ---------------------------------------------------------------------------------
 def test_dense_predictions_are_the_exact_ones_where_sharing_is_exact(slide, monkeypatch):
-    """Spots on the lattice, no z-scoring and level 1 weighted out: nothing is approximated, so
-    any slip in bands, spot order, windows or the per-spot levels shows as a difference."""
+    """Spots on the lattice and no z-scoring: nothing is approximated, so any slip in bands,
+    spot order, windows or the per-spot levels shows as a difference."""
     monkeypatch.setattr(dense, "BAND_ROWS", 2)  # several bands, each carrying rows over
     config = lattice_config(input_norm="none")
     model = network(config)
-    with torch.no_grad():
-        model.level_logits.copy_(torch.tensor([-40.0, 0.0, 0.0]))  # level 1's weight ~ 1e-18
     corners = [(9, 7), (4, 3), (13, 3), (6, 5), (4, 9), (10, 3), (7, 3)]  # not in raster order
     section = lattice_section(slide, corners)
     seen = []

@@ -70,6 +70,14 @@ def test_grid_inside_a_polygon(app, qtbot, errors) -> None:
     assert (world[:, 1] >= 300).all() and (world[:, 1] <= 1000).all()
     assert spots.size[0] == pytest.approx(55.0 / MPP)
     assert shapes in viewer.layers
+    # marked as a placed grid, as `hifusion predict --grid` marks its own, so that predicting
+    # it takes the same path (dense where that is the default)
+    from hifusion_model.data.grids import is_grid_source
+    from hifusion_model.data.sections import UNS_KEY
+
+    from napari_hifusion._layers import section_from_points
+
+    assert is_grid_source(section_from_points(spots).uns[UNS_KEY]["source"])
 
 
 def test_a_large_grid_is_placed_only_when_the_user_agrees(app, qtbot, monkeypatch) -> None:

@@ -21,6 +21,21 @@ if TYPE_CHECKING:
 GRID_DEFAULTS = {"hex": (100.0, 55.0), "square": (200.0, 100.0)}
 
 
+def grid_source(kind: str) -> str:
+    """The ``uns['hifusion']['source']`` of a section of grid spots: what marks its spots as
+    placed by the project, not measured (the dense path is the default for them).
+
+    >>> grid_source("hex"), is_grid_source(grid_source("hex"))
+    ('grid:hex', True)
+    """
+    return f"grid:{kind}"
+
+
+def is_grid_source(source: object) -> bool:
+    """Whether a section's ``source`` says its spots are a placed grid (:func:`grid_source`)."""
+    return str(source).startswith("grid:")
+
+
 def spot_grid(
     slide_shape_px: tuple[int, int],
     mpp: float,

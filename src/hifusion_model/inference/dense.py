@@ -1,33 +1,29 @@
-"""Dense inference: neighbouring spots of a grid share the spot encoder's work.
+"""Dense inference: neighbouring spots of a grid share the spot encoder's finest tiles.
 
 On a Visium-like grid (100 µm pitch) a 154 µm spot patch overlaps its neighbours ~2.7 times, so
-the exact path (:func:`~.predict.predict_section`) encodes most tissue several times. Here two of
-HiFusion's four encoder passes are computed once per piece of tissue, on a lattice of
-``step`` = 32 model px (the ResNet's output stride, and the 7×7 tile size of a 224-px spot):
+the exact path (:func:`~.predict.predict_section`) encodes most tissue several times. Here the
+finest HISM level, the 7×7 tiles of 32 model px, is computed once per piece of tissue: every
+tile of a lattice of ``step`` = 32 model px (the tile size and the ResNet's output stride) is
+encoded once, z-scored by the spot-sized window centred on it, and a spot takes the 7×7 tiles
+under it. A spot between lattice points takes the bilinear blend of the windows at the four
+surrounding ones, so no spot moves. Its other levels (the whole spot, the 2×2 tiles) and the
+region encoder run per spot, exactly as the exact path runs them.
 
-* **level 1** (the whole spot): the spot encoder runs fully convolutionally over the slide, in
-  chunks, each pixel z-scored by the statistics of the spot-sized window centred on it; a
-  spot's 7×7 map is the 7×7 window of that slide map;
-* **the finest level** (7×7 tiles of 32 px): every lattice tile is encoded once, z-scored by
-  the spot-sized window centred on the tile, and a spot takes the 7×7 tiles under it.
-
-A spot between lattice points takes the bilinear blend of the windows at the four surrounding
-ones, so no spot moves. The other levels (2×2 tiles of 112 px) and the region encoder run per
-spot, exactly as the exact path runs them. Not sharing the region is measured, not assumed: its
-query follows the region's own z-score statistics so closely that statistics from a window 64 px
-off drop the mean per-gene PCC with the exact path to 0.988 on HER2ST C4, and a fully
-convolutional region to 0.973; the two shared levels keep 0.997 each, 0.992 together
-(docs/experiments.md, 2026-12-03). The region and the 2×2 tiles take ~58 % of the exact path's
-time (fp32, a 120-spot patch of C4's hex:100 grid), so sharing the rest could make it 1.7× faster
-at the very best.
+Only the tiles are shared because only they stay within a per-gene PCC of 0.98 of the exact
+path on every gene (the bundled model, HER2ST C4, fp32; docs/experiments.md, 2026-12-03 and
+2026-12-04): shared and blended, the tiles keep mean / worst gene 0.997 / 0.989 on C4's own
+spots and 0.998 / 0.989 on its hex:100 grid. Level 1 shared too (fully convolutional, each pixel
+z-scored by the window centred on it) kept the mean at 0.992 but dropped the worst gene to 0.965
+on the spots, 0.973 on the grid; the region shared drops it below 0.87. Level 1 per spot costs
+~9 % of the spots/s on C4's grid (bf16, compiled).
 
 The lattice and the windows' statistics are :mod:`.lattice`'s. The slide is processed in bands
-of lattice rows, top to bottom; the shared maps of a band are kept only until its spots are
+of lattice rows, top to bottom; the shared tiles of a band are kept only until its spots are
 predicted (the last rows carry over to the next band), so memory stays bounded by the slide's
-width, not its area. The maps are held in the encoders' own output dtype (bf16 under bf16
-autocast, so nothing is rounded), the encoders see a few input shapes only (:data:`BOX_ROUND`),
-and freed heap memory is handed back after every band. The per-spot part runs
-compiled where the exact path's network would (:mod:`.compiled_cpu`: bf16 on a CPU, large jobs).
+width, not its area. The tiles are held in the encoder's own output dtype (bf16 under bf16
+autocast, so nothing is rounded), the encoder sees a few batch shapes only (:data:`TILE_ROUND`),
+and freed heap memory is handed back after every band. The per-spot part runs compiled where
+the exact path's network would (:mod:`.compiled_cpu`: bf16 on a CPU, large jobs).
 """
 
 from __future__ import annotations
@@ -43,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.dataset import SpotDataset, as_unit_float
+from ..data.grids import is_grid_source
 from ..data.sections import section_name
 from ..devices import autocast, autocast_dtype, resolve_device
 from ..errors import Cancelled, ConfigError, SectionError
@@ -60,37 +57,29 @@ from .blocks import block_batches, read_model_px
 from .compiled_cpu import CompiledChunks
 from .fast_cpu import COMPILING, choose_path, held_runner
 from .heap import return_freed_memory, reused_heap
-from .lattice import Lattice, dense_step, needed_cells, pixel_zscore, tile_zscore
+from .lattice import Lattice, dense_step, needed_cells, tile_zscore
 
-#: Lattice rows of spot origins per band. A band computes ``BAND_ROWS`` new rows of shared maps
+#: Lattice rows of spot origins per band. A band computes ``BAND_ROWS`` new rows of shared tiles
 #: and keeps the spot extent's rows from the band above; larger bands hold more memory.
 BAND_ROWS = 32
-#: Lattice columns per fully convolutional chunk (with ``BAND_ROWS``: ~1024² model px a call).
+#: Lattice columns per chunk of slide read at once for its tiles.
 CHUNK_COLS = 32
-#: Lattice cells of context around a fully convolutional chunk, so that features near its edge
-#: see the neighbouring tissue. On HER2ST C4, margins of 0, 1, 2 and 7 cells (7 covers
-#: ResNet-18's receptive field: chunking then changes nothing) kept a mean per-gene PCC with
-#: the exact path of 0.9915, 0.9919, 0.9919 and 0.9919.
-CHUNK_MARGIN = 1
-#: Tiles per encoder call of the finest level.
+#: Tiles per encoder call.
 TILE_BATCH = 512
-#: A chunk's box of needed cells is encoded rounded up to multiples of ``BOX_ROUND`` cells, and
-#: a chunk's last batch of tiles padded to a multiple of ``TILE_ROUND`` tiles, so that the
-#: encoders see a few input shapes. oneDNN keeps its kernels per shape (~6 MB each for the
-#: level-1 frames): with every box its own shape, the 50,000-px slide's resident size grew by
-#: hundreds of MB.
-BOX_ROUND = 8
+#: A chunk's last batch of tiles is padded to a multiple of ``TILE_ROUND`` tiles, so that the
+#: encoder sees a few input shapes: oneDNN keeps its kernels per shape, and with every batch its
+#: own shape the 50,000-px slide's resident size grew by hundreds of MB.
 TILE_ROUND = 64
 
 
-# -- shared maps of a band ------------------------------------------------------------------------
-class SharedMaps:
-    """Level-1 and finest-level feature maps over the lattice rows that the current band needs.
+# -- shared tiles of a band -----------------------------------------------------------------------
+class SharedTiles:
+    """The finest level's features of every lattice cell that the current band's spots need.
 
-    Cell ``(r, c)`` of both maps is the lattice cell of model px ``[step·r, step·r + step)`` (rows
-    and columns counted from ``first``, the top-left cell any spot needs). :meth:`hold` computes
-    rows as they are first asked for and drops those above, so each cell is encoded once. Maps
-    are ``(rows, cols, C)``, channels last: a spot's window gathers whole feature vectors
+    Cell ``(r, c)`` is the lattice cell of model px ``[step·r, step·r + step)`` (rows and columns
+    counted from ``first``, the top-left cell any spot needs). :meth:`hold` computes rows as they
+    are first asked for and drops those above, so each cell is encoded once. The map is
+    ``(rows, cols, C)``, channels last: a spot's window gathers whole feature vectors
     (channels first, gathering the windows took 0.7 ms a spot on the 50,000-px slide).
     """
 
@@ -100,65 +89,64 @@ class SharedMaps:
         config = model.config
         self.model, self.slide, self.lattice, self.needed = model, slide, lattice, needed
         self.first, self.dev, self.dtype, self.should_stop = first, dev, dtype, should_stop
-        self.levels = (config.levels.index(1), config.levels.index(max(config.levels)))
+        self.level = config.levels.index(max(config.levels))
         self.normalize = config.input_norm == "image"
         self.spot_px, self.step = config.spot_px, lattice.step
-        self.cell = math.gcd(self.step // 2, self.spot_px // 2, (self.spot_px - self.step) // 2)
-        #: the encoders' own output dtype (bf16 under bf16 autocast), so holding it loses nothing
+        #: what a tile's z-score window reaches beyond it on each side
+        self.halo = (self.spot_px - self.step) // 2
+        self.cell = math.gcd(self.step, self.halo)
+        #: the encoder's own output dtype (bf16 under bf16 autocast), so holding it loses nothing
         self.store = dtype or torch.float32
         self.top = 0
-        self.maps = self._blank(0)  #: rows [top, top + held) of level 1, finest level
+        self.map = self._blank(0)  #: rows [top, top + held)
 
     @property
     def bottom(self) -> int:
-        return self.top + self.maps[0].shape[0]
+        return self.top + self.map.shape[0]
 
     def hold(self, top: int, bottom: int) -> None:
         """Keep rows ``[top, bottom)``, computing the new ones; rows above ``top`` go.
 
-        The rows kept are copied into the new maps, which are then filled in place: no
+        The rows kept are copied into the new map, which is then filled in place: no
         concatenation, so at most the old and the new maps are alive at once."""
         bottom = min(bottom, self.needed.shape[0])
         if bottom <= self.bottom and top == self.top:
             return
-        maps = self._blank(bottom - top)
+        new = self._blank(bottom - top)
         kept = max(0, min(self.bottom, bottom) - top)
         if kept:
-            for new, old in zip(maps, self.maps):
-                new[:kept] = old[top - self.top:top - self.top + kept]
-        self.maps = []  # the old maps go before the new rows' activations arrive
-        self._compute(maps, top, top + kept, bottom)
-        self.maps, self.top = maps, top
+            new[:kept] = self.map[top - self.top:top - self.top + kept]
+        self.map = new[:0]  # the old map goes before the new rows' activations arrive
+        self._compute(new, top, top + kept, bottom)
+        self.map, self.top = new, top
         return_freed_memory()
 
-    def windows(self, origins: np.ndarray, size: int) -> tuple[Tensor, Tensor]:
+    def windows(self, origins: np.ndarray, size: int) -> Tensor:
         """The ``size × size`` windows at ``origins`` (``(n, 2)`` lattice x, y, absolute), each
-        blended bilinearly from the four lattice points around it: ``(n, C, size, size)`` ×2."""
+        blended bilinearly from the four lattice points around it: ``(n, C, size, size)``."""
         corner = np.floor(origins).astype(np.int64)
         frac = torch.as_tensor(origins - corner, dtype=torch.float32, device=self.dev)
         cols = corner[:, 0] - self.first[0]
         rows = corner[:, 1] - self.first[1] - self.top
         span = np.arange(size + 1)
-        r = torch.as_tensor(np.minimum(rows[:, None] + span, self.maps[0].shape[0] - 1))
-        c = torch.as_tensor(np.minimum(cols[:, None] + span, self.maps[0].shape[1] - 1))
+        r = torch.as_tensor(np.minimum(rows[:, None] + span, self.map.shape[0] - 1))
+        c = torch.as_tensor(np.minimum(cols[:, None] + span, self.map.shape[1] - 1))
         fx, fy = (frac[:, i].view(-1, 1, 1, 1) for i in (0, 1))
-        out = []
-        for m in self.maps:  # channels last, so each gathered cell is one contiguous vector
-            w = m[r[:, :, None], c[:, None, :]].float()  # (n, s+1, s+1, C)
-            top = (1 - fx) * w[:, :size, :size] + fx * w[:, :size, 1:]
-            low = (1 - fx) * w[:, 1:, :size] + fx * w[:, 1:, 1:]
-            out.append(((1 - fy) * top + fy * low).permute(0, 3, 1, 2))
-        return out[0], out[1]
+        # channels last, so each gathered cell is one contiguous vector
+        w = self.map[r[:, :, None], c[:, None, :]].float()  # (n, s+1, s+1, C)
+        top = (1 - fx) * w[:, :size, :size] + fx * w[:, :size, 1:]
+        low = (1 - fx) * w[:, 1:, :size] + fx * w[:, 1:, 1:]
+        return ((1 - fy) * top + fy * low).permute(0, 3, 1, 2)
 
     # -- computing rows ----------------------------------------------------------------------
-    def _blank(self, rows: int) -> list[Tensor]:
-        """Zeroed level-1 and finest maps of ``rows`` rows (zero where no spot needs a cell)."""
+    def _blank(self, rows: int) -> Tensor:
+        """A zeroed map of ``rows`` rows (zero where no spot needs a cell)."""
         shape = (rows, self.needed.shape[1], self.model.config.feature_dim)
-        return [torch.zeros(shape, dtype=self.store, device=self.dev) for _ in range(2)]
+        return torch.zeros(shape, dtype=self.store, device=self.dev)
 
-    def _compute(self, maps: list[Tensor], top: int, r0: int, r1: int) -> None:
-        """Fill rows ``[r0, r1)`` of ``maps`` (whose row 0 is row ``top``), chunk by chunk of
-        :data:`CHUNK_COLS` columns; each chunk is encoded over the box of its needed cells only."""
+    def _compute(self, out: Tensor, top: int, r0: int, r1: int) -> None:
+        """Fill rows ``[r0, r1)`` of ``out`` (whose row 0 is row ``top``), chunk by chunk of
+        :data:`CHUNK_COLS` columns; each chunk reads the box of its needed cells only."""
         for start in range(0, self.needed.shape[1], CHUNK_COLS):
             box = _bounding_box(self.needed[r0:r1, start:start + CHUNK_COLS])
             if box is None:
@@ -166,19 +154,15 @@ class SharedMaps:
             if self.should_stop is not None and self.should_stop():
                 raise Cancelled("dense prediction stopped while encoding the slide")
             (a, b), (x, y) = (r0 + box[0], r0 + box[1]), (start + box[2], start + box[3])
-            rows, cols = _rounded(b - a), _rounded(y - x)
-            need = np.zeros((rows, cols), bool)
-            need[:b - a, :y - x] = self.needed[a:b, x:y]
-            image = self._read(a - CHUNK_MARGIN, a + rows + CHUNK_MARGIN, x - CHUNK_MARGIN,
-                               x + cols + CHUNK_MARGIN, halo=self.spot_px // 2)
+            image = self._read(a, b, x, y)
             with autocast(self.dev, self.dtype):
-                maps[0][a - top:b - top, x:y] = self._level1(image)[:b - a, :y - x]
-                maps[1][a - top:b - top, x:y] = self._tiles(image, need)[:b - a, :y - x]
+                out[a - top:b - top, x:y] = self._tiles(image, self.needed[a:b, x:y])
 
-    def _read(self, r0: int, r1: int, c0: int, c1: int, halo: int) -> Tensor:
-        """Model-scale pixels of lattice rows/cols ``[r0, r1) × [c0, c1)`` plus ``halo`` px:
-        ``(3, H, W)`` float in [0, 1] on the device (white beyond the slide, as the exact path)."""
-        step = self.step
+    def _read(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+        """Model-scale pixels of lattice rows/cols ``[r0, r1) × [c0, c1)`` and their tiles'
+        z-score windows: ``(3, H, W)`` float in [0, 1] on the device (white beyond the slide,
+        as the exact path)."""
+        step, halo = self.step, self.halo
         x0 = (self.first[0] + c0) * step - halo
         y0 = (self.first[1] + r0) * step - halo
         h, w = (r1 - r0) * step + 2 * halo, (c1 - c0) * step + 2 * halo
@@ -186,47 +170,30 @@ class SharedMaps:
         image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         return as_unit_float(image.to(self.dev))
 
-    def _level1(self, image: Tensor) -> Tensor:
-        half, m = self.spot_px // 2, CHUNK_MARGIN
-        if self.normalize:
-            frame = pixel_zscore(image, self.spot_px, self.cell)
-        else:
-            frame = image[:, half:-half, half:-half]
-        encoder = self.model.spot_encoder
-        with use_level(encoder, self.levels[0]):
-            features = encoder(frame[None].contiguous(memory_format=torch.channels_last))[0]
-        return features[:, m:features.shape[1] - m, m:features.shape[2] - m].permute(1, 2, 0)
-
     def _tiles(self, image: Tensor, need: np.ndarray) -> Tensor:
-        margin = CHUNK_MARGIN * self.step + self.spot_px // 2 - (self.spot_px - self.step) // 2
-        inner = image[:, margin:image.shape[1] - margin, margin:image.shape[2] - margin]
+        """The features ``(rows, cols, C)`` of the ``need``-ed tiles of ``image`` (zero
+        elsewhere), in batches of :data:`TILE_BATCH`."""
         if self.normalize:
-            tiles = tile_zscore(inner, self.step, self.spot_px, self.cell)
+            tiles = tile_zscore(image, self.step, self.spot_px, self.cell)
         else:
-            halo = (self.spot_px - self.step) // 2
-            frame = inner[:, halo:inner.shape[1] - halo, halo:inner.shape[2] - halo]
-            rows, cols = need.shape
+            halo, (rows, cols) = self.halo, need.shape
+            frame = image[:, halo:image.shape[1] - halo, halo:image.shape[2] - halo]
             tiles = frame.reshape(3, rows, self.step, cols, self.step).permute(1, 3, 0, 2, 4)
-        picked = tiles[torch.as_tensor(need, device=self.dev)]
+        mask = torch.as_tensor(need, device=self.dev)
+        picked = tiles[mask]
         n = len(picked)
-        picked = F.pad(picked, (0, 0, 0, 0, 0, 0, 0, _rounded(n, TILE_ROUND) - n))
+        picked = F.pad(picked, (0, 0, 0, 0, 0, 0, 0, -(-n // TILE_ROUND) * TILE_ROUND - n))
         encoder = self.model.spot_encoder
-        out = torch.zeros(*need.shape, self.model.config.feature_dim, dtype=self.store,
-                          device=self.dev)
         features = []
-        with use_level(encoder, self.levels[1]):
+        with use_level(encoder, self.level):
             for start in range(0, len(picked), TILE_BATCH):
                 batch = picked[start:start + TILE_BATCH].contiguous(memory_format=torch.channels_last)
                 features.append(encoder(batch).to(self.store).flatten(1))
+        out = torch.zeros(*need.shape, self.model.config.feature_dim, dtype=self.store,
+                          device=self.dev)
         if features:
-            out[torch.as_tensor(need, device=self.dev)] = torch.cat(features)[:n]
+            out[mask] = torch.cat(features)[:n]
         return out
-
-
-def _rounded(n: int, multiple: int | None = None) -> int:
-    """``n`` rounded up to a multiple of ``multiple`` (default :data:`BOX_ROUND`)."""
-    multiple = multiple or BOX_ROUND
-    return -(-n // multiple) * multiple
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -251,19 +218,18 @@ def fuse_and_attend(model: HiFusion, features: list[Tensor], region_map: Tensor)
         return model.head((attended + query).squeeze(1))
 
 
-def predict_spots(model: HiFusion, shared: tuple[Tensor, Tensor], spot: Tensor,
-                  region: Tensor) -> Tensor:
-    """Predictions ``(n, G)`` from the shared level-1 / finest maps and the spots' own patches
-    (``[0, 1]`` float): the other levels and the region are encoded per spot, as exactly."""
+def predict_spots(model: HiFusion, finest: Tensor, spot: Tensor, region: Tensor) -> Tensor:
+    """Predictions ``(n, G)`` from the shared finest-level windows ``(n, C, 7, 7)`` and the
+    spots' own patches (``[0, 1]`` float): the other levels and the region are encoded per spot,
+    as exactly."""
     config = model.config
     if config.input_norm == "image":
         spot, region = zscore_per_channel(spot), zscore_per_channel(region)
-    size = tuple(shared[0].shape[-2:])
-    finest = max(config.levels)
+    size = tuple(finest.shape[-2:])
     features = []
     for i, k in enumerate(config.levels):
-        if k in (1, finest):
-            features.append(shared[0] if k == 1 else shared[1])
+        if k == max(config.levels):
+            features.append(finest)
             continue
         with use_level(model.spot_encoder, i):
             features.append(align_to(encode_level(model.spot_encoder, spot, k), size))
@@ -277,11 +243,11 @@ class _OwnLevels(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, level1: Tensor, finest: Tensor, spot: Tensor, region: Tensor) -> Tensor:
-        return predict_spots(self.model, (level1, finest), spot, region)
+    def forward(self, finest: Tensor, spot: Tensor, region: Tensor) -> Tensor:
+        return predict_spots(self.model, finest, spot, region)
 
 
-SpotRunner = Callable[[tuple[Tensor, Tensor], Tensor, Tensor], Tensor]
+SpotRunner = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def spot_runner(model: HiFusion, dev: torch.device, dtype: torch.dtype | None,
@@ -290,15 +256,15 @@ def spot_runner(model: HiFusion, dev: torch.device, dtype: torch.dtype | None,
     """:func:`predict_spots` for ``chunk``-spot calls, compiled where the exact path's network
     would be (:func:`~.fast_cpu.choose_path`: bf16 jobs of many spots on a CPU), else eager;
     ``announce(message)`` hears of a compilation before it starts."""
-    def eager(shared: tuple[Tensor, Tensor], spot: Tensor, region: Tensor) -> Tensor:
+    def eager(finest: Tensor, spot: Tensor, region: Tensor) -> Tensor:
         with autocast(dev, dtype):
-            return predict_spots(model, shared, spot, region)
+            return predict_spots(model, finest, spot, region)
 
     if choose_path(dev, dtype, n_spots) != "compile":
         return eager
     c, side = model.config, model.config.spot_px // dense_step(model.config)
-    shapes = [(c.feature_dim, side, side)] * 2 + [(3, c.spot_px, c.spot_px),
-                                                  (3, c.region_px, c.region_px)]
+    shapes = [(c.feature_dim, side, side), (3, c.spot_px, c.spot_px),
+              (3, c.region_px, c.region_px)]
 
     def build() -> CompiledChunks:
         if announce is not None:
@@ -308,7 +274,7 @@ def spot_runner(model: HiFusion, dev: torch.device, dtype: torch.dtype | None,
     compiled = held_runner(model, ("dense", chunk, dtype), build)
     if compiled is None:
         return eager
-    return lambda shared, spot, region: compiled(*shared, spot, region)
+    return compiled
 
 
 # -- when to use it -------------------------------------------------------------------------------
@@ -362,9 +328,9 @@ def choose_dense(dense: bool | None, section: ad.AnnData, model: nn.Module, conf
             raise ConfigError(f"the dense path cannot predict here: {reason}; "
                               "use the exact path (dense=False, --dense no)")
         return True
-    source = str(section.uns.get("hifusion", {}).get("source", ""))
+    source = section.uns.get("hifusion", {}).get("source", "")
     measured_faster = device is not None and device.type == "cpu" and dtype == torch.bfloat16
-    return (reason is None and measured_faster and source.startswith("grid:")
+    return (reason is None and measured_faster and is_grid_source(source)
             and section.n_obs > 0 and sharing(section, config, mpp) <= SHARED_ENOUGH)
 
 
@@ -398,7 +364,7 @@ def predict_dense(
     observe: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> np.ndarray:
     """Predicted normalised expression ``(n_spots, G)`` float32, in the section's spot order,
-    with the level-1 and finest-level encoders shared between overlapping spots.
+    with the finest level's tiles shared between overlapping spots.
 
     Arguments as :func:`~.predict.predict_section` (without test-time views; ``workers`` > 0
     reads the next block of slide in a thread, :mod:`.blocks`); ``progress`` counts spots as
@@ -424,7 +390,7 @@ def predict_dense(
     origins = lattice.positions(dataset.centers, config.spot_px)
     needed, first = needed_cells(origins, size)
     order, bands, blocks = band_order(origins, first)
-    maps = SharedMaps(model, slide, lattice, needed, first, dev, dtype, should_stop)
+    tiles = SharedTiles(model, slide, lattice, needed, first, dev, dtype, should_stop)
     out = np.empty((section.n_obs, config.n_genes), np.float32)
     name, n, done = section_name(section), section.n_obs, 0
     step = CPU_CHUNK if dev.type == "cpu" else batch_size
@@ -441,11 +407,11 @@ def predict_dense(
                 observe(done, batch)
             for part in _runs(bands[done:done + len(batch["index"])], step):
                 band = int(bands[done + part.start])
-                maps.hold(band * BAND_ROWS, (band + 1) * BAND_ROWS + size + 1)
+                tiles.hold(band * BAND_ROWS, (band + 1) * BAND_ROWS + size + 1)
                 index = batch["index"][part].numpy()
                 spot, region = (as_unit_float(batch[k][part].to(dev)).contiguous(
                     memory_format=torch.channels_last) for k in ("spot", "region"))
-                pred = own_levels(maps.windows(origins[index], size), spot, region)
+                pred = own_levels(tiles.windows(origins[index], size), spot, region)
                 out[index] = pred.float().cpu().numpy()
             done += len(batch["index"])
             if progress is not None:
@@ -468,7 +434,7 @@ def _runs(bands: np.ndarray, step: int) -> Iterator[slice]:
 
 __all__ = [
     "SHARED_ENOUGH",
-    "SharedMaps",
+    "SharedTiles",
     "choose_dense",
     "dense_unsupported",
     "fuse_and_attend",

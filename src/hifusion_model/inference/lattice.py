@@ -5,7 +5,7 @@ Model px are slide px times :attr:`Lattice.scale`; lattice cell ``(r, c)`` holds
 position of the level-1 map and one 32-px tile of the finest HISM level. A spot's position is
 the lattice coordinate of its patch's top-left corner: integer on the lattice, fractional
 between. The statistics sum pixels over cells of ``cell`` px (a divisor of the step and of the
-half-windows), so every window that :mod:`.dense` needs is a sum of whole cells.
+windows' reach beyond a tile), so every window that :mod:`.dense` needs is a sum of whole cells.
 """
 
 from __future__ import annotations
@@ -137,22 +137,6 @@ def window_statistics(image: Tensor, window: int, cell: int) -> tuple[Tensor, Te
     return mean.float(), var.clamp_min(0).sqrt().float()
 
 
-def pixel_zscore(image: Tensor, window: int, cell: int) -> Tensor:
-    """z-score each pixel by the ``window``-px square centred on it (bilinear between the
-    centres on the ``cell`` lattice): ``(3, H - window, W - window)``, the frame inside a halo
-    of ``window / 2`` px; ``image`` is ``(3, H, W)`` float, H and W multiples of ``cell``."""
-    mean, std = window_statistics(image, window, cell)
-    # window (j, i) is centred on (cell·j + window/2, ...): F.interpolate puts sample j at
-    # cell·j + cell/2, so the pixel of frame row r reads row r + cell/2 of its output
-    both = F.interpolate(torch.stack([mean, std]), scale_factor=cell, mode="bilinear",
-                         align_corners=False)
-    half = cell // 2
-    both = both[..., half:-half, half:-half]
-    h, w = window // 2, window // 2
-    frame = image[:, h:image.shape[1] - h, w:image.shape[2] - w]
-    return (frame - both[0]) / (both[1] + NORM_EPS)
-
-
 def tile_zscore(image: Tensor, tile: int, window: int, cell: int) -> Tensor:
     """Every ``tile``-px tile of the frame inside a ``(window - tile) / 2`` halo, z-scored by the
     ``window``-px square centred on it: ``(rows, cols, 3, tile, tile)``."""
@@ -174,7 +158,6 @@ __all__ = [
     "Lattice",
     "dense_step",
     "needed_cells",
-    "pixel_zscore",
     "tile_zscore",
     "window_statistics",
 ]

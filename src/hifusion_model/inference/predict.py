@@ -34,7 +34,7 @@ from torch.utils.data import Dataset, default_collate
 
 from ..data.dataset import SpotDataset, as_unit_float
 from ..data.expression import section_targets
-from ..data.grids import GRID_DEFAULTS, spot_grid, tissue_mask
+from ..data.grids import GRID_DEFAULTS, grid_source, spot_grid, tissue_mask
 from ..data.sections import UNS_KEY, new_section, section_name, section_slide_path
 from ..devices import autocast, autocast_dtype, resolve_device
 from ..errors import Cancelled, SectionError
@@ -236,7 +236,7 @@ def grid_section(
         mpp=mpp,
         spot_diameter_um=diameter,
         name=name or Path(slide.path).stem,
-        source=f"grid:{kind}",
+        source=grid_source(kind),
         array_row=row,
         array_col=col,
     )

@@ -179,7 +179,7 @@ class SpotsPanel(QWidget):
             return xy, rows, cols
 
         def done(result: Any) -> None:
-            from hifusion_model.data.grids import large_grid_warning
+            from hifusion_model.data.grids import grid_source, large_grid_warning
             from hifusion_model.data.sections import new_section
 
             xy, rows, cols = result
@@ -188,7 +188,7 @@ class SpotsPanel(QWidget):
                 show_info(f"no grid placed: {len(xy):,} spots declined")
                 return
             section = new_section(xy, slide=slide.path, mpp=mpp, spot_diameter_um=diameter,
-                                  name=Path(slide.path).stem, source=f"{kind} grid",
+                                  name=Path(slide.path).stem, source=grid_source(kind),
                                   array_row=rows, array_col=cols)
             self._add_spots(section, f"{image.name} spots")
 
