@@ -1,5 +1,6 @@
-"""The dense path (inference/dense.py) on synthetic data: its lattice in µm, its statistics, its
-shared tiles against direct computations, its predictions against the exact path, cancel and dispatch."""
+"""The dense path (inference/dense.py) on synthetic data: its lattice in µm, its statistics,
+its shared tiles against direct computations, its predictions against the exact path, cancel
+and dispatch."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from hifusion_model.data.sections import new_section
 from hifusion_model.data.slide import Slide
 from hifusion_model.devices import autocast
 from hifusion_model.errors import Cancelled, ConfigError
-from hifusion_model.inference import dense, lattice
+from hifusion_model.inference import dense, fast_cpu, lattice
 from hifusion_model.inference.blocks import read_model_px
 from hifusion_model.inference.predict import grid_section, predict_section
 from hifusion_model.models.backbones import use_level
@@ -211,6 +212,24 @@ def test_dense_predictions_are_the_exact_ones_where_sharing_is_exact(slide, monk
     assert float(exact.std(axis=0).mean()) > 1e-3  # the spots differ, so order matters
     np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-5)
     assert seen == [(3, 7), (6, 7), (7, 7)]
+
+
+@pytest.mark.skipif(not fast_cpu.onnx_available(), reason="needs onnxruntime, onnx, onnxscript")
+def test_the_per_spot_levels_through_onnx_runtime_predict_as_eager(slide, monkeypatch, tmp_path):
+    """In fp32 the per-spot part runs through ONNX Runtime (as the exact path's network does):
+    padded chunks and blended spots give eager's predictions, and that path did run."""
+    monkeypatch.setenv(fast_cpu.CACHE_ENV, str(tmp_path))
+    config = lattice_config()
+    model = network(config)
+    section = lattice_section(slide, [(4, 3), (5.5, 3), (9, 6.25), (6, 8), (12, 3)])
+    run = {"precision": "fp32", "workers": 0, "batch_size": 4}
+    monkeypatch.setenv(fast_cpu.PATH_ENV, "eager")
+    eager = dense.predict_dense(model, config, section, slide, **run)
+    monkeypatch.setenv(fast_cpu.PATH_ENV, "onnx")
+    fast = dense.predict_dense(model, config, section, slide, **run)
+    assert [key[:2] for key in fast_cpu._RUNNERS[model]] == [("dense", "onnx")]
+    assert float(eager.std(axis=0).mean()) > 1e-3
+    np.testing.assert_allclose(fast, eager, atol=1e-4, rtol=1e-4)
 
 
 def test_a_stop_request_ends_the_dense_path_with_cancelled(slide):

@@ -178,10 +178,10 @@ def predict(
     default: its path). A NaN or infinite prediction is an error, never a result.
 
     ``dense``: True predicts on the dense path, where overlapping spots share the spot encoder's
-    level-1 and 7×7-tile work (:mod:`~.inference.dense`: per-gene PCC 0.99 with the exact path
-    on HER2ST C4, 1.2–1.3× its spots/s in bf16 on a CPU, no faster in fp32); False on the exact
-    path, one model call per spot; None (default) takes the dense path for a grid on a CPU in
-    bf16, where it was measured faster, and the exact one otherwise
+    7×7-tile work (:mod:`~.inference.dense`: per-gene PCC ≥ 0.989 with the exact path on every
+    gene of HER2ST C4, 1.1–1.2× its spots/s in bf16 on a CPU, 1.05× in fp32); False on the
+    exact path, one model call per spot; None (default) takes the dense path for a grid on a
+    CPU in bf16, where it was measured faster, and the exact one otherwise
     (:func:`~.inference.dense.choose_dense`; ``uns['hifusion_model']['inference']`` says which
     ran).
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -72,16 +72,21 @@ class CompiledChunks:
         self(*zeros)
 
     def __call__(self, *inputs: Tensor) -> Tensor:
-        n, parts = len(inputs[0]), []
         with self._config.patch(freezing=True), torch.inference_mode():
-            for start in range(0, n, self.chunk):
-                part = [x[start:start + self.chunk] for x in inputs]
-                if len(part[0]) < self.chunk:
-                    part = [torch.cat([x, x.new_zeros((self.chunk - len(x), *x.shape[1:]))])
-                            for x in part]
-                out = self._fn(*[_channels_last(x.float()) for x in part])
-                parts.append(out[:min(self.chunk, n - start)].float())
-        return torch.cat(parts)
+            return in_chunks(lambda *part: self._fn(*[_channels_last(x.float()) for x in part]),
+                             inputs, self.chunk)
 
 
-__all__ = ["COMPILE_MIN_SPOTS", "CompiledChunks", "compiler_available"]
+def in_chunks(run: Callable[..., Tensor], inputs: Sequence[Tensor], chunk: int) -> Tensor:
+    """``run`` on exactly ``chunk`` items a call (the last call padded with zeros), its outputs
+    cut back to the items given and concatenated as float32: for runners built for one shape."""
+    n, parts = len(inputs[0]), []
+    for start in range(0, n, chunk):
+        part = [x[start:start + chunk] for x in inputs]
+        if len(part[0]) < chunk:
+            part = [torch.cat([x, x.new_zeros((chunk - len(x), *x.shape[1:]))]) for x in part]
+        parts.append(run(*part)[:min(chunk, n - start)].float())
+    return torch.cat(parts)
+
+
+__all__ = ["COMPILE_MIN_SPOTS", "CompiledChunks", "compiler_available", "in_chunks"]

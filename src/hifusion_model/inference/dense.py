@@ -55,7 +55,7 @@ from ..models.hifusion import (
 from ..progress import Progress, ShouldStop
 from .blocks import block_batches, read_model_px
 from .compiled_cpu import CompiledChunks
-from .fast_cpu import COMPILING, choose_path, held_runner
+from .fast_cpu import COMPILING, OnnxChunks, choose_path, export_path, held_runner
 from .heap import return_freed_memory, reused_heap
 from .lattice import Lattice, dense_step, needed_cells, tile_zscore
 
@@ -187,7 +187,8 @@ class SharedTiles:
         features = []
         with use_level(encoder, self.level):
             for start in range(0, len(picked), TILE_BATCH):
-                batch = picked[start:start + TILE_BATCH].contiguous(memory_format=torch.channels_last)
+                batch = picked[start:start + TILE_BATCH]
+                batch = batch.contiguous(memory_format=torch.channels_last)
                 features.append(encoder(batch).to(self.store).flatten(1))
         out = torch.zeros(*need.shape, self.model.config.feature_dim, dtype=self.store,
                           device=self.dev)
@@ -237,7 +238,8 @@ def predict_spots(model: HiFusion, finest: Tensor, spot: Tensor, region: Tensor)
 
 
 class _OwnLevels(nn.Module):
-    """:func:`predict_spots` as a module of four tensors, for :class:`CompiledChunks`."""
+    """:func:`predict_spots` as a module of three tensors, for :class:`CompiledChunks` and
+    :class:`OnnxChunks`."""
 
     def __init__(self, model: HiFusion) -> None:
         super().__init__()
@@ -253,35 +255,38 @@ SpotRunner = Callable[[Tensor, Tensor, Tensor], Tensor]
 def spot_runner(model: HiFusion, dev: torch.device, dtype: torch.dtype | None,
                 n_spots: int, chunk: int,
                 announce: Callable[[str], None] | None = None) -> SpotRunner:
-    """:func:`predict_spots` for ``chunk``-spot calls, compiled where the exact path's network
-    would be (:func:`~.fast_cpu.choose_path`: bf16 jobs of many spots on a CPU), else eager;
-    ``announce(message)`` hears of a compilation before it starts."""
+    """:func:`predict_spots` for ``chunk``-spot calls, on the CPU path the exact path's network
+    would take (:func:`~.fast_cpu.choose_path`: bf16 jobs of many spots compiled, fp32 jobs
+    through ONNX Runtime), else eager; ``announce(message)`` hears of a compilation before it
+    starts. A path that fails to set up warns and runs eager."""
     def eager(finest: Tensor, spot: Tensor, region: Tensor) -> Tensor:
         with autocast(dev, dtype):
             return predict_spots(model, finest, spot, region)
 
-    if choose_path(dev, dtype, n_spots) != "compile":
+    path = choose_path(dev, dtype, n_spots)
+    if path == "eager":
         return eager
     c, side = model.config, model.config.spot_px // dense_step(model.config)
     shapes = [(c.feature_dim, side, side), (3, c.spot_px, c.spot_px),
               (3, c.region_px, c.region_px)]
+    own_levels = _OwnLevels(model)
 
-    def build() -> CompiledChunks:
+    def build() -> CompiledChunks | OnnxChunks:
+        if path == "onnx":
+            return OnnxChunks(own_levels, chunk, shapes, export_path(own_levels, chunk))
         if announce is not None:
             announce(COMPILING)
-        return CompiledChunks(_OwnLevels(model), chunk, shapes, dtype)
+        return CompiledChunks(own_levels, chunk, shapes, dtype)
 
-    compiled = held_runner(model, ("dense", chunk, dtype), build)
-    if compiled is None:
-        return eager
-    return compiled
+    runner = held_runner(model, ("dense", path, chunk, dtype), build)
+    return eager if runner is None else runner
 
 
 # -- when to use it -------------------------------------------------------------------------------
 #: The dense path pays when the spots' windows cover at most this many lattice cells per tile of
 #: theirs (each cell is encoded once, each tile once per spot on the exact path). C4's hex:100
-#: grid covers 0.40 and ran 1.2-1.3× faster dense in bf16; its own 200 µm spots, which do not
-#: overlap, cover 1.28 and took 48 s dense against 36 s exact (fp32).
+#: grid covers 0.40 and ran 1.13–1.19× faster dense in bf16; its own 200 µm spots, which do not
+#: overlap, cover 1.28 and took 11.1 s dense against 9.3 s exact (fp32; benchmarks/dense.py).
 SHARED_ENOUGH = 0.5
 
 
@@ -315,10 +320,11 @@ def choose_dense(dense: bool | None, section: ad.AnnData, model: nn.Module, conf
     ConfigError says why it cannot), False the exact path; None (auto) takes it where it was
     measured faster: a grid (``source`` ``grid:…``) whose spots overlap enough to share
     (:data:`SHARED_ENOUGH`), on a CPU computing in bf16 (``device``, ``dtype``: the autocast
-    of the run). In fp32 the shared encoders' big frames cost per pixel what they save in
-    pixels (0.7–1.1× the exact path's spots/s on C4's hex:100 grid), so auto keeps the exact
-    path there, and on GPUs, where it was not measured. A section's own spots stay exact too:
-    their predictions are the ones compared with measurements.
+    of the run). In fp32, where both paths run through ONNX Runtime, it measured only 1.05×
+    the exact path's spots/s on C4's hex:100 grid, which does not pay for leaving the exact
+    predictions, so auto keeps the exact path there, and on GPUs, where it was not measured.
+    A section's own spots stay exact too: their predictions are the ones compared with
+    measurements.
     """
     if dense is False:
         return False

@@ -15,7 +15,9 @@ TorchInductor (:mod:`.compiled_cpu`, 1.67× eager bf16 there). Nothing here is r
 ``onnxruntime`` (and ``onnx`` and ``onnxscript`` for the export) or a C++ compiler prediction
 runs eager, and if a path fails to set up it warns once and runs eager, with the same numbers
 (bf16's own rounding aside). ``HIFUSION_CPU_PATH=eager``, ``onnx`` or ``compile`` forces a
-path (tests, comparisons).
+path (tests, comparisons). Both runners take any module of fixed-shape inputs
+(:class:`OnnxChunks`, :class:`~.compiled_cpu.CompiledChunks`): the exact path's network and the
+dense path's per-spot part (:mod:`.dense`) run on the same rule.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..io_utils import atomic_path
-from .compiled_cpu import COMPILE_MIN_SPOTS, CompiledChunks, compiler_available
+from .compiled_cpu import COMPILE_MIN_SPOTS, CompiledChunks, compiler_available, in_chunks
 
 #: Environment variable that forces a CPU path: ``auto`` (the default), ``eager``, ``onnx``
 #: (fp32 only) or ``compile``.
@@ -214,16 +216,18 @@ class CompiledModel:
         return Prediction(self._compiled(spot, region))
 
 
-class OnnxModel:
-    """``model``'s prediction as an ONNX Runtime CPU session with inputs of ``chunk`` spots.
+class OnnxChunks:
+    """``module(*inputs) -> Tensor`` as an ONNX Runtime CPU session for calls of ``chunk`` items.
 
-    Calls with fewer spots are padded with blank patches (one graph, nothing recompiled);
-    more spots are run ``chunk`` at a time. Threads: torch's intra-op count, idle when done.
-    With a ``cache`` path the graph is read from it, or exported and written there (a cache
-    that cannot be read or written is passed over).
+    ``examples`` give each input's shape past the first dimension. Calls with fewer items are
+    padded with zeros (one graph, nothing recompiled); more are run ``chunk`` at a time.
+    Threads: torch's intra-op count, idle when done. With a ``cache`` path the graph is read
+    from it, or exported and written there (a cache that cannot be read or written is passed
+    over).
     """
 
-    def __init__(self, model: nn.Module, chunk: int, cache: Path | None = None) -> None:
+    def __init__(self, module: nn.Module, chunk: int, examples: Sequence[Sequence[int]],
+                 cache: Path | None = None) -> None:
         import onnxruntime as ort
 
         self.chunk = chunk
@@ -239,24 +243,33 @@ class OnnxModel:
             with contextlib.suppress(Exception):  # unreadable or from elsewhere: export anew
                 self.session = session(cache.read_bytes())
                 return
-        graph = export_onnx(model, chunk)
+        graph = export_onnx(module, [torch.zeros(chunk, *shape) for shape in examples])
         self.session = session(graph)
         if cache is not None:
             with contextlib.suppress(OSError), atomic_path(cache) as tmp:
                 tmp.write_bytes(graph)
 
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        def run(*part: Tensor) -> Tensor:
+            feed = {f"input{i}": x.float().contiguous().numpy() for i, x in enumerate(part)}
+            return torch.from_numpy(self.session.run(None, feed)[0])
+
+        return in_chunks(run, inputs, self.chunk)
+
+
+class OnnxModel:
+    """``model``'s prediction through ONNX Runtime for ``chunk``-spot calls
+    (:class:`OnnxChunks`, read from or exported to ``cache``)."""
+
+    def __init__(self, model: nn.Module, chunk: int, cache: Path | None = None) -> None:
+        c = model.config
+        self.chunk = chunk
+        self._chunks = OnnxChunks(_PredictionOnly(model), chunk,
+                                  [(3, c.spot_px, c.spot_px), (3, c.region_px, c.region_px)],
+                                  cache)
+
     def __call__(self, spot: Tensor, region: Tensor) -> Prediction:
-        parts = []
-        for start in range(0, len(spot), self.chunk):
-            s, r = spot[start:start + self.chunk], region[start:start + self.chunk]
-            n = len(s)
-            if n < self.chunk:
-                s, r = (torch.cat([x, x.new_zeros((self.chunk - n, *x.shape[1:]))])
-                        for x in (s, r))
-            feed = {"spot": s.float().contiguous().numpy(),
-                    "region": r.float().contiguous().numpy()}
-            parts.append(torch.from_numpy(self.session.run(None, feed)[0][:n]))
-        return Prediction(torch.cat(parts))
+        return Prediction(self._chunks(spot, region))
 
 
 class _PredictionOnly(nn.Module):
@@ -271,25 +284,24 @@ class _PredictionOnly(nn.Module):
         return self.model(spot, region).prediction
 
 
-def export_onnx(model: nn.Module, chunk: int) -> bytes:
-    """``model``'s prediction as a serialised ONNX graph for ``chunk`` spots a call.
+def export_onnx(module: nn.Module, examples: Sequence[Tensor]) -> bytes:
+    """``module(*examples) -> Tensor`` as a serialised ONNX graph for inputs of the examples'
+    shapes (named ``input0``, ``input1``, …).
 
     ``adaptive_max_pool2d`` (level maps larger than level 1's) has no ONNX operator, so it is
     decomposed first into maxima over its windows, which ONNX has."""
     quiet = contextlib.redirect_stdout(io.StringIO())  # the exporter reports each step
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), quiet:
         warnings.simplefilter("ignore")  # and warns of what it decomposes
-        c = model.config
-        example = (torch.zeros(chunk, 3, c.spot_px, c.spot_px),
-                   torch.zeros(chunk, 3, c.region_px, c.region_px))
         # a copy: weights moved under inference mode (as predict_section moves them) are
         # inference tensors, which the exporter cannot trace
-        twin = copy.deepcopy(model).requires_grad_(False)
-        program = torch.export.export(_PredictionOnly(twin), example)
+        twin = copy.deepcopy(module).requires_grad_(False)
+        program = torch.export.export(twin, tuple(examples))
         program = program.run_decompositions(
             {torch.ops.aten.adaptive_max_pool2d.default: adaptive_max_pool2d_by_windows})
-        onnx_program = torch.onnx.export(program, input_names=["spot", "region"],
-                                         output_names=["prediction"], verbose=False)
+        onnx_program = torch.onnx.export(program, input_names=[f"input{i}" for i in
+                                                               range(len(examples))],
+                                         output_names=["output"], verbose=False)
     return onnx_program.model_proto.SerializeToString()
 
 
@@ -322,6 +334,7 @@ __all__ = [
     "MIN_SPOTS",
     "PATH_ENV",
     "CompiledModel",
+    "OnnxChunks",
     "OnnxModel",
     "Prediction",
     "adaptive_max_pool2d_by_windows",
