@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from synthetic import spot_array_section
-from test_dense import lattice_config, lattice_section, network
+from test_dense import eager_and_fast, lattice_config, network
 
 from hifusion_model.data.sections import read_section, section_slide
 from hifusion_model.data.slide import Slide
@@ -77,15 +77,7 @@ def test_compiled_predictions_are_eager_ones(monkeypatch: pytest.MonkeyPatch,
 @pytest.mark.usefixtures("inductor")
 def test_the_dense_path_compiles_its_own_levels_with_the_same_predictions(
         lattice_slide: Slide, monkeypatch: pytest.MonkeyPatch) -> None:
-    slide, config = lattice_slide, lattice_config()
-    model = network(config)
-    section = lattice_section(slide, [(4, 3), (8, 3), (12, 3), (4, 8), (9, 9)])
-    run = {"precision": "fp32", "workers": 0, "batch_size": 3}
-    monkeypatch.setenv(fast_cpu.PATH_ENV, "eager")
-    eager = dense.predict_dense(model, config, section, slide, **run)
-    monkeypatch.setenv(fast_cpu.PATH_ENV, "compile")
-    compiled = dense.predict_dense(model, config, section, slide, **run)
-    assert [key[0] for key in fast_cpu._RUNNERS[model]] == ["dense"]
+    eager, compiled = eager_and_fast(lattice_slide, monkeypatch, "compile")
     np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5)
 
 

@@ -214,21 +214,27 @@ def test_dense_predictions_are_the_exact_ones_where_sharing_is_exact(slide, monk
     assert seen == [(3, 7), (6, 7), (7, 7)]
 
 
-@pytest.mark.skipif(not fast_cpu.onnx_available(), reason="needs onnxruntime, onnx, onnxscript")
-def test_the_per_spot_levels_through_onnx_runtime_predict_as_eager(slide, monkeypatch, tmp_path):
-    """In fp32 the per-spot part runs through ONNX Runtime (as the exact path's network does):
-    padded chunks and blended spots give eager's predictions, and that path did run."""
-    monkeypatch.setenv(fast_cpu.CACHE_ENV, str(tmp_path))
+def eager_and_fast(slide: Slide, monkeypatch, cpu_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 dense predictions of a tiny lattice model on five spots (two between lattice
+    points; chunks padded), eager and on the CPU path ``cpu_path``, which is checked to have
+    run: the per-spot part goes where the exact path's network would."""
     config = lattice_config()
     model = network(config)
     section = lattice_section(slide, [(4, 3), (5.5, 3), (9, 6.25), (6, 8), (12, 3)])
-    run = {"precision": "fp32", "workers": 0, "batch_size": 4}
+    run = {"precision": "fp32", "workers": 0, "batch_size": 3}
     monkeypatch.setenv(fast_cpu.PATH_ENV, "eager")
     eager = dense.predict_dense(model, config, section, slide, **run)
-    monkeypatch.setenv(fast_cpu.PATH_ENV, "onnx")
+    monkeypatch.setenv(fast_cpu.PATH_ENV, cpu_path)
     fast = dense.predict_dense(model, config, section, slide, **run)
-    assert [key[:2] for key in fast_cpu._RUNNERS[model]] == [("dense", "onnx")]
+    assert [key[:2] for key in fast_cpu._RUNNERS[model]] == [("dense", cpu_path)]
     assert float(eager.std(axis=0).mean()) > 1e-3
+    return eager, fast
+
+
+@pytest.mark.skipif(not fast_cpu.onnx_available(), reason="needs onnxruntime, onnx, onnxscript")
+def test_the_per_spot_levels_through_onnx_runtime_predict_as_eager(slide, monkeypatch, tmp_path):
+    monkeypatch.setenv(fast_cpu.CACHE_ENV, str(tmp_path))
+    eager, fast = eager_and_fast(slide, monkeypatch, "onnx")
     np.testing.assert_allclose(fast, eager, atol=1e-4, rtol=1e-4)
 
 
