@@ -293,7 +293,7 @@ SHARED_ENOUGH = 0.5
 def dense_unsupported(model: nn.Module, config: ModelConfig, tta: int = 1) -> str | None:
     """Why the dense path cannot run this model (None when it can)."""
     if tta != 1:
-        return "test-time views flip and rotate each spot, and the shared maps hold one view"
+        return "test-time views flip and rotate each spot, and the shared tiles hold one view"
     if not isinstance(model, HiFusion):
         return f"{type(model).__name__} is not a HiFusion network"
     try:
