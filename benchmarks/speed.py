@@ -545,7 +545,8 @@ def bench_memory(setup: Setup) -> dict[str, Any]:
     base = [sys.executable, "-m", "hifusion_model", "predict", str(slide_path),
             "--model", str(ckpt),
             "--device", str(setup.device), "--batch-size", str(setup.batch_size),
-            "--workers", str(setup.workers), "--overwrite"]  # a kept --workdir reruns
+            "--workers", str(setup.workers), "--precision", a.precision,
+            "--overwrite"]  # a kept --workdir reruns
     spread = peak_rss([*base, "--spots", str(csv), "--out", str(folder / "spots.h5ad")], None,
                       folder / "spots.log")
     full_grid = peak_rss([*base, "--grid", "hex:100", "--out", str(folder / "grid.h5ad")],
@@ -761,6 +762,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slide-px", type=int, default=50_000, help="side of the section-4 slide")
     p.add_argument("--max-spots", type=int, help="section 4: grid spots spread over the slide "
                    "(default 2000; quick 96)")
+    p.add_argument("--precision", choices=["auto", "fp32"], default="auto",
+                   help="section 4: the CLI's --precision (fp32: the path a CPU without native "
+                   "bf16 takes)")
     p.add_argument("--grid-seconds", type=float, help="section 4: stop the full --grid run after "
                    "this long (default 300; 0 or quick: run to the end)")
     p.add_argument("--workdir", type=Path,
