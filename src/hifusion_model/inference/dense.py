@@ -154,9 +154,9 @@ class SharedTiles:
             if self.should_stop is not None and self.should_stop():
                 raise Cancelled("dense prediction stopped while encoding the slide")
             (a, b), (x, y) = (r0 + box[0], r0 + box[1]), (start + box[2], start + box[3])
-            image = self._read(a, b, x, y)
             with autocast(self.dev, self.dtype):
-                out[a - top:b - top, x:y] = self._tiles(image, self.needed[a:b, x:y])
+                self._encode(self._read(a, b, x, y), self.needed[a:b, x:y],
+                             out[a - top:b - top, x:y])
 
     def _read(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
         """Model-scale pixels of lattice rows/cols ``[r0, r1) × [c0, c1)`` and their tiles'
@@ -170,9 +170,9 @@ class SharedTiles:
         image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         return as_unit_float(image.to(self.dev))
 
-    def _tiles(self, image: Tensor, need: np.ndarray) -> Tensor:
-        """The features ``(rows, cols, C)`` of the ``need``-ed tiles of ``image`` (zero
-        elsewhere), in batches of :data:`TILE_BATCH`."""
+    def _encode(self, image: Tensor, need: np.ndarray, into: Tensor) -> None:
+        """Encode the ``need``-ed tiles of ``image`` into the cells of ``into`` (a view of the
+        map, ``(rows, cols, C)``), in batches of :data:`TILE_BATCH`."""
         if self.normalize:
             tiles = tile_zscore(image, self.step, self.spot_px, self.cell)
         else:
@@ -190,11 +190,8 @@ class SharedTiles:
                 batch = picked[start:start + TILE_BATCH]
                 batch = batch.contiguous(memory_format=torch.channels_last)
                 features.append(encoder(batch).to(self.store).flatten(1))
-        out = torch.zeros(*need.shape, self.model.config.feature_dim, dtype=self.store,
-                          device=self.dev)
         if features:
-            out[mask] = torch.cat(features)[:n]
-        return out
+            into[mask] = torch.cat(features)[:n]
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -320,9 +317,10 @@ def choose_dense(dense: bool | None, section: ad.AnnData, model: nn.Module, conf
     ConfigError says why it cannot), False the exact path; None (auto) takes it where it was
     measured faster: a grid (``source`` ``grid:…``) whose spots overlap enough to share
     (:data:`SHARED_ENOUGH`), on a CPU computing in bf16 (``device``, ``dtype``: the autocast
-    of the run). In fp32, where both paths run through ONNX Runtime, it measured only 1.05×
-    the exact path's spots/s on C4's hex:100 grid, which does not pay for leaving the exact
-    predictions, so auto keeps the exact path there, and on GPUs, where it was not measured.
+    of the run). In fp32 (the exact network and the dense per-spot part through ONNX
+    Runtime) it measured only 1.05× the exact path's spots/s on C4's hex:100 grid, which does
+    not pay for leaving the exact predictions, so auto keeps the exact path there, and on
+    GPUs, where it was not measured.
     A section's own spots stay exact too: their predictions are the ones compared with
     measurements.
     """
