@@ -85,18 +85,24 @@ def own_spots(model: Any, ckpt: Any, args: argparse.Namespace) -> dict[str, Any]
     with Slide.open(HER2ST / "images" / "C4.jpg", mpp=float(raw.uns["hifusion"]["mpp"])) as slide:
         runs = paths(model, ckpt, raw, slide, "fp32", args.workers)
         (exact, t_exact), (dense, t_dense) = timed(runs["exact"]), timed(runs["dense"])
+        int8 = {name: run() for name, run in
+                paths(model, ckpt, raw, slide, "int8", args.workers).items()}
         lattice = Lattice.of(ckpt.config, slide.mpp)
         moved = raw.copy()
         moved.obsm["spatial"] = moved.obsm["spatial"] + lattice.step / 2 / lattice.scale
         shifted = predict_section(model, ckpt, moved, slide, precision="fp32",
                                   workers=args.workers, device="cpu")
     a_exact, a_dense = accuracy(exact, raw, ckpt), accuracy(dense, raw, ckpt)
+    a_int8 = {f"{name}_int8": accuracy(pred, raw, ckpt) for name, pred in int8.items()}
     return {
         "n_spots": raw.n_obs, "sharing": sharing(raw, ckpt.config, slide.mpp),
         "dense_vs_exact": agreement(dense, exact),
+        "int8_vs_exact_fp32": {name: agreement(pred, exact) for name, pred in int8.items()},
         "shift_floor": {"shift_um": lattice.step_um / 2 * 2**0.5, **agreement(shifted, exact)},
-        "accuracy": {"exact": a_exact, "dense": a_dense,
-                     "dense_minus_exact": {k: a_dense[k] - a_exact[k] for k in a_exact}},
+        "accuracy": {"exact": a_exact, "dense": a_dense, **a_int8,
+                     "dense_minus_exact": {k: a_dense[k] - a_exact[k] for k in a_exact},
+                     "dense_int8_minus_exact": {k: a_int8["dense_int8"][k] - a_exact[k]
+                                                for k in a_exact}},
         "seconds": {"exact": t_exact, "dense": t_dense},
     }
 
@@ -129,7 +135,7 @@ def nearest_centre(section: Any, n: int) -> Any:
 
 def speed(model: Any, ckpt: Any, section: Any, slide: Slide,
           args: argparse.Namespace) -> dict[str, Any]:
-    precisions = ["fp32"] + (["bf16"] if cpu_has_native_bf16() else [])
+    precisions = [p for p in args.precisions.split(",") if p != "bf16" or cpu_has_native_bf16()]
     out: dict[str, Any] = {"n_spots": section.n_obs,
                            "sharing": sharing(section, ckpt.config, slide.mpp)}
     reference = None
@@ -137,14 +143,17 @@ def speed(model: Any, ckpt: Any, section: Any, slide: Slide,
         runs = paths(model, ckpt, section, slide, precision, args.workers)
         rates: dict[str, list[float]] = {k: [] for k in runs}
         last: dict[str, np.ndarray] = {}
+        os.environ.pop(PATH_ENV, None)
         if precision == "bf16" and args.cpu_path != "auto":
             os.environ[PATH_ENV] = args.cpu_path
-            out["bf16_setup_s"] = {name: timed(run)[1] for name, run in runs.items()}
+        if precision == "int8" or PATH_ENV in os.environ:  # quantise or compile, untimed
+            out[f"{precision}_setup_s"] = {name: timed(run)[1] for name, run in runs.items()}
         for _ in range(args.repeats):
             for name, run in runs.items():
                 last[name], seconds = timed(run)
                 rates[name].append(section.n_obs / seconds)
-        reference = last["exact"] if reference is None else reference  # fp32 exact
+        if reference is None:  # the first precision's exact path
+            reference = last["exact"]
         median = {k: statistics.median(v) for k, v in rates.items()}
         out[precision] = {"spots_per_s": median, "all_spots_per_s": rates,
                           "dense_over_exact": median["dense"] / median["exact"],
@@ -173,6 +182,9 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"C4 own spots ({own['n_spots']}, sharing {own['sharing']:.2f}):")
         d, f = own["dense_vs_exact"], own["shift_floor"]
         print(f"  dense vs exact gene PCC  mean {d['gene_pcc_mean']:.4f}  min {d['gene_pcc_min']:.4f}")
+        for name, d in own["int8_vs_exact_fp32"].items():
+            print(f"  {name} int8 vs exact fp32  mean {d['gene_pcc_mean']:.4f}  "
+                  f"min {d['gene_pcc_min']:.4f}")
         print(f"  exact moved {f['shift_um']:.1f} µm vs exact  mean {f['gene_pcc_mean']:.4f}  "
               f"min {f['gene_pcc_min']:.4f}")
         for name, a in own["accuracy"].items():
@@ -188,13 +200,15 @@ def print_table(r: dict[str, Any]) -> None:
                   f"min {d['gene_pcc_min']:.4f}  (fp32 spots/s exact {s['exact']:.2f}, "
                   f"dense {s['dense']:.2f})")
         sp = grid["speed"]
-        for precision in ("fp32", "bf16"):
+        for precision in ("fp32", "bf16", "int8"):
             if precision in sp:
                 p = sp[precision]
                 print(f"  {precision} on {sp['n_spots']} spots: exact "
                       f"{p['spots_per_s']['exact']:.2f}, dense {p['spots_per_s']['dense']:.2f} "
                       f"spots/s: {p['dense_over_exact']:.2f}×; dense vs exact PCC "
-                      f"{p['dense_vs_exact_same_precision']['gene_pcc_mean']:.4f}")
+                      f"{p['dense_vs_exact_same_precision']['gene_pcc_mean']:.4f}; dense vs "
+                      f"exact fp32 {p['dense_vs_exact_fp32']['gene_pcc_mean']:.4f} / "
+                      f"{p['dense_vs_exact_fp32']['gene_pcc_min']:.4f}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -209,6 +223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-grid-fidelity", action="store_true")
     p.add_argument("--cpu-path", choices=["auto", "eager", "compile"], default="auto",
                    help="HIFUSION_CPU_PATH for the bf16 runs (default auto)")
+    p.add_argument("--precisions", default="fp32,bf16,int8",
+                   help="precisions timed, the first the reference (default fp32,bf16,int8; "
+                   "bf16 only where the CPU has it natively)")
     p.add_argument("--json", type=Path, help="write the results here")
     return p.parse_args(argv)
 

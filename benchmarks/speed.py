@@ -762,9 +762,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slide-px", type=int, default=50_000, help="side of the section-4 slide")
     p.add_argument("--max-spots", type=int, help="section 4: grid spots spread over the slide "
                    "(default 2000; quick 96)")
-    p.add_argument("--precision", choices=["auto", "fp32"], default="auto",
-                   help="section 4: the CLI's --precision (fp32: the path a CPU without native "
-                   "bf16 takes)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                   help="section 4: the CLI's --precision (default auto: int8 on the CPU; bf16 "
+                   "or fp32 time the other CPU paths)")
     p.add_argument("--grid-seconds", type=float, help="section 4: stop the full --grid run after "
                    "this long (default 300; 0 or quick: run to the end)")
     p.add_argument("--workdir", type=Path,

@@ -16,6 +16,7 @@ from hifusion_model.data.sections import new_section
 from hifusion_model.data.slide import Slide
 from hifusion_model.devices import autocast
 from hifusion_model.errors import Cancelled, ConfigError
+from hifusion_model.evaluation.metrics import gene_pcc
 from hifusion_model.inference import dense, fast_cpu, lattice
 from hifusion_model.inference.blocks import read_model_px
 from hifusion_model.inference.predict import grid_section, predict_section
@@ -217,7 +218,8 @@ def test_dense_predictions_are_the_exact_ones_where_sharing_is_exact(slide, monk
 def eager_and_fast(slide: Slide, monkeypatch, cpu_path: str) -> tuple[np.ndarray, np.ndarray]:
     """fp32 dense predictions of a tiny lattice model on five spots (two between lattice
     points; chunks padded), eager and on the CPU path ``cpu_path``, which is checked to have
-    run: the per-spot part goes where the exact path's network would."""
+    run: the per-spot part goes where the exact path's network would, and in int8 the shared
+    tiles too."""
     config = lattice_config()
     model = network(config)
     section = lattice_section(slide, [(4, 3), (5.5, 3), (9, 6.25), (6, 8), (12, 3)])
@@ -226,7 +228,8 @@ def eager_and_fast(slide: Slide, monkeypatch, cpu_path: str) -> tuple[np.ndarray
     eager = dense.predict_dense(model, config, section, slide, **run)
     monkeypatch.setenv(fast_cpu.PATH_ENV, cpu_path)
     fast = dense.predict_dense(model, config, section, slide, **run)
-    assert [key[:2] for key in fast_cpu._RUNNERS[model]] == [("dense", cpu_path)]
+    tiles = [("tiles", "int8")] if cpu_path == "int8" else []  # int8 shares int8 tiles
+    assert [key[:2] for key in fast_cpu._RUNNERS[model]] == [("dense", cpu_path), *tiles]
     assert float(eager.std(axis=0).mean()) > 1e-3
     return eager, fast
 
@@ -236,6 +239,16 @@ def test_the_per_spot_levels_through_onnx_runtime_predict_as_eager(slide, monkey
     monkeypatch.setenv(fast_cpu.CACHE_ENV, str(tmp_path))
     eager, fast = eager_and_fast(slide, monkeypatch, "onnx")
     np.testing.assert_allclose(fast, eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not fast_cpu.onnx_available(), reason="needs onnxruntime, onnx, onnxscript")
+def test_the_per_spot_levels_in_int8_predict_close_to_eager(slide, monkeypatch, tmp_path):
+    """Calibrated on the packaged sample's patches, the int8 per-spot part and shared tiles
+    follow eager fp32 from spot to spot (a random tiny model: a loose bound)."""
+    monkeypatch.setenv(fast_cpu.CACHE_ENV, str(tmp_path))
+    eager, fast = eager_and_fast(slide, monkeypatch, "int8")
+    assert gene_pcc(fast, eager).min() > 0.95
+    assert [p.name.endswith(".int8.onnx") for p in (tmp_path / "onnx").iterdir()] == [True] * 2
 
 
 def test_a_stop_request_ends_the_dense_path_with_cancelled(slide):
@@ -254,16 +267,17 @@ def test_a_stop_request_ends_the_dense_path_with_cancelled(slide):
 
 
 # -- which path --------------------------------------------------------------------------------
-def test_auto_takes_the_dense_path_for_grids_on_a_cpu_in_bf16_only(slide):
+def test_auto_takes_the_dense_path_for_grids_on_a_cpu_in_int8_or_bf16_only(slide):
     config = lattice_config()
     model = network(config)
-    cpu = {"device": torch.device("cpu"), "dtype": torch.bfloat16}
+    cpu = {"device": torch.device("cpu"), "runs_in": "bfloat16"}
     grid = grid_section(slide, kind="hex", pitch_um=200)  # as hex:70 for 154 µm spots
     assert dense.sharing(grid, config, MPP) < dense.SHARED_ENOUGH
     assert dense.choose_dense(None, grid, model, config, MPP, **cpu)
-    assert not dense.choose_dense(None, grid, model, config, MPP, **(cpu | {"dtype": None}))
+    assert dense.choose_dense(None, grid, model, config, MPP, **(cpu | {"runs_in": "int8"}))
+    assert not dense.choose_dense(None, grid, model, config, MPP, **(cpu | {"runs_in": "fp32"}))
     assert not dense.choose_dense(None, grid, model, config, MPP, device=torch.device("cuda"),
-                                  dtype=torch.bfloat16)  # not measured there
+                                  runs_in="bfloat16")  # not measured there
     assert not dense.choose_dense(False, grid, model, config, MPP, **cpu)
     assert not dense.choose_dense(None, grid, model, config, MPP, tta=2, **cpu)
     assert dense.choose_dense(True, grid, model, config, MPP)  # forced: any precision

@@ -13,7 +13,9 @@ from synthetic import spot_array_section
 
 from hifusion_model.data.sections import read_section, section_slide
 from hifusion_model.errors import ConfigError
+from hifusion_model.evaluation.metrics import gene_pcc
 from hifusion_model.inference import fast_cpu
+from hifusion_model.inference.int8_cpu import sample_patches
 from hifusion_model.inference.predict import CPU_CHUNK, predict_section
 from hifusion_model.models.registry import create_model
 
@@ -67,6 +69,37 @@ def test_choose_path(monkeypatch: pytest.MonkeyPatch) -> None:
         fast_cpu.choose_path(CPU, None, big)
 
 
+def test_choose_path_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 where asked, or under auto for jobs of MIN_SPOTS spot views, whatever the dtype and
+    whatever the cache holds (a job's predictions never depend on the cache)."""
+    monkeypatch.delenv(fast_cpu.PATH_ENV, raising=False)
+    monkeypatch.setattr(fast_cpu, "onnx_available", lambda: True)
+    monkeypatch.setattr(fast_cpu, "compiler_available", lambda: True)
+    assert [fast_cpu.int8_asked(p) for p in ("int8", "auto", "fp32", "bf16")] == [
+        True, None, False, False]
+    big, small = fast_cpu.MIN_SPOTS, fast_cpu.MIN_SPOTS - 1
+    for dtype in (None, torch.bfloat16):
+        assert fast_cpu.choose_path(CPU, dtype, big, int8=None) == "int8"
+        assert fast_cpu.choose_path(CPU, dtype, fast_cpu.COMPILE_MIN_SPOTS, int8=None) == "int8"
+        assert fast_cpu.choose_path(CPU, dtype, 1, int8=True) == "int8"
+        assert fast_cpu.choose_path(CPU, dtype, big, int8=False) != "int8"
+    assert fast_cpu.choose_path(CPU, None, small, exported=True, int8=None) == "onnx"
+    assert fast_cpu.choose_path(CPU, torch.bfloat16, small, int8=None) == "eager"
+    assert fast_cpu.choose_path(torch.device("cuda"), None, big, int8=True) == "eager"
+    monkeypatch.setattr(fast_cpu, "onnx_available", lambda: False)
+    assert fast_cpu.choose_path(CPU, None, big, int8=None) == "eager"
+    monkeypatch.setenv(fast_cpu.PATH_ENV, "int8")
+    assert fast_cpu.choose_path(CPU, torch.bfloat16, 1) == "int8"  # forced
+    monkeypatch.setenv(fast_cpu.PATH_ENV, "onnx")
+    assert fast_cpu.choose_path(CPU, None, big, int8=None) == "onnx"
+    monkeypatch.delenv(fast_cpu.PATH_ENV)
+    monkeypatch.setattr(fast_cpu, "onnx_available", lambda: True)
+    assert fast_cpu.precision_run(CPU, "auto", big) == "int8"
+    assert fast_cpu.precision_run(CPU, "int8", 1) == "int8"
+    assert fast_cpu.precision_run(CPU, "fp32", big) == "fp32"
+    assert fast_cpu.precision_run(CPU, "bf16", big) == "bfloat16"
+
+
 @pytest.mark.parametrize(("size", "out"), [(8, 7), (14, 7), (10, 7), (7, 2), (7, 7), (5, 3)])
 def test_adaptive_max_pool_by_windows(size: int, out: int) -> None:
     x = torch.randn(2, 4, size, size + 1)
@@ -91,7 +124,8 @@ def test_runner_is_kept_while_the_weights_are(monkeypatch: pytest.MonkeyPatch,
     built = []
 
     class Recorder:
-        def __init__(self, model: torch.nn.Module, chunk: int, cache: Path) -> None:
+        def __init__(self, model: torch.nn.Module, chunk: int, cache: Path,
+                     int8: bool = False) -> None:
             self.chunk = chunk
             built.append(chunk)
 
@@ -119,6 +153,40 @@ def test_onnx_model_predicts_as_eager(tiny_model: torch.nn.Module) -> None:
             got = runner(spot.contiguous(memory_format=torch.channels_last), region).prediction
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_onnx
+def test_int8_model_quantises_the_convolutions_and_predicts_close_to_fp32(
+        own_cache: Path, tiny_model: torch.nn.Module) -> None:
+    """On real H&E patches (the packaged sample, which it is also calibrated on) the int8 graph
+    follows fp32 from spot to spot (per-gene PCC; a random tiny model, so a loose bound);
+    every convolution takes int8 weights, and attention's and the head's products do not."""
+    import onnx
+
+    cache = fast_cpu.export_path(tiny_model, 4, int8=True)
+    assert cache != fast_cpu.export_path(tiny_model, 4) and cache.name.endswith(".int8.onnx")
+    runner = fast_cpu.OnnxModel(tiny_model, chunk=4, cache=cache, int8=True)
+    graph = onnx.load(str(cache))
+    ops = [node.op_type for node in graph.graph.node]
+    weights = {i.name: i.data_type for i in graph.graph.initializer}
+    conv_weights = [weights.get(graph_input(graph, node.input[1])) for node in graph.graph.node
+                    if node.op_type == "Conv"]
+    assert conv_weights and set(conv_weights) == {onnx.TensorProto.INT8}
+    products = [n for n in graph.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert products and not any(graph_input(graph, i) != i for n in products for i in n.input)
+    spot, region = (torch.cat(x) for x in zip(*sample_patches(tiny_model.config, 4, n=16)))
+    with torch.inference_mode():
+        expected = tiny_model(spot, region).prediction.numpy()
+        got = runner(spot.contiguous(memory_format=torch.channels_last), region).prediction
+    assert gene_pcc(got.numpy(), expected).min() > 0.95
+
+
+def graph_input(graph, name: str) -> str:
+    """The initializer behind ``name``: a DequantizeLinear's input, or ``name`` itself."""
+    for node in graph.graph.node:
+        if name in node.output and node.op_type == "DequantizeLinear":
+            return node.input[0]
+    return name
 
 
 @needs_onnx

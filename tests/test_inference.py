@@ -114,6 +114,11 @@ def test_device_and_precision_rules() -> None:
     assert autocast_dtype(cpu, "auto") is (torch.bfloat16 if cpu_has_native_bf16() else None)
     with pytest.raises(ConfigError, match="fp16 autocast is for GPUs"):
         autocast_dtype(cpu, "fp16")
+    # int8 quantises the CPU's graph; whatever runs outside it runs as under auto
+    assert autocast_dtype(cpu, "int8") is autocast_dtype(cpu, "auto")
+    for device, training in ((torch.device("cuda"), False), (cpu, True)):
+        with pytest.raises(ConfigError, match="int8 is for predicting on the CPU"):
+            autocast_dtype(device, "int8", training=training)
     with pytest.raises(ConfigError, match="unknown device"):
         resolve_device("tpu:0")
     if not torch.cuda.is_available():

@@ -188,8 +188,9 @@ def predict(
     >>> pred = predict("C4.h5ad")                                  # doctest: +SKIP
     >>> pred[:, "ERBB2"].X.mean()                                  # doctest: +SKIP
     """
-    from .devices import autocast_dtype, resolve_device
+    from .devices import resolve_device
     from .inference.dense import choose_dense, predict_dense
+    from .inference.fast_cpu import precision_run
     from .inference.predict import check_section_genes, predict_section, predictions_to_anndata
 
     dev = resolve_device(device)
@@ -203,8 +204,9 @@ def predict(
 
     try:
         check_section_genes(section, ckpt.genes, None if isinstance(data, ad.AnnData) else data)
+        runs_in = precision_run(dev, precision, section.n_obs * tta)
         shared = choose_dense(dense, section, network, ckpt.config, slide.require_mpp(), tta,
-                              device=dev, dtype=autocast_dtype(dev, precision))
+                              device=dev, runs_in=runs_in)
         run = {"batch_size": batch_size, "device": dev, "precision": precision,
                "workers": workers, "progress": progress, "should_stop": should_stop,
                "observe": observe if noise else None}

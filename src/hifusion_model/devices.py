@@ -76,11 +76,16 @@ def autocast_dtype(
 
     ``auto`` means bf16/fp16 on CUDA, bf16 on CPUs with native support at inference (training on
     the CPU stays fp32 unless asked: bf16 gradients cost accuracy there for little speed), fp32
-    on MPS.
+    on MPS. ``int8`` (CPU inference only: the convolutions quantised, :mod:`.inference.int8_cpu`)
+    gives ``auto``'s dtype for whatever runs outside the quantised graph.
     """
-    if precision not in ("auto", *_DTYPES):
-        raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision == "auto":
+    if precision == "int8" and (training or device.type != "cpu"):
+        raise ConfigError("int8 is for predicting on the CPU; on a GPU, or to train, use auto, "
+                          "bf16 or fp32")
+    if precision not in ("auto", "int8", *_DTYPES):
+        raise ConfigError(
+            f"precision must be auto, fp32, bf16, fp16 or int8, got {precision!r}")
+    if precision in ("auto", "int8"):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "cpu" and not training and cpu_has_native_bf16():

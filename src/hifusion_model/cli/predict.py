@@ -21,8 +21,9 @@ from ..data.grids import large_grid_warning
 from ..data.importers import import_csv
 from ..data.sections import section_slide
 from ..data.slide import Slide
-from ..devices import autocast_dtype, resolve_device
+from ..devices import resolve_device
 from ..errors import ConfigError, SectionError
+from ..inference.fast_cpu import precision_run
 from ..inference.predict import grid_section, write_predictions
 from ..io_utils import anndata_nbytes, check_space
 from ..models.checkpoint import load_model
@@ -201,8 +202,7 @@ def write_prediction(args: argparse.Namespace, result: ad.AnnData, out: Path, de
         write_spatialdata(result, out, overwrite=args.overwrite)
     else:
         write_predictions(result, out)
-    dtype = autocast_dtype(device, args.precision)
-    precision = str(dtype).removeprefix("torch.") if dtype else "fp32"
+    precision = precision_run(device, args.precision, result.n_obs * args.tta)
     print(
         f"{out}: {result.n_obs} spots × {result.n_vars} genes predicted on {device} "
         f"({precision}){f' by {processes} processes' * (processes > 1)} in {seconds:.1f} s "

@@ -50,12 +50,22 @@ from ..models.hifusion import (
     align_to,
     encode_level,
     full_precision,
+    hism_tiles,
     zscore_per_channel,
 )
 from ..progress import Progress, ShouldStop
 from .blocks import block_batches, read_model_px
 from .compiled_cpu import CompiledChunks
-from .fast_cpu import COMPILING, OnnxChunks, choose_path, export_path, held_runner
+from .fast_cpu import (
+    COMPILING,
+    QUANTIZING,
+    OnnxChunks,
+    choose_path,
+    export_path,
+    held_runner,
+    int8_asked,
+)
+from .int8_cpu import sample_patches
 from .heap import return_freed_memory, reused_heap
 from .lattice import Lattice, dense_step, needed_cells, tile_zscore
 
@@ -85,10 +95,14 @@ class SharedTiles:
 
     def __init__(self, model: HiFusion, slide: Any, lattice: Lattice, needed: np.ndarray,
                  first: tuple[int, int], dev: torch.device, dtype: torch.dtype | None,
-                 should_stop: ShouldStop | None = None) -> None:
+                 should_stop: ShouldStop | None = None,
+                 runner: Callable[[Tensor], Tensor] | None = None) -> None:
         config = model.config
         self.model, self.slide, self.lattice, self.needed = model, slide, lattice, needed
         self.first, self.dev, self.dtype, self.should_stop = first, dev, dtype, should_stop
+        #: z-scored tiles ``(n, 3, step, step)`` → features ``(n, C)`` (:func:`tile_runner`),
+        #: else the eager encoder under ``dtype`` autocast
+        self.runner = runner
         self.level = config.levels.index(max(config.levels))
         self.normalize = config.input_norm == "image"
         self.spot_px, self.step = config.spot_px, lattice.step
@@ -96,7 +110,7 @@ class SharedTiles:
         self.halo = (self.spot_px - self.step) // 2
         self.cell = math.gcd(self.step, self.halo)
         #: the encoder's own output dtype (bf16 under bf16 autocast), so holding it loses nothing
-        self.store = dtype or torch.float32
+        self.store = (runner is None and dtype) or torch.float32
         self.top = 0
         self.map = self._blank(0)  #: rows [top, top + held)
 
@@ -182,6 +196,9 @@ class SharedTiles:
         mask = torch.as_tensor(need, device=self.dev)
         picked = tiles[mask]
         n = len(picked)
+        if self.runner is not None:
+            into[mask] = self.runner(picked).to(self.store)
+            return
         picked = F.pad(picked, (0, 0, 0, 0, 0, 0, 0, -(-n // TILE_ROUND) * TILE_ROUND - n))
         encoder = self.model.spot_encoder
         features = []
@@ -250,17 +267,18 @@ SpotRunner = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def spot_runner(model: HiFusion, dev: torch.device, dtype: torch.dtype | None,
-                n_spots: int, chunk: int,
-                announce: Callable[[str], None] | None = None) -> SpotRunner:
+                n_spots: int, chunk: int, announce: Callable[[str], None] | None = None,
+                int8: bool | None = False) -> SpotRunner:
     """:func:`predict_spots` for ``chunk``-spot calls, on the CPU path the exact path's network
-    would take (:func:`~.fast_cpu.choose_path`: bf16 jobs of many spots compiled, fp32 jobs
-    through ONNX Runtime), else eager; ``announce(message)`` hears of a compilation before it
-    starts. A path that fails to set up warns and runs eager."""
+    would take (:func:`~.fast_cpu.choose_path`, which ``int8`` is passed to: large CPU jobs
+    with int8 convolutions, or fp32 through ONNX Runtime, or bf16 compiled), else eager;
+    ``announce(message)`` hears of a compilation or quantisation before it starts. A path that
+    fails to set up warns and runs eager."""
     def eager(finest: Tensor, spot: Tensor, region: Tensor) -> Tensor:
         with autocast(dev, dtype):
             return predict_spots(model, finest, spot, region)
 
-    path = choose_path(dev, dtype, n_spots)
+    path = choose_path(dev, dtype, n_spots, int8=int8)
     if path == "eager":
         return eager
     c, side = model.config, model.config.spot_px // dense_step(model.config)
@@ -269,14 +287,71 @@ def spot_runner(model: HiFusion, dev: torch.device, dtype: torch.dtype | None,
     own_levels = _OwnLevels(model)
 
     def build() -> CompiledChunks | OnnxChunks:
+        if path == "compile":
+            if announce is not None:
+                announce(COMPILING)
+            return CompiledChunks(own_levels, chunk, shapes, dtype)
+        cache = export_path(own_levels, chunk, int8=path == "int8")
         if path == "onnx":
-            return OnnxChunks(own_levels, chunk, shapes, export_path(own_levels, chunk))
-        if announce is not None:
-            announce(COMPILING)
-        return CompiledChunks(own_levels, chunk, shapes, dtype)
+            return OnnxChunks(own_levels, chunk, shapes, cache)
+        if announce is not None and not cache.is_file():
+            announce(QUANTIZING)
+        return OnnxChunks(own_levels, chunk, shapes, cache,
+                          lambda: calibration_inputs(model, chunk))
 
     runner = held_runner(model, ("dense", path, chunk, dtype), build)
     return eager if runner is None else runner
+
+
+def calibration_inputs(model: HiFusion, chunk: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`predict_spots`'s inputs for the packaged sample's calibration spots
+    (:func:`~.int8_cpu.sample_patches`), each spot's finest level encoded from its own patch
+    as the exact path encodes it."""
+    config, k = model.config, max(model.config.levels)
+    side = config.spot_px // dense_step(config)
+    out = []
+    with torch.no_grad(), use_level(model.spot_encoder, config.levels.index(k)):
+        for spot, region in sample_patches(config, chunk):
+            z = zscore_per_channel(spot) if config.input_norm == "image" else spot
+            finest = align_to(encode_level(model.spot_encoder, z, k), (side, side))
+            out.append((finest, spot, region))
+    return out
+
+
+class _FinestTiles(nn.Module):
+    """The spot encoder on z-scored finest-level tiles, ``(n, 3, step, step)`` → ``(n, C)``,
+    for :class:`OnnxChunks`."""
+
+    def __init__(self, model: HiFusion) -> None:
+        super().__init__()
+        self.model = model
+        self.level = model.config.levels.index(max(model.config.levels))
+
+    def forward(self, tiles: Tensor) -> Tensor:
+        with use_level(self.model.spot_encoder, self.level):
+            return self.model.spot_encoder(tiles).flatten(1)
+
+
+def tile_runner(model: HiFusion, dev: torch.device, dtype: torch.dtype | None, n_spots: int,
+                int8: bool | None = False) -> Callable[[Tensor], Tensor] | None:
+    """The shared tiles' encoder in int8 (batches of :data:`TILE_ROUND` tiles) where the
+    per-spot part runs in int8 (:func:`~.fast_cpu.choose_path`), else None: the eager encoder.
+    In bf16 eager it took 2.8 ms of a spot's 23 on C4's hex:100 grid."""
+    if choose_path(dev, dtype, n_spots, int8=int8) != "int8":
+        return None
+    module, step = _FinestTiles(model), dense_step(model.config)
+
+    def calibration() -> list[tuple[Tensor]]:
+        k = max(model.config.levels)
+        spots = torch.cat([spot for spot, _ in sample_patches(model.config, TILE_ROUND)])
+        if model.config.input_norm == "image":
+            spots = zscore_per_channel(spots)
+        tiles = hism_tiles(spots, k).contiguous()
+        return [(tiles[i:i + TILE_ROUND],) for i in range(0, len(tiles), TILE_ROUND)]
+
+    return held_runner(model, ("tiles", "int8"), lambda: OnnxChunks(
+        module, TILE_ROUND, [(3, step, step)], export_path(module, TILE_ROUND, int8=True),
+        calibration))
 
 
 # -- when to use it -------------------------------------------------------------------------------
@@ -312,15 +387,14 @@ def sharing(section: ad.AnnData, config: ModelConfig, mpp: float) -> float:
 
 def choose_dense(dense: bool | None, section: ad.AnnData, model: nn.Module, config: ModelConfig,
                  mpp: float, tta: int = 1, *, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> bool:
+                 runs_in: str = "fp32") -> bool:
     """Whether to predict ``section`` on the dense path. ``dense``: True forces it (a
     ConfigError says why it cannot), False the exact path; None (auto) takes it where it was
     measured faster: a grid (``source`` ``grid:…``) whose spots overlap enough to share
-    (:data:`SHARED_ENOUGH`), on a CPU computing in bf16 (``device``, ``dtype``: the autocast
-    of the run). In fp32 (the exact network and the dense per-spot part through ONNX
-    Runtime) it measured only 1.05× the exact path's spots/s on C4's hex:100 grid, which does
-    not pay for leaving the exact predictions, so auto keeps the exact path there, and on
-    GPUs, where it was not measured.
+    (:data:`SHARED_ENOUGH`), on a CPU whose network ``runs_in`` int8 or bf16
+    (:func:`~.fast_cpu.precision_run`): 1.13× and 1.12× the exact path's spots/s on C4's
+    hex:100 grid. In fp32 it measured 1.05–1.09×, which does not pay for leaving the exact
+    predictions, so auto keeps the exact path there, and on GPUs, where it was not measured.
     A section's own spots stay exact too: their predictions are the ones compared with
     measurements.
     """
@@ -333,7 +407,8 @@ def choose_dense(dense: bool | None, section: ad.AnnData, model: nn.Module, conf
                               "use the exact path (dense=False, --dense no)")
         return True
     source = section.uns.get("hifusion", {}).get("source", "")
-    measured_faster = device is not None and device.type == "cpu" and dtype == torch.bfloat16
+    measured_faster = (device is not None and device.type == "cpu"
+                       and runs_in in ("int8", "bfloat16"))
     return (reason is None and measured_faster and is_grid_source(source)
             and section.n_obs > 0 and sharing(section, config, mpp) <= SHARED_ENOUGH)
 
@@ -394,12 +469,14 @@ def predict_dense(
     origins = lattice.positions(dataset.centers, config.spot_px)
     needed, first = needed_cells(origins, size)
     order, bands, blocks = band_order(origins, first)
-    tiles = SharedTiles(model, slide, lattice, needed, first, dev, dtype, should_stop)
     out = np.empty((section.n_obs, config.n_genes), np.float32)
     name, n, done = section_name(section), section.n_obs, 0
-    step = CPU_CHUNK if dev.type == "cpu" else batch_size
+    step, int8 = CPU_CHUNK if dev.type == "cpu" else batch_size, int8_asked(precision)
     own_levels = spot_runner(model, dev, dtype, n, step, announce=None
-                             if progress is None else lambda m: progress(0, n, f"{name}: {m}"))
+                             if progress is None else lambda m: progress(0, n, f"{name}: {m}"),
+                             int8=int8)
+    tiles = SharedTiles(model, slide, lattice, needed, first, dev, dtype, should_stop,
+                        tile_runner(model, dev, dtype, n, int8))
     sizes = ((dataset.spot_size_px, config.spot_px), (dataset.region_size_px, config.region_px))
     batches = block_batches(slide, dataset.centers, order, blocks, sizes,
                             batch_size, prefetch=workers > 0)

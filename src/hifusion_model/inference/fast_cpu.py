@@ -39,14 +39,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..devices import autocast_dtype
 from ..errors import ConfigError
 from ..io_utils import atomic_path
 from .compiled_cpu import COMPILE_MIN_SPOTS, CompiledChunks, compiler_available, in_chunks
+from .int8_cpu import quantize, sample_patches
 
 #: Environment variable that forces a CPU path: ``auto`` (the default), ``eager``, ``onnx``
-#: (fp32 only) or ``compile``.
+#: (fp32 only), ``int8`` or ``compile``.
 PATH_ENV = "HIFUSION_CPU_PATH"
-CPU_PATHS = ("auto", "eager", "onnx", "compile")
+CPU_PATHS = ("auto", "eager", "onnx", "int8", "compile")
 #: Spot views (spots × test-time views) from which ``auto`` exports weights not yet exported:
 #: the export takes ~10 s and then saves 0.035 s a spot view against oneDNN on AVX-512, 0.065 s
 #: against oneDNN capped at AVX2 (docs/experiments.md, 2026-12-03), so it is repaid from ~270
@@ -54,6 +56,8 @@ CPU_PATHS = ("auto", "eager", "onnx", "compile")
 MIN_SPOTS = 200
 #: What a job says while the network is compiled.
 COMPILING = "compiling the network for this CPU (about a minute, once per process)"
+#: What a job says while the network is exported and quantised to int8.
+QUANTIZING = "quantising the network to int8 (about a minute, once per set of weights)"
 #: Environment variable naming the folder of exported models (default ~/.cache/hifusion).
 CACHE_ENV = "HIFUSION_CACHE_DIR"
 
@@ -86,15 +90,39 @@ def onnx_available() -> bool:
                                                                   "onnxscript"))
 
 
+def precision_run(device: torch.device, precision: str, spot_views: int) -> str:
+    """What a job of ``spot_views`` spot views under ``precision`` runs its network in:
+    ``int8`` (:func:`choose_path`), else its autocast dtype's name (``fp32`` without one).
+
+    >>> import torch
+    >>> precision_run(torch.device("cpu"), "fp32", 10_000)
+    'fp32'
+    """
+    dtype = autocast_dtype(device, precision)
+    if choose_path(device, dtype, spot_views, int8=int8_asked(precision)) == "int8":
+        return "int8"
+    return str(dtype).removeprefix("torch.") if dtype else "fp32"
+
+
+def int8_asked(precision: str) -> bool | None:
+    """What ``precision`` says of int8: ``True`` asked (``int8``), ``None`` where it pays
+    (``auto``), ``False`` never (``fp32``, ``bf16``, ``fp16``)."""
+    return True if precision == "int8" else None if precision == "auto" else False
+
+
 def choose_path(device: torch.device, dtype: torch.dtype | None, spot_views: int,
-                exported: bool = False) -> str:
+                exported: bool = False, int8: bool | None = False) -> str:
     """The way to run a job of ``spot_views`` spot views on ``device`` under ``dtype``.
 
-    fp32 on the CPU: ``onnx`` where ONNX Runtime is installed and the weights are ``exported``
-    already or the job has at least :data:`MIN_SPOTS` spot views. bf16 on the CPU: ``compile``
-    for jobs of :data:`COMPILE_MIN_SPOTS` spot views where a C++ compiler exists. Otherwise, and
-    on other devices, ``eager``. ``HIFUSION_CPU_PATH`` forces ``eager``, ``compile``, or ``onnx``
-    for fp32 (bf16 has no ONNX Runtime path: it runs eager).
+    On the CPU: ``int8`` (the convolutions quantised, through ONNX Runtime: :mod:`.int8_cpu`)
+    when asked (``int8=True``), or when allowed (``int8=None``, what ``precision="auto"`` gives)
+    and the job has at least :data:`MIN_SPOTS` spot views (by size alone, so that a job's
+    predictions never depend on what the cache holds). Otherwise fp32 takes ``onnx`` when the
+    weights are ``exported`` already or the job has :data:`MIN_SPOTS` spot views (the same
+    numbers as eager, to 1e-5), and bf16 ``compile`` for jobs of :data:`COMPILE_MIN_SPOTS` spot
+    views where a C++ compiler exists; the rest, and other devices, run ``eager``.
+    ``HIFUSION_CPU_PATH`` forces ``eager``, ``compile``, ``int8``, or ``onnx`` for fp32 (bf16
+    has no ONNX Runtime path: it runs eager).
 
     >>> import torch
     >>> choose_path(torch.device("cuda"), None, 10_000)
@@ -103,8 +131,10 @@ def choose_path(device: torch.device, dtype: torch.dtype | None, spot_views: int
     path = requested_path()
     if device.type != "cpu" or path == "eager":
         return "eager"
-    if path == "compile":
-        return "compile"
+    if path in ("compile", "int8"):
+        return path
+    if path == "auto" and (int8 or (int8 is None and spot_views >= MIN_SPOTS)):
+        return "int8" if onnx_available() else "eager"
     if dtype is not None:
         worth_it = path == "auto" and spot_views >= COMPILE_MIN_SPOTS
         return "compile" if worth_it and compiler_available() else "eager"
@@ -122,7 +152,7 @@ def cache_dir() -> Path:
     return Path(root) / "onnx"
 
 
-def export_path(model: nn.Module, chunk: int) -> Path:
+def export_path(model: nn.Module, chunk: int, int8: bool = False) -> Path:
     """The cache file of ``model``'s export for ``chunk`` spots: named by a hash of everything
     the graph depends on (architecture, every weight and statistic, chunk, torch version, and
     the code that builds and exports the graph: :func:`graph_code`).
@@ -132,12 +162,12 @@ def export_path(model: nn.Module, chunk: int) -> Path:
     instead of the current one (per-gene PCC 0.974 against eager on C4, where a fresh export
     gives 0.999995)."""
     h = hashlib.sha256(repr((type(model).__qualname__, getattr(model, "config", None), chunk,
-                             torch.__version__)).encode())
+                             torch.__version__, int8)).encode())
     h.update(graph_code(model))
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return cache_dir() / f"{h.hexdigest()[:32]}.onnx"
+    return cache_dir() / f"{h.hexdigest()[:32]}{'.int8' * int8}.onnx"
 
 
 def graph_code(model: nn.Module) -> bytes:
@@ -152,16 +182,16 @@ def graph_code(model: nn.Module) -> bytes:
 
 
 def cpu_runner(model: nn.Module, device: torch.device, dtype: torch.dtype | None,
-               spot_views: int, chunk: int,
-               announce: Callable[[str], None] | None = None) -> Callable[[Tensor, Tensor], Any]:
-    """``model`` itself, or its ONNX Runtime or compiled twin for ``chunk``-spot calls where
-    that is faster (:func:`choose_path`).
+               spot_views: int, chunk: int, announce: Callable[[str], None] | None = None,
+               int8: bool | None = False) -> Callable[[Tensor, Tensor], Any]:
+    """``model`` itself, or its ONNX Runtime (fp32 or int8) or compiled twin for
+    ``chunk``-spot calls where that is faster (:func:`choose_path`, which ``int8`` is passed to).
 
     Either returns an object whose ``.prediction`` is ``(n, G)``; ``model`` must be in eval mode.
     A path that fails to set up warns once per reason and falls back to ``model``.
-    ``announce(message)`` hears of a compilation before it starts (it takes a minute).
+    ``announce(message)`` hears of a compilation or quantisation before it starts.
     """
-    path = choose_path(device, dtype, spot_views, exported=True)
+    path = choose_path(device, dtype, spot_views, exported=True, int8=int8)
     if path == "eager":
         return model  # decided without hashing the weights
 
@@ -170,10 +200,12 @@ def cpu_runner(model: nn.Module, device: torch.device, dtype: torch.dtype | None
             if announce is not None:
                 announce(COMPILING)
             return CompiledModel(model, chunk, dtype)
-        cache = export_path(model, chunk)
-        if choose_path(device, dtype, spot_views, exported=cache.is_file()) == "eager":
+        cache = export_path(model, chunk, int8=path == "int8")
+        if choose_path(device, dtype, spot_views, cache.is_file(), int8) == "eager":
             return None
-        return OnnxModel(model, chunk, cache)
+        if announce is not None and path == "int8" and not cache.is_file():
+            announce(QUANTIZING)
+        return OnnxModel(model, chunk, cache, int8=path == "int8")
 
     runner = held_runner(model, (path, chunk, dtype), build)
     return model if runner is None else runner
@@ -221,13 +253,15 @@ class OnnxChunks:
 
     ``examples`` give each input's shape past the first dimension. Calls with fewer items are
     padded with zeros (one graph, nothing recompiled); more are run ``chunk`` at a time.
-    Threads: torch's intra-op count, idle when done. With a ``cache`` path the graph is read
-    from it, or exported and written there (a cache that cannot be read or written is passed
-    over).
+    Threads: torch's intra-op count, idle when done. With ``calibration`` (tuples of
+    ``chunk``-item inputs) the graph's convolutions are quantised to int8
+    (:func:`~.int8_cpu.quantize`). With a ``cache`` path the graph is read from it, or exported
+    (and quantised) and written there (a cache that cannot be read or written is passed over).
     """
 
     def __init__(self, module: nn.Module, chunk: int, examples: Sequence[Sequence[int]],
-                 cache: Path | None = None) -> None:
+                 cache: Path | None = None,
+                 calibration: Callable[[], Sequence[Sequence[Tensor]]] | None = None) -> None:
         import onnxruntime as ort
 
         self.chunk = chunk
@@ -244,6 +278,8 @@ class OnnxChunks:
                 self.session = session(cache.read_bytes())
                 return
         graph = export_onnx(module, [torch.zeros(chunk, *shape) for shape in examples])
+        if calibration is not None:
+            graph = quantize(graph, calibration())
         self.session = session(graph)
         if cache is not None:
             with contextlib.suppress(OSError), atomic_path(cache) as tmp:
@@ -259,14 +295,16 @@ class OnnxChunks:
 
 class OnnxModel:
     """``model``'s prediction through ONNX Runtime for ``chunk``-spot calls
-    (:class:`OnnxChunks`, read from or exported to ``cache``)."""
+    (:class:`OnnxChunks`, read from or exported to ``cache``), its convolutions in int8 when
+    ``int8`` (calibrated on the packaged sample: :func:`~.int8_cpu.sample_patches`)."""
 
-    def __init__(self, model: nn.Module, chunk: int, cache: Path | None = None) -> None:
+    def __init__(self, model: nn.Module, chunk: int, cache: Path | None = None,
+                 int8: bool = False) -> None:
         c = model.config
         self.chunk = chunk
         self._chunks = OnnxChunks(_PredictionOnly(model), chunk,
                                   [(3, c.spot_px, c.spot_px), (3, c.region_px, c.region_px)],
-                                  cache)
+                                  cache, (lambda: sample_patches(c, chunk)) if int8 else None)
 
     def __call__(self, spot: Tensor, region: Tensor) -> Prediction:
         return Prediction(self._chunks(spot, region))
@@ -333,6 +371,7 @@ __all__ = [
     "COMPILING",
     "MIN_SPOTS",
     "PATH_ENV",
+    "QUANTIZING",
     "CompiledModel",
     "OnnxChunks",
     "OnnxModel",
@@ -344,5 +383,7 @@ __all__ = [
     "export_onnx",
     "export_path",
     "held_runner",
+    "int8_asked",
     "onnx_available",
+    "precision_run",
 ]

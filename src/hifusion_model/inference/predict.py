@@ -42,7 +42,7 @@ from ..io_utils import atomic_path
 from ..models.checkpoint import Checkpoint
 from ..models.config import ModelConfig
 from ..progress import Progress, ShouldStop
-from .fast_cpu import cpu_runner
+from .fast_cpu import cpu_runner, int8_asked
 from .heap import reused_heap
 from .views import check_tta, dihedral
 
@@ -129,8 +129,9 @@ def predict_section(
     dtype = autocast_dtype(dev, precision)
     model = model.to(dev, memory_format=torch.channels_last).eval()
     name = section_name(section)
-    runner = cpu_runner(model, dev, dtype, section.n_obs * tta, CPU_CHUNK, announce=None
-                        if progress is None else lambda m: progress(0, section.n_obs, f"{name}: {m}"))
+    announce = None if progress is None else lambda m: progress(0, section.n_obs, f"{name}: {m}")
+    runner = cpu_runner(model, dev, dtype, section.n_obs * tta, CPU_CHUNK, announce,
+                        int8=int8_asked(precision))
     dataset = SpotDataset(section, slide, config, raw=True)  # uint8 while queued
     out = np.empty((section.n_obs, config.n_genes), np.float32)
     done = 0
