@@ -213,7 +213,8 @@ def test_export_is_kept_on_disk(monkeypatch: pytest.MonkeyPatch, own_cache: Path
     session in memory) read it instead of exporting again."""
     exports = []
     real_export = fast_cpu.export_onnx
-    monkeypatch.setattr(fast_cpu, "export_onnx", lambda *a: exports.append(a) or real_export(*a))
+    monkeypatch.setattr(fast_cpu, "export_onnx",
+                        lambda *a, **kw: exports.append(a) or real_export(*a, **kw))
     monkeypatch.delenv(fast_cpu.PATH_ENV, raising=False)
     assert fast_cpu.cpu_runner(tiny_model, CPU, None, 1, 4) is tiny_model  # small, new: eager
     first = fast_cpu.cpu_runner(tiny_model, CPU, None, fast_cpu.MIN_SPOTS, 4)

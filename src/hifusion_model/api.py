@@ -170,7 +170,11 @@ def predict(
     ``data``: a section (``.h5ad`` path or AnnData; its counts become ``layers['truth']``), or a
     slide with ``grid="hex:100"`` or ``spots="centres.csv"``. ``model``: ``"bundled"``, a
     checkpoint path, or a ``(network, checkpoint)`` pair from :func:`load_model`. ``tta``
-    averages up to 8 flipped/rotated views. ``X`` holds the predictions (normalised as the
+    averages up to 8 flipped/rotated views. ``precision``: ``auto`` runs GPUs in bf16 (fp16
+    without it) and, on the CPU, jobs of 200 spots or more with int8 convolutions
+    (:mod:`~.inference.int8_cpu`: per-gene PCC ≥ 0.998 with fp32 on HER2ST C4, about twice
+    as fast), smaller ones in bf16 where the CPU has it natively, else fp32; ``fp32``,
+    ``bf16``, ``fp16`` (GPUs) and ``int8`` (the CPU, any size) force one. ``X`` holds the predictions (normalised as the
     model's targets), ``layers['uncertainty']`` how much to trust each value (the counting
     noise expected at that spot, :mod:`~.uncertainty`; absent for models trained before it
     existed), ``obsm['spatial']`` the spot centres in full-resolution pixels and
@@ -179,9 +183,9 @@ def predict(
 
     ``dense``: True predicts on the dense path, where overlapping spots share the spot encoder's
     7×7-tile work (:mod:`~.inference.dense`: per-gene PCC ≥ 0.989 with the exact path on every
-    gene of HER2ST C4, 1.1–1.2× its spots/s in bf16 on a CPU, 1.05× in fp32); False on the
+    gene of HER2ST C4, 1.1× its spots/s on a CPU in int8 or bf16, 1.05× in fp32); False on the
     exact path, one model call per spot; None (default) takes the dense path for a grid on a
-    CPU in bf16, where it was measured faster, and the exact one otherwise
+    CPU in int8 or bf16, where it was measured faster, and the exact one otherwise
     (:func:`~.inference.dense.choose_dense`; ``uns['hifusion_model']['inference']`` says which
     ran).
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from pathlib import Path
+
 import torch
 
 from .errors import ConfigError
@@ -69,6 +71,18 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
+def cpu_has_vnni() -> bool:
+    """True when the CPU has VNNI (AVX-512 VNNI, or AVX-VNNI as Intel's Alder Lake and later
+    have), the int8 dot products that accumulate in int32 without saturating."""
+    if bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)()):  # AVX-512 VNNI
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux
+        return False
+    return "avx_vnni" in flags
+
+
 def autocast_dtype(
     device: torch.device, precision: str = "auto", *, training: bool = False
 ) -> torch.dtype | None:
@@ -107,4 +121,5 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
         yield
 
 
-__all__ = ["resolve_device", "autocast_dtype", "autocast", "cpu_has_native_bf16"]
+__all__ = ["resolve_device", "autocast_dtype", "autocast", "cpu_has_native_bf16",
+           "cpu_has_vnni"]

@@ -89,7 +89,7 @@ def add_parser(subparsers: Any, name: str) -> argparse.ArgumentParser:
         help="share the spot encoder's work between overlapping spots (the 7×7 tiles encoded "
         "once per piece of tissue; the whole spot, the 2×2 tiles and the region stay per spot). "
         "auto (default): dense for a --grid whose spots overlap (e.g. hex:100, the whole-slide "
-        "case) on a CPU in bf16, where it measured faster; otherwise, and always for a "
+        "case) on a CPU in int8 or bf16, where it measured faster; otherwise, and always for a "
         "section's own spots or --spots, the exact path, one model call per spot. yes or no "
         "force one. On HER2ST C4 dense predictions correlate ≥ 0.989 per gene with the exact ones",
     )

@@ -22,8 +22,10 @@ of lattice rows, top to bottom; the shared tiles of a band are kept only until i
 predicted (the last rows carry over to the next band), so memory stays bounded by the slide's
 width, not its area. The tiles are held in the encoder's own output dtype (bf16 under bf16
 autocast, so nothing is rounded), the encoder sees a few batch shapes only (:data:`TILE_ROUND`),
-and freed heap memory is handed back after every band. The per-spot part runs compiled where
-the exact path's network would (:mod:`.compiled_cpu`: bf16 on a CPU, large jobs).
+and freed heap memory is handed back after every band. The per-spot part runs where the exact
+path's network would (:func:`~.fast_cpu.choose_path`: large CPU jobs with int8 convolutions,
+whose tiles are then encoded in int8 too; bf16 compiled or fp32 through ONNX Runtime when
+asked).
 """
 
 from __future__ import annotations
@@ -296,22 +298,21 @@ def spot_runner(model: HiFusion, dev: torch.device, dtype: torch.dtype | None,
             return OnnxChunks(own_levels, chunk, shapes, cache)
         if announce is not None and not cache.is_file():
             announce(QUANTIZING)
-        return OnnxChunks(own_levels, chunk, shapes, cache,
-                          lambda: calibration_inputs(model, chunk))
+        return OnnxChunks(own_levels, chunk, shapes, cache, lambda: calibration_inputs(model))
 
     runner = held_runner(model, ("dense", path, chunk, dtype), build)
     return eager if runner is None else runner
 
 
-def calibration_inputs(model: HiFusion, chunk: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+def calibration_inputs(model: HiFusion) -> list[tuple[Tensor, Tensor, Tensor]]:
     """:func:`predict_spots`'s inputs for the packaged sample's calibration spots
-    (:func:`~.int8_cpu.sample_patches`), each spot's finest level encoded from its own patch
-    as the exact path encodes it."""
+    (:func:`~.int8_cpu.sample_patches`, one a call), each spot's finest level encoded from its
+    own patch as the exact path encodes it."""
     config, k = model.config, max(model.config.levels)
     side = config.spot_px // dense_step(config)
     out = []
     with torch.no_grad(), use_level(model.spot_encoder, config.levels.index(k)):
-        for spot, region in sample_patches(config, chunk):
+        for spot, region in sample_patches(config, 1):
             z = zscore_per_channel(spot) if config.input_norm == "image" else spot
             finest = align_to(encode_level(model.spot_encoder, z, k), (side, side))
             out.append((finest, spot, region))
@@ -341,13 +342,12 @@ def tile_runner(model: HiFusion, dev: torch.device, dtype: torch.dtype | None, n
         return None
     module, step = _FinestTiles(model), dense_step(model.config)
 
-    def calibration() -> list[tuple[Tensor]]:
+    def calibration() -> list[tuple[Tensor]]:  # a spot's tiles a call
         k = max(model.config.levels)
-        spots = torch.cat([spot for spot, _ in sample_patches(model.config, TILE_ROUND)])
+        spots = [spot for spot, _ in sample_patches(model.config, 1)]
         if model.config.input_norm == "image":
-            spots = zscore_per_channel(spots)
-        tiles = hism_tiles(spots, k).contiguous()
-        return [(tiles[i:i + TILE_ROUND],) for i in range(0, len(tiles), TILE_ROUND)]
+            spots = [zscore_per_channel(spot) for spot in spots]
+        return [(hism_tiles(spot, k).contiguous(),) for spot in spots]
 
     return held_runner(model, ("tiles", "int8"), lambda: OnnxChunks(
         module, TILE_ROUND, [(3, step, step)], export_path(module, TILE_ROUND, int8=True),

@@ -1,23 +1,29 @@
-"""The fast CPU paths: fp32 through ONNX Runtime, bf16 through TorchInductor for large jobs.
+"""The fast CPU paths: int8 and fp32 through ONNX Runtime, bf16 through TorchInductor.
 
-A CPU without native bf16 (an AVX2 laptop or VM) runs the model in fp32. Of the fp32 ways of
-running it that were measured (``benchmarks/cpu_paths.py``; docs/experiments.md, 2026-12-03),
-ONNX Runtime's CPU provider was the fastest, with the same predictions as eager fp32 (per-gene
-PCC ≥ 0.99999 on HER2ST C4), and it takes seconds to set up where ``torch.compile`` took
-45–90 s for less speed. The export (~10 s) is done once per set of weights and kept on disk
-(:func:`cache_dir`, ~70 MB for the bundled model), so that only a first job on new weights
-pays for it, and that job only when it is large enough to repay it (:data:`MIN_SPOTS` spot
-views); within a process the session is kept with the network too, while its weights last.
+Large CPU jobs (:data:`MIN_SPOTS` spot views or more) run by default with the encoders'
+convolutions in int8 (:mod:`.int8_cpu`), on any CPU: on C4's hex:100 grid (400 spots, 2-core
+AMD EPYC with AVX-512 BF16) the exact path ran 50.4 spots/s in int8 against 35.9 compiled
+bf16 and 21.8 fp32 through ONNX Runtime, with per-gene PCC ≥ 0.998 against fp32
+(docs/experiments.md, 2026-12-04). Smaller jobs, and ``precision="fp32"`` or ``"bf16"``, keep
+the other paths:
 
-Where native bf16 exists, bf16 autocast is faster still, and for jobs of
-:data:`~.compiled_cpu.COMPILE_MIN_SPOTS` spot views or more the network is compiled by
-TorchInductor (:mod:`.compiled_cpu`, 1.67× eager bf16 there). Nothing here is required: without
+* fp32 (a CPU without native bf16, or asked): of the fp32 ways of running the model that were
+  measured (``benchmarks/cpu_paths.py``; docs/experiments.md, 2026-12-03), ONNX Runtime's CPU
+  provider was the fastest, with the same predictions as eager fp32 (per-gene PCC ≥ 0.99999 on
+  HER2ST C4), and it takes seconds to set up where ``torch.compile`` took 45–90 s for less
+  speed;
+* bf16 where native: autocast, and for jobs of :data:`~.compiled_cpu.COMPILE_MIN_SPOTS` spot
+  views or more the network compiled by TorchInductor (:mod:`.compiled_cpu`, 1.67× eager bf16).
+
+An export (~10 s; with the int8 calibration ~25 s) is made once per set of weights and kept on
+disk (:func:`cache_dir`, 30–70 MB a graph for the bundled model); within a process the session
+is kept with the network too, while its weights last. Nothing here is required: without
 ``onnxruntime`` (and ``onnx`` and ``onnxscript`` for the export) or a C++ compiler prediction
-runs eager, and if a path fails to set up it warns once and runs eager, with the same numbers
-(bf16's own rounding aside). ``HIFUSION_CPU_PATH=eager``, ``onnx`` or ``compile`` forces a
-path (tests, comparisons). Both runners take any module of fixed-shape inputs
-(:class:`OnnxChunks`, :class:`~.compiled_cpu.CompiledChunks`): the exact path's network and the
-dense path's per-spot part (:mod:`.dense`) run on the same rule.
+runs eager, and if a path fails to set up it warns once and runs eager (int8's and bf16's own
+rounding aside, the same numbers). ``HIFUSION_CPU_PATH=eager``, ``onnx``, ``int8`` or
+``compile`` forces a path (tests, comparisons). The runners take any module of fixed-shape
+inputs (:class:`OnnxChunks`, :class:`~.compiled_cpu.CompiledChunks`): the exact path's network
+and the dense path's per-spot part and shared tiles (:mod:`.dense`) run on the same rule.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ import copy
 import hashlib
 import importlib.util
 import io
+import logging
 import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +50,7 @@ from ..devices import autocast_dtype
 from ..errors import ConfigError
 from ..io_utils import atomic_path
 from .compiled_cpu import COMPILE_MIN_SPOTS, CompiledChunks, compiler_available, in_chunks
-from .int8_cpu import quantize, sample_patches
+from .int8_cpu import quantize, sample_patches, weight_bits
 
 #: Environment variable that forces a CPU path: ``auto`` (the default), ``eager``, ``onnx``
 #: (fp32 only), ``int8`` or ``compile``.
@@ -56,6 +63,9 @@ CPU_PATHS = ("auto", "eager", "onnx", "int8", "compile")
 MIN_SPOTS = 200
 #: What a job says while the network is compiled.
 COMPILING = "compiling the network for this CPU (about a minute, once per process)"
+#: The first dimension of a graph exported for any batch size (int8 graphs: calibrated one
+#: spot at a time, which halved the quantisation's peak memory, then run in fixed chunks).
+BATCH_DIM = "batch"
 #: What a job says while the network is exported and quantised to int8.
 QUANTIZING = "quantising the network to int8 (about a minute, once per set of weights)"
 #: Environment variable naming the folder of exported models (default ~/.cache/hifusion).
@@ -155,14 +165,15 @@ def cache_dir() -> Path:
 def export_path(model: nn.Module, chunk: int, int8: bool = False) -> Path:
     """The cache file of ``model``'s export for ``chunk`` spots: named by a hash of everything
     the graph depends on (architecture, every weight and statistic, chunk, torch version, and
-    the code that builds and exports the graph: :func:`graph_code`).
+    the code that builds and exports the graph: :func:`graph_code`; for ``int8``, the
+    weights' bits on this CPU: :func:`~.int8_cpu.weight_bits`).
 
     The code is part of the name because the cache outlives any one version of it: an export
     from an experimental variant of the exporter, under the same weights, once ran here
     instead of the current one (per-gene PCC 0.974 against eager on C4, where a fresh export
     gives 0.999995)."""
     h = hashlib.sha256(repr((type(model).__qualname__, getattr(model, "config", None), chunk,
-                             torch.__version__, int8)).encode())
+                             torch.__version__, int8 and weight_bits())).encode())
     h.update(graph_code(model))
     for name, t in model.state_dict().items():
         h.update(name.encode())
@@ -253,10 +264,11 @@ class OnnxChunks:
 
     ``examples`` give each input's shape past the first dimension. Calls with fewer items are
     padded with zeros (one graph, nothing recompiled); more are run ``chunk`` at a time.
-    Threads: torch's intra-op count, idle when done. With ``calibration`` (tuples of
-    ``chunk``-item inputs) the graph's convolutions are quantised to int8
-    (:func:`~.int8_cpu.quantize`). With a ``cache`` path the graph is read from it, or exported
-    (and quantised) and written there (a cache that cannot be read or written is passed over).
+    Threads: torch's intra-op count, idle when done. With ``calibration`` (a callable giving
+    tuples of inputs, each call's of any size) the graph is exported for any batch size and its
+    convolutions quantised to int8 (:func:`~.int8_cpu.quantize`). With a ``cache`` path the
+    graph is read from it, or exported (and quantised) and written there (a cache that cannot
+    be read or written is passed over).
     """
 
     def __init__(self, module: nn.Module, chunk: int, examples: Sequence[Sequence[int]],
@@ -270,6 +282,9 @@ class OnnxChunks:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
+        # a graph of any batch size runs as one of ``chunk``: as fast as an exported fixed one
+        options.add_free_dimension_override_by_name(BATCH_DIM, chunk)
+
         def session(graph: bytes) -> Any:
             return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
@@ -277,7 +292,8 @@ class OnnxChunks:
             with contextlib.suppress(Exception):  # unreadable or from elsewhere: export anew
                 self.session = session(cache.read_bytes())
                 return
-        graph = export_onnx(module, [torch.zeros(chunk, *shape) for shape in examples])
+        graph = export_onnx(module, [torch.zeros(chunk, *shape) for shape in examples],
+                            dynamic_batch=calibration is not None)
         if calibration is not None:
             graph = quantize(graph, calibration())
         self.session = session(graph)
@@ -304,7 +320,7 @@ class OnnxModel:
         self.chunk = chunk
         self._chunks = OnnxChunks(_PredictionOnly(model), chunk,
                                   [(3, c.spot_px, c.spot_px), (3, c.region_px, c.region_px)],
-                                  cache, (lambda: sample_patches(c, chunk)) if int8 else None)
+                                  cache, (lambda: sample_patches(c, 1)) if int8 else None)
 
     def __call__(self, spot: Tensor, region: Tensor) -> Prediction:
         return Prediction(self._chunks(spot, region))
@@ -322,25 +338,51 @@ class _PredictionOnly(nn.Module):
         return self.model(spot, region).prediction
 
 
-def export_onnx(module: nn.Module, examples: Sequence[Tensor]) -> bytes:
+def export_onnx(module: nn.Module, examples: Sequence[Tensor],
+                dynamic_batch: bool = False) -> bytes:
     """``module(*examples) -> Tensor`` as a serialised ONNX graph for inputs of the examples'
-    shapes (named ``input0``, ``input1``, …).
+    shapes (named ``input0``, ``input1``, …), or, with ``dynamic_batch``, of any first
+    dimension (named :data:`BATCH_DIM`; a session fixes it again: :class:`OnnxChunks`).
 
     ``adaptive_max_pool2d`` (level maps larger than level 1's) has no ONNX operator, so it is
     decomposed first into maxima over its windows, which ONNX has."""
     quiet = contextlib.redirect_stdout(io.StringIO())  # the exporter reports each step
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), quiet:
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), quiet, \
+            _errors_only("torch.onnx", "onnxscript"):  # and logs what it skips
         warnings.simplefilter("ignore")  # and warns of what it decomposes
         # a copy: weights moved under inference mode (as predict_section moves them) are
         # inference tensors, which the exporter cannot trace
         twin = copy.deepcopy(module).requires_grad_(False)
-        program = torch.export.export(twin, tuple(examples))
+        batch = torch.export.Dim(BATCH_DIM, min=1)
+        dynamic = [{0: batch}] * len(examples) if dynamic_batch else None
+        program = torch.export.export(twin, tuple(examples), dynamic_shapes=dynamic)
         program = program.run_decompositions(
             {torch.ops.aten.adaptive_max_pool2d.default: adaptive_max_pool2d_by_windows})
         onnx_program = torch.onnx.export(program, input_names=[f"input{i}" for i in
                                                                range(len(examples))],
                                          output_names=["output"], verbose=False)
-    return onnx_program.model_proto.SerializeToString()
+    graph = onnx_program.model_proto
+    if dynamic_batch:  # the exporter names the dimension by its own count
+        name = graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+        for value in (*graph.graph.input, *graph.graph.output, *graph.graph.value_info):
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param == name:
+                    dim.dim_param = BATCH_DIM
+    return graph.SerializeToString()
+
+
+@contextlib.contextmanager
+def _errors_only(*loggers: str) -> Iterator[None]:
+    """Only errors from ``loggers`` (and the loggers below them) while inside."""
+    handles = [logging.getLogger(name) for name in loggers]
+    levels = [h.level for h in handles]
+    for h in handles:
+        h.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for h, level in zip(handles, levels):
+            h.setLevel(level)
 
 
 def adaptive_max_pool2d_by_windows(x: Tensor, size: list[int]) -> tuple[Tensor, Tensor]:
@@ -367,6 +409,7 @@ def _fingerprint(model: nn.Module) -> tuple[tuple[int, int], ...]:
 
 
 __all__ = [
+    "BATCH_DIM",
     "CACHE_ENV",
     "COMPILING",
     "MIN_SPOTS",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import platform
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..devices import cpu_has_vnni
 from ..models.config import ModelConfig
 
 #: Spots of the packaged sample the activation ranges are calibrated on.
@@ -42,10 +44,18 @@ ENCODER_OPS = ["Conv", "Relu", "MaxPool"]
 PERCENTILE = 99.999
 
 
+def weight_bits() -> int:
+    """8, or 7 on an x86 CPU without VNNI: there ONNX Runtime's uint8 × int8 kernels add pairs
+    of products in int16, which 8-bit weights can overflow (255 · 127 · 2 > 32,767) and 7-bit
+    weights cannot (its ``reduce_range``)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return 7 if x86 and not cpu_has_vnni() else 8
+
+
 def quantize(graph: bytes, calibration: Sequence[Sequence[Tensor]]) -> bytes:
     """``graph`` (fp32 ONNX, inputs ``input0``, ``input1``, …) with its convolutions in int8,
     activation ranges calibrated on ``calibration`` (one tuple of inputs per call, each of the
-    graph's fixed shapes)."""
+    graph's fixed shapes), weights of :func:`weight_bits` bits."""
     import onnxruntime as ort
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -58,8 +68,9 @@ def quantize(graph: bytes, calibration: Sequence[Sequence[Tensor]]) -> bytes:
 
     class Reader(CalibrationDataReader):
         """One call's inputs at a time (``set_range``): the calibrator keeps every activation
-        of what it is given, so given all calls at once it held 10 GB for the bundled model's
-        per-spot part; call by call it merges each into its histograms and lets it go."""
+        of what it is given, so given all calls at once (8 spots each) it held 10 GB for the
+        bundled model's per-spot part; call by call it merges each into its histograms and
+        lets it go (2.6 GB; with one spot a call, 1.4 GB)."""
 
         def __init__(self) -> None:
             self._feeds: Iterator[dict[str, np.ndarray]] = iter(())
@@ -83,7 +94,8 @@ def quantize(graph: bytes, calibration: Sequence[Sequence[Tensor]]) -> bytes:
         # BatchNorm folded into the convolutions first, so that the folded weights are quantised
         quant_pre_process(str(fp32), str(folded), skip_symbolic_shape=True)
         quantize_static(str(folded), str(int8), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8,
+                        per_channel=True, reduce_range=weight_bits() == 7,
+                        activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, op_types_to_quantize=ENCODER_OPS,
                         calibrate_method=CalibrationMethod.Percentile,
                         extra_options={"CalibPercentile": PERCENTILE,
@@ -94,8 +106,8 @@ def quantize(graph: bytes, calibration: Sequence[Sequence[Tensor]]) -> bytes:
 def sample_patches(config: ModelConfig, chunk: int,
                    n: int = CALIBRATION_SPOTS) -> list[tuple[Tensor, Tensor]]:
     """``n`` spots spread over the packaged sample, as ``chunk``-spot ``(spot, region)`` pairs of
-    ``[0, 1]`` float patches at ``config``'s sizes (the last chunk is filled from the first
-    spots, so every call has the graph's shape)."""
+    ``[0, 1]`` float patches at ``config``'s sizes (the last chunk filled from the first spots,
+    so that every call has the same size)."""
     from ..data.dataset import SpotDataset
     from ..data.sections import section_slide
     from ..samples import load_sample_section
@@ -110,4 +122,5 @@ def sample_patches(config: ModelConfig, chunk: int,
     return [(spot[i:i + chunk], region[i:i + chunk]) for i in range(0, len(spot), chunk)]
 
 
-__all__ = ["CALIBRATION_SPOTS", "ENCODER_OPS", "PERCENTILE", "quantize", "sample_patches"]
+__all__ = ["CALIBRATION_SPOTS", "ENCODER_OPS", "PERCENTILE", "quantize", "sample_patches",
+           "weight_bits"]

@@ -4,7 +4,8 @@ Patches are read by a small thread pool a few batches ahead of the model (tifffi
 and scikit-image release the GIL while decoding and resizing), through a bounded queue, so reading
 overlaps compute without ever holding more than ``prefetch`` batches. The model runs under
 ``torch.inference_mode`` in channels-last layout, with bf16 autocast where the hardware computes
-it natively (``precision="fp32"`` turns that off).
+it natively (``precision="fp32"`` turns that off); on the CPU, jobs of 200 spots or more run
+its convolutions in int8 through ONNX Runtime (:mod:`.int8_cpu`, :mod:`.fast_cpu`).
 
 When the slide's µm/px differs from the model's, :class:`~hifusion_model.data.dataset.SpotDataset`
 reads ``spot_um`` / ``region_um`` of tissue and resamples it to ``spot_px`` / ``region_px``, so
@@ -112,9 +113,11 @@ def predict_section(
     """Predicted normalised expression ``(n_spots, G)`` float32 for every spot of ``section``.
 
     ``model`` is moved to ``device`` (``auto``: CUDA, MPS, then CPU) and put in eval mode.
-    ``precision``: ``auto`` (bf16 where native), ``fp32``, ``bf16`` or ``fp16`` (GPU).
-    ``batch_size`` spots are read together; the CPU runs them :data:`CPU_CHUNK` at a time (in
-    fp32 through ONNX Runtime where that is faster: :mod:`.fast_cpu`).
+    ``precision``: ``auto`` (on the CPU int8 convolutions for jobs of
+    :data:`~.fast_cpu.MIN_SPOTS` spot views or more, else bf16 where native), ``fp32``,
+    ``bf16``, ``fp16`` (GPU) or ``int8`` (CPU). ``batch_size`` spots are read together; the
+    CPU runs them :data:`CPU_CHUNK` at a time (int8 and fp32 through ONNX Runtime, bf16
+    compiled for large jobs: :mod:`.fast_cpu`).
     ``tta``: views averaged per spot (1 to :data:`MAX_TTA`; the time grows in proportion).
     ``observe(first_index, batch)`` sees every batch of uint8 patches as read, so that other
     per-spot measures (the uncertainty's stain features) need no second read of the slide.
