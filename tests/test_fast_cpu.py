@@ -181,6 +181,22 @@ def test_int8_model_quantises_the_convolutions_and_predicts_close_to_fp32(
     assert gene_pcc(got.numpy(), expected).min() > 0.95
 
 
+def test_weights_take_7_bits_on_x86_without_vnni_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without VNNI, ONNX Runtime's x86 int8 kernels sum pairs of products in int16: 7-bit
+    weights cannot overflow it. The bits are part of the cached graph's name."""
+    from hifusion_model.inference import int8_cpu
+
+    model = create_model("hifusion_tiny", genes=["ERBB2"])
+    names = set()
+    for machine, vnni, bits in (("x86_64", False, 7), ("x86_64", True, 8), ("AMD64", False, 7),
+                                ("arm64", False, 8)):
+        monkeypatch.setattr(int8_cpu.platform, "machine", lambda m=machine: m)
+        monkeypatch.setattr(int8_cpu, "cpu_has_vnni", lambda v=vnni: v)
+        assert int8_cpu.weight_bits() == bits
+        names.add(fast_cpu.export_path(model, 8, int8=True).name)
+    assert len(names) == 2
+
+
 def graph_input(graph, name: str) -> str:
     """The initializer behind ``name``: a DequantizeLinear's input, or ``name`` itself."""
     for node in graph.graph.node:
