@@ -12,14 +12,16 @@ Fidelity (fp32, the bundled model unless ``--model``):
 * **grid**: a hex grid (``--grid``, 100 µm) over C4's tissue, both ways; per-gene PCC.
 
 Speed: spots/s of both paths on the grid (its first ``--max-spots`` spots nearest the tissue
-centre, a contiguous patch), in fp32 and in bf16 (where the CPU has it natively), repetitions
-interleaved (exact, dense, exact, dense …) and medians reported, so that a busy machine slows
-both alike. Patches are read as ``predict`` reads them (``--workers`` threads).
-``--cpu-path compile`` times the bf16 runs with the network compiled (``HIFUSION_CPU_PATH``;
-on its own, ``auto`` compiles only jobs of 2,000 spots or more), after one untimed run of each
-path that compiles it (its seconds are reported as ``setup_s``).
+centre, a contiguous patch), in each of ``--precisions`` (default fp32, bf16 where the CPU has
+it natively, and int8; each against the first's exact path too), repetitions interleaved
+(exact, dense, exact, dense …) and medians reported, so that a busy machine slows both alike.
+Patches are read as ``predict`` reads them (``--workers`` threads). ``--cpu-path compile``
+times the bf16 runs with the network compiled (``HIFUSION_CPU_PATH``; on its own a bf16 job
+compiles only from 2,000 spots); int8 and compiled runs follow one untimed run of each path
+that quantises or compiles it (its seconds are reported as ``setup_s``). On C4's own spots the
+int8 predictions of both paths are compared with the exact fp32 ones and the truth as well.
 
-    python benchmarks/dense.py --json dense.json          # 10-20 min on 2 shared cores
+    python benchmarks/dense.py --json dense.json          # 5-20 min on 2 cores
     python benchmarks/dense.py --max-spots 120 --skip-grid-fidelity   # speed only, shorter
 """
 

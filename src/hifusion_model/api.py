@@ -172,8 +172,8 @@ def predict(
     checkpoint path, or a ``(network, checkpoint)`` pair from :func:`load_model`. ``tta``
     averages up to 8 flipped/rotated views. ``precision``: ``auto`` runs GPUs in bf16 (fp16
     without it) and, on the CPU, jobs of 200 spots or more with int8 convolutions
-    (:mod:`~.inference.int8_cpu`: per-gene PCC ≥ 0.998 with fp32 on HER2ST C4, about twice
-    as fast), smaller ones in bf16 where the CPU has it natively, else fp32; ``fp32``,
+    (:mod:`~.inference.int8_cpu`: per-gene PCC ≥ 0.993 with fp32 on every gene of four HER2ST
+    sections, 2.2× as fast), smaller ones in bf16 where the CPU has it natively, else fp32; ``fp32``,
     ``bf16``, ``fp16`` (GPUs) and ``int8`` (the CPU, any size) force one. ``X`` holds the predictions (normalised as the
     model's targets), ``layers['uncertainty']`` how much to trust each value (the counting
     noise expected at that spot, :mod:`~.uncertainty`; absent for models trained before it

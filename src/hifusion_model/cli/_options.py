@@ -149,8 +149,8 @@ def command_line(name: str) -> list[str] | None:
 #: ``--precision`` of a prediction.
 INFERENCE_PRECISION_HELP = (
     "auto (default): bf16 on GPUs; on the CPU the convolutions in int8 for jobs of 200 spots or "
-    "more (per-gene PCC 0.999 with fp32 on HER2ST, twice as fast), else bf16 where the CPU has "
-    "it natively, else fp32; int8: the CPU's int8 path at any size")
+    "more (per-gene PCC ≥ 0.993 with fp32 on four HER2ST sections, 2.2× as fast), else bf16 "
+    "where the CPU has it natively, else fp32; int8: the CPU's int8 path at any size")
 
 
 def add_inference_options(p: argparse.ArgumentParser) -> None:

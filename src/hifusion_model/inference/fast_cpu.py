@@ -3,9 +3,9 @@
 Large CPU jobs (:data:`MIN_SPOTS` spot views or more) run by default with the encoders'
 convolutions in int8 (:mod:`.int8_cpu`), on any CPU: on C4's hex:100 grid (400 spots, 2-core
 AMD EPYC with AVX-512 BF16) the exact path ran 50.4 spots/s in int8 against 35.9 compiled
-bf16 and 21.8 fp32 through ONNX Runtime, with per-gene PCC ≥ 0.998 against fp32
-(docs/experiments.md, 2026-12-04). Smaller jobs, and ``precision="fp32"`` or ``"bf16"``, keep
-the other paths:
+bf16 and 21.8 fp32 through ONNX Runtime, with per-gene PCC ≥ 0.993 against fp32 on four
+HER2ST sections (docs/experiments.md, 2026-12-04). Smaller jobs, and ``precision="fp32"`` or
+``"bf16"``, keep the other paths:
 
 * fp32 (a CPU without native bf16, or asked): of the fp32 ways of running the model that were
   measured (``benchmarks/cpu_paths.py``; docs/experiments.md, 2026-12-03), ONNX Runtime's CPU
