@@ -53,9 +53,9 @@ def weight_bits() -> int:
 
 
 def quantize(graph: bytes, calibration: Sequence[Sequence[Tensor]]) -> bytes:
-    """``graph`` (fp32 ONNX, inputs ``input0``, ``input1``, …) with its convolutions in int8,
-    activation ranges calibrated on ``calibration`` (one tuple of inputs per call, each of the
-    graph's fixed shapes), weights of :func:`weight_bits` bits."""
+    """``graph`` (fp32 ONNX, inputs ``input0``, ``input1``, …) with its :data:`ENCODER_OPS` in
+    int8: activation ranges from the extremes over ``calibration`` (one tuple of inputs per
+    call, of a size the graph takes), weights of :func:`weight_bits` bits."""
     import onnxruntime as ort
     from onnxruntime.quantization import (
         CalibrationDataReader,
