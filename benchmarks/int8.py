@@ -26,12 +26,15 @@ import torch
 
 from hifusion_model.data.importers import import_her2st
 from hifusion_model.data.slide import Slide
-from hifusion_model.evaluation.metrics import gene_pcc, mse
+from hifusion_model.evaluation.metrics import gene_pcc
 from hifusion_model.inference import fast_cpu, int8_cpu
-from hifusion_model.inference.predict import predict_section, predictions_to_anndata
+from hifusion_model.inference.predict import predict_section
 from hifusion_model.models.checkpoint import load_model
 
-HER2ST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "her2st"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dense import HER2ST, accuracy  # noqa: E402 (a sibling script)
+from dense import agreement as dense_agreement  # noqa: E402
+
 MARKERS = ("ERBB2", "KRT19", "CD74")
 
 
@@ -43,17 +46,9 @@ def with_weight_bits(bits: int) -> None:
 
 
 def agreement(ours: np.ndarray, reference: np.ndarray, genes: list[str]) -> dict[str, float]:
+    """:func:`dense.agreement` (mean and worst gene) and the marker genes' PCC."""
     pcc = gene_pcc(ours.astype(np.float64), reference.astype(np.float64))
-    return {"gene_pcc_mean": float(np.nanmean(pcc)), "gene_pcc_min": float(np.nanmin(pcc)),
-            **{g: float(pcc[genes.index(g)]) for g in MARKERS}}
-
-
-def accuracy(pred: np.ndarray, section: Any, ckpt: Any) -> dict[str, float]:
-    truth = predictions_to_anndata(section, pred, ckpt).layers["truth"].astype(np.float64)
-    pcc = gene_pcc(pred.astype(np.float64), truth)
-    return {"gene_pcc": float(np.nanmean(pcc)),
-            "ERBB2": float(pcc[list(ckpt.config.genes).index("ERBB2")]),
-            "mse": float(mse(pred, truth))}
+    return {**dense_agreement(ours, reference), **{g: float(pcc[genes.index(g)]) for g in MARKERS}}
 
 
 def one_section(name: str, model: Any, ckpt: Any, workers: int) -> dict[str, Any]:
